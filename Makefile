@@ -1,0 +1,32 @@
+# Two commands: `make demo` and `make test`. Both create .venv when missing and reuse it while
+# pyproject.toml and constraints.txt are unchanged.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+EXTRAS ?= dev,mlx-cpu
+
+.PHONY: venv demo test test-fast clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[$(EXTRAS)]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m mindprint_ray tiny-model models/tiny
+	$(BIN)/python -m mindprint_ray validate configs/tiny-cpu.yaml
+	$(BIN)/python -m mindprint_ray plan configs/tiny-cpu.yaml
+	$(BIN)/python -m mindprint_ray plan configs/qwen72b-qlora-8xh100.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q tests -m "not slow"
+
+clean:
+	rm -rf $(VENV) models runs reports .pytest_cache

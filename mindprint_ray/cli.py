@@ -1,0 +1,84 @@
+"""`mindprint-ray` command line. Thin: every command calls into the core or a backend and prints."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Zone-LoRA persona fine-tuning: plan, validate and train on Ray or MLX.")
+
+ConfigArg = typer.Argument(..., help="run spec YAML, e.g. configs/tiny-cpu.yaml", show_default=False)
+OverridesArg = typer.Argument(None, help="dotted overrides such as sft.learning_rate=1e-4", show_default=False)
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+@app.command()
+def validate(config: Path = ConfigArg, overrides: Optional[list[str]] = OverridesArg) -> None:
+    """Validate the run spec and every data file of every topic; print token statistics."""
+    from .validation import validate_all
+    from .views import print_validation
+
+    run, rows, counter = validate_all(config, overrides or [])
+    print_validation(_console(), run, rows, counter)
+
+
+@app.command()
+def plan(config: Path = ConfigArg, overrides: Optional[list[str]] = OverridesArg,
+         as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
+    """Zone table, parameter counts, adapter size and per-device memory for the chosen hardware."""
+    from .plan_summary import plan_summary
+    from .run import load_run
+
+    summary = plan_summary(load_run(config, overrides or []))
+    if as_json:
+        summary["memory"].pop("terms")
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        from .views import print_plan
+
+        print_plan(_console(), summary)
+
+
+@app.command("tiny-model")
+def tiny_model(out_dir: Path = typer.Argument(Path("models/tiny"), help="folder to write"),
+               data_dir: Path = typer.Option(Path("data/curriculum"), help="corpus for the tokenizer")) -> None:
+    """Write the tiny Qwen2 model (config, weights, tokenizer, chat template) as a standard HF folder."""
+    from .tiny_model import write_tiny_model
+
+    path = write_tiny_model(out_dir, data_dir)
+    size = sum(f.stat().st_size for f in path.iterdir()) / 1e6
+    typer.echo(f"wrote tiny model to {path} ({size:.1f} MB)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors print one message and exit 2; anything else is a bug and raises."""
+    try:
+        app(args=argv, prog_name="mindprint-ray", standalone_mode=False)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as e:  # click usage errors come through here with standalone_mode=False
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(2)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        raise

@@ -1,0 +1,80 @@
+"""A run plan: the validated spec resolved against the model registry, the zone plan and the hardware profile."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+from .hardware import Profile, get_profile
+from .registry import ModelArch, arch_from_hf_config, get_arch, MODELS, ALIASES
+from .spec import RunSpec, load_spec
+from .zones import ZonePlan, build_plan
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    spec: RunSpec
+    arch: ModelArch
+    zones: ZonePlan
+    profile: Profile
+
+    @property
+    def model_path(self) -> str:
+        return self.spec.model.path or self.arch.hf_path
+
+    @property
+    def num_workers(self) -> int:
+        return self.spec.hardware.num_workers or self.profile.devices
+
+    @property
+    def deepspeed_stage(self) -> int:
+        """0 (none), 2 or 3: the spec's choice, or the profile's default for `auto`."""
+        choice = self.spec.hardware.deepspeed
+        if choice == "auto":
+            choice = self.profile.deepspeed
+        return {"none": 0, "zero2": 2, "zero3": 3}[choice]
+
+    @property
+    def quant(self) -> str:
+        return self.spec.quantization.mode
+
+
+def resolve_arch(spec: RunSpec) -> ModelArch:
+    """The registry architecture, or one read from a local folder's config.json for models outside it."""
+    name = spec.model.name
+    if name.lower() in MODELS or name.lower() in ALIASES:
+        return get_arch(name)
+    config = Path(spec.model.path or name) / "config.json"
+    if config.is_file():
+        return arch_from_hf_config(json.loads(config.read_text()), name, str(config.parent))
+    return get_arch(name)  # raises the unknown-model error with the list of known models
+
+
+def build_run(spec: RunSpec, prices_path: str | None = None) -> RunPlan:
+    """Resolve and cross-check a spec: zones against the architecture, lengths against its context."""
+    arch = resolve_arch(spec)
+    lora = spec.lora
+    zones = build_plan(
+        arch, lora.strategy, [z.model_dump() for z in lora.zones] if lora.zones else None,
+        lora.rank, lora.alpha, lora.dropout, lora.use_rslora,
+    )
+    profile = get_profile(spec.hardware.profile, prices_path)
+    for section in ("sft", "dpo"):
+        length = getattr(spec, section).max_seq_length
+        if length > arch.max_position_embeddings:
+            raise UserError(
+                f"max_seq_length {length} is above {arch.name}'s context of {arch.max_position_embeddings} tokens",
+                field=f"{section}.max_seq_length",
+                hint="lower it (the seed uses 4096); Qwen2.5 beyond 32K needs YaRN rope scaling",
+            )
+    return RunPlan(spec, arch, zones, profile)
+
+
+def load_run(path: str | Path, overrides: list[str] | None = None, prices_path: str | None = None) -> RunPlan:
+    spec = load_spec(path, overrides)
+    try:
+        return build_run(spec, prices_path)
+    except UserError as e:
+        e.file = e.file or str(path)
+        raise

@@ -1,0 +1,299 @@
+"""The run spec: one YAML file per run, validated by pydantic, unknown keys rejected, seed defaults."""
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import UserError
+from .yaml_lines import line_for, load_yaml_with_lines
+
+SECRET_KEY = re.compile(
+    r"^(?:.*[_-])?(?:secret|secret[_-]?key|secret[_-]access[_-]key|password|passwd|token|auth[_-]?token|"
+    r"api[_-]?key|access[_-]key(?:[_-]id)?|private[_-]key|credentials?|session[_-]token)$",
+    re.IGNORECASE,
+)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    name: str = "tiny"
+    path: str | None = Field(None, description="local folder or hub id; default: the registry's hub id")
+    revision: str | None = None
+    trust_remote_code: bool = False
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
+
+
+class ZoneSpec(Section):
+    name: str
+    layers: tuple[int, int] | None = None
+    fraction: tuple[float, float] | None = None
+    modules: list[str]
+    rank: int | None = Field(None, ge=1, le=1024)
+    alpha: float | None = Field(None, gt=0)
+    dropout: float | None = Field(None, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _one_span(self) -> "ZoneSpec":
+        if (self.layers is None) == (self.fraction is None):
+            raise ValueError("give exactly one of `layers: [first, last]` or `fraction: [start, end]`")
+        if self.fraction is not None:
+            start, end = self.fraction
+            if not (0 <= start < end <= 1):
+                raise ValueError("fraction must satisfy 0 <= start < end <= 1")
+        return self
+
+
+class LoraSection(Section):
+    strategy: Literal["conservative", "aggressive"] = "conservative"
+    rank: int | None = Field(None, ge=1, le=1024, description="default: the strategy's (8 or 16)")
+    alpha: float | None = Field(None, gt=0, description="default: 2 * rank")
+    dropout: float | None = Field(None, ge=0, lt=1)
+    use_rslora: bool = False
+    zones: list[ZoneSpec] | None = Field(None, description="default: the seed's lexicon/reasoning/voice zones")
+    target: Literal["regex", "list"] = "regex"
+
+
+class QuantizationSection(Section):
+    mode: Literal["nf4", "bf16", "fp32"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    quant_storage: Literal["bfloat16", "float16", "float32", "uint8"] = "bfloat16"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"mode": {"int4": "nf4", "qlora": "nf4"}.get(value, value)}
+        return value
+
+
+class SFTSection(Section):
+    learning_rate: float = Field(2e-4, gt=0, le=1)
+    batch_size: int = Field(1, ge=1)
+    gradient_accumulation: int = Field(4, ge=1)
+    epochs_per_topic: float = Field(3, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="per topic; overrides epochs_per_topic")
+    max_seq_length: int = Field(4096, ge=16)
+    warmup_steps: int = Field(50, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    gradient_checkpointing: bool = True
+    max_grad_norm: float = Field(0.3, gt=0)
+    bf16: bool = True
+    packing: bool = True
+    assistant_only_loss: bool = True
+    logging_steps: int = Field(1, ge=1)
+
+
+class DPOSection(Section):
+    enabled: bool = True
+    learning_rate: float = Field(1e-7, gt=0, le=1)
+    batch_size: int = Field(1, ge=1)
+    gradient_accumulation: int = Field(2, ge=1)
+    steps_per_topic: int = Field(100, ge=1)
+    beta: float = Field(0.1, gt=0)
+    max_seq_length: int = Field(4096, ge=16)
+    warmup_steps: int = Field(0, ge=0)
+    gradient_checkpointing: bool = True
+    precompute_ref_log_probs: bool = False
+    max_grad_norm: float = Field(0.3, gt=0)
+
+
+class CurriculumSection(Section):
+    data_dir: str = "data/curriculum"
+    topics: list[str] = Field(..., min_length=1)
+    persona: str | None = Field(None, description="default: <data_dir>/persona.yaml")
+    system_prompt: str | None = None
+    overlong: Literal["drop", "truncate", "error"] = "drop"
+
+    @field_validator("topics")
+    @classmethod
+    def _unique(cls, topics: list[str]) -> list[str]:
+        dupes = sorted({t for t in topics if topics.count(t) > 1})
+        if dupes:
+            raise ValueError(f"topic listed twice: {', '.join(dupes)}")
+        for t in topics:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", t):
+                raise ValueError(f"topic '{t}' must be a folder name (letters, digits, _ . -)")
+        return topics
+
+
+class HardwareSection(Section):
+    profile: str = "cpu-2"
+    deepspeed: Literal["auto", "none", "zero2", "zero3"] = "auto"
+    num_workers: int | None = Field(None, ge=1, description="default: the profile's device count")
+    mfu: float | None = Field(None, gt=0, le=1, description="override the profile's assumed MFU")
+    price_per_hour: float | None = Field(None, ge=0)
+    spot: bool = False
+
+
+class StorageSection(Section):
+    path: str = "runs"
+    checkpoint_every_steps: int = Field(50, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+
+
+class RaySection(Section):
+    address: str | None = Field(None, description="default: RAY_ADDRESS, else a local cluster")
+    max_failures: int = Field(2, ge=-1)
+
+
+class EvalSection(Section):
+    enabled: bool = True
+    voice_fidelity_target: float = Field(0.85, ge=0, le=1)
+    accuracy_target: float = Field(0.85, ge=0, le=1)
+    on_miss: Literal["warn", "stop"] = "warn"
+    regression_margin: float = Field(0.05, ge=0, le=1)
+    max_new_tokens: int = Field(96, ge=1)
+    max_examples: int | None = Field(None, ge=1, description="cap eval questions per topic")
+    weights: dict[str, float] = Field(
+        default_factory=lambda: {"markers": 0.3, "lexicon": 0.2, "semantic": 0.3, "preference": 0.2}
+    )
+
+
+class RunSpec(Section):
+    name: str | None = None
+    seed: int = 42
+    model: ModelSection = Field(default_factory=ModelSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    quantization: QuantizationSection = Field(default_factory=QuantizationSection)
+    sft: SFTSection = Field(default_factory=SFTSection)
+    dpo: DPOSection = Field(default_factory=DPOSection)
+    curriculum: CurriculumSection
+    hardware: HardwareSection = Field(default_factory=HardwareSection)
+    storage: StorageSection = Field(default_factory=StorageSection)
+    ray: RaySection = Field(default_factory=RaySection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    report_to: list[Literal["tensorboard", "mlflow", "wandb", "none"]] = Field(default_factory=lambda: ["tensorboard"])
+
+    @property
+    def persona_path(self) -> Path:
+        return Path(self.curriculum.persona) if self.curriculum.persona else Path(self.curriculum.data_dir) / "persona.yaml"
+
+    def dump(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---- loading --------------------------------------------------------------------------------------
+
+
+def find_secret_keys(data: Any, path: tuple = ()) -> tuple | None:
+    """The path of the first key that looks like a credential, or None."""
+    if isinstance(data, dict):
+        for key, value in data.items():
+            if isinstance(key, str) and SECRET_KEY.match(key):
+                return path + (key,)
+            found = find_secret_keys(value, path + (key,))
+            if found:
+                return found
+    elif isinstance(data, list):
+        for i, item in enumerate(data):
+            found = find_secret_keys(item, path + (i,))
+            if found:
+                return found
+    return None
+
+
+def dotted(path: tuple) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Apply one `a.b.c=value` override; the value is parsed as YAML (numbers, lists, booleans)."""
+    if "=" not in override:
+        raise UserError(f"override '{override}' is not of the form key.path=value", field="override",
+                        hint="e.g. sft.learning_rate=1e-4")
+    key, _, raw = override.partition("=")
+    parts = [p for p in key.strip().split(".")]
+    if not all(parts):
+        raise UserError(f"override '{override}' has an empty key part", field="override")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    for part in parts[:-1]:
+        if not isinstance(node.get(part, {}), dict):
+            raise UserError(f"override '{override}': '{part}' is not a section", field=key)
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def _known_keys(model: type[BaseModel], path: tuple) -> list[str]:
+    """Field names at `path` inside the spec schema (for 'did you mean' hints)."""
+    for part in path:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        inner = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not inner:
+            for a in getattr(ann, "__args__", ()):
+                inner += [b for b in getattr(a, "__args__", ()) if isinstance(b, type) and issubclass(b, BaseModel)]
+        if not inner:
+            return []
+        model = inner[0]
+    return list(model.model_fields)
+
+
+def _validation_error(err: ValidationError, file: str, lines: dict) -> UserError:
+    e = err.errors()[0]
+    loc = tuple(p for p in e["loc"] if p not in ("function-after", "function-before"))
+    field = dotted(loc)
+    line = line_for(lines, loc)
+    if e["type"] == "extra_forbidden":
+        known = _known_keys(RunSpec, loc[:-1])
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"known keys here: {', '.join(known)}"
+        return UserError(f"unknown key '{loc[-1]}'", file=file, line=line, field=field, hint=hint)
+    if e["type"] == "missing":
+        return UserError("required field is missing", file=file, line=line, field=field,
+                         hint="add it (see configs/tiny-cpu.yaml for a complete example)")
+    msg = e["msg"].removeprefix("Value error, ")
+    got = e.get("input")
+    got_text = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
+    return UserError(f"{msg}{got_text}", file=file, line=line, field=field,
+                     hint="fix the value; `mindprint-ray validate CFG` checks the whole spec")
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> RunSpec:
+    """Read, override and validate a run spec. Every problem is a UserError naming file, line and field."""
+    data, lines = load_yaml_with_lines(path)
+    if data is None:
+        raise UserError("the config file is empty", file=path, hint="start from configs/tiny-cpu.yaml")
+    if not isinstance(data, dict):
+        raise UserError("the config must be a YAML mapping of sections", file=path, line=1)
+    secret = find_secret_keys(data)
+    if secret:
+        raise UserError(
+            f"'{secret[-1]}' looks like a secret; secrets never go in config files", file=path,
+            line=line_for(lines, secret), field=dotted(secret),
+            hint="remove it and provide credentials through the environment or an instance role "
+                 "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, RAY_AUTH_TOKEN, WANDB_API_KEY, ...)",
+        )
+    for override in overrides or []:
+        apply_override(data, override)
+        secret = find_secret_keys(data)
+        if secret:
+            raise UserError(f"'{secret[-1]}' looks like a secret; pass it through the environment",
+                            field=dotted(secret))
+    try:
+        spec = RunSpec.model_validate(data)
+    except ValidationError as err:
+        raise _validation_error(err, str(path), lines) from None
+    if spec.name is None:
+        spec.name = Path(path).stem
+    return spec

@@ -1,0 +1,74 @@
+"""Terminal tables for `validate` and `plan` (rich)."""
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from .data_stats import TopicStats
+from .run import RunPlan
+from .tokens import TokenCounter
+
+
+def print_validation(console: Console, run: RunPlan, rows: list[TopicStats], counter: TokenCounter) -> None:
+    spec = run.spec
+    how = "exact (model tokenizer + chat template)" if counter.exact else \
+        f"approximate (~4 chars/token: no tokenizer at {run.model_path})"
+    table = Table(title=f"{spec.name}: {len(rows)} topics valid - tokens {how}")
+    for col in ("topic", "sft", "dpo", "eval", "sft tokens", "p50", "p95", "max", "over sft", "over dpo", "action"):
+        table.add_column(col, justify="left" if col in ("topic", "action") else "right")
+    for r in rows:
+        table.add_row(r.topic, str(r.sft), str(r.dpo), str(r.eval), f"{r.sft_tokens:,}", str(r.p50), str(r.p95),
+                      str(r.max), str(r.sft_over), str(r.dpo_over), r.action)
+    console.print(table)
+    over = sum(r.sft_over + r.dpo_over for r in rows)
+    console.print(
+        f"max_seq_length: sft {spec.sft.max_seq_length}, dpo {spec.dpo.max_seq_length}; "
+        f"over-long policy '{spec.curriculum.overlong}': {over} example(s) affected"
+    )
+    console.print("[green]OK[/green] spec and data are valid")
+
+
+def _gb(x: float) -> str:
+    return f"{x:,.2f}"
+
+
+def print_plan(console: Console, s: dict) -> None:
+    m, lora, hw = s["model"], s["lora"], s["hardware"]
+    console.print(f"[bold]{s['run']}[/bold]: {m['name']} ({m['path']}) - {m['total_params']:,} params, "
+                  f"{m['layers']} layers")
+    console.print(f"LoRA {lora['strategy']}: r={lora['rank']} alpha={lora['alpha']} dropout={lora['dropout']}"
+                  f"{' rsLoRA' if lora['use_rslora'] else ''} - {lora['trainable_params']:,} trainable "
+                  f"({lora['trainable_percent']}%)")
+    zones = Table(title="zones")
+    for col in ("zone", "layers", "modules", "rank", "alpha", "params"):
+        zones.add_column(col, justify="right" if col in ("rank", "alpha", "params") else "left")
+    for z in lora["zones"]:
+        zones.add_row(z["name"], f"{z['layers'][0]}-{z['layers'][1]} ({z['num_layers']})", " ".join(z["modules"]),
+                      str(z["rank"]), f"{z['alpha']:g}", f"{z['params']:,}")
+    zones.add_row("total", "", "", "", "", f"{lora['trainable_params']:,}", style="bold")
+    console.print(zones)
+    a = s["adapter"]
+    console.print(f"adapter size: {a['bf16_mb']} MB in bf16, {a['fp32_mb']} MB in fp32 "
+                  f"(the seed's {a['seed_claim_mb']} MB is neither)")
+    mem = s["memory"]
+    title = (f"memory per device (GB) - {hw['profile']}: {hw['devices']} device(s), {s['quantization']}, "
+             f"ZeRO-{hw['deepspeed_stage']}" if hw["deepspeed_stage"] else
+             f"memory per device (GB) - {hw['profile']}: {hw['devices']} device(s), {s['quantization']}")
+    table = Table(title=title)
+    table.add_column("term")
+    table.add_column("SFT", justify="right")
+    has_dpo = "dpo_per_device_gb" in mem
+    if has_dpo:
+        table.add_column("DPO", justify="right")
+    for term in ("base_weights", "lora_weights", "gradients", "optimizer", "activations", "overhead", "total"):
+        cells = [_gb(mem["sft_per_device_gb"][term])]
+        if has_dpo:
+            cells.append(_gb(mem["dpo_per_device_gb"][term]))
+        table.add_row(term, *cells, style="bold" if term == "total" else None)
+    console.print(table)
+    console.print("(`mindprint-ray report CFG` explains each term)")
+    verdict = "[green]fits[/green]" if mem["fits"] else "[red]does not fit[/red]"
+    console.print(f"peak ({mem['phase']}): {_gb(mem['per_device_gb']['total'])} GB of {_gb(mem['capacity_gb'])} GB "
+                  f"capacity - {verdict}")
+    for r in mem.get("remedies", []):
+        console.print(f"  remedy: {r['remedy']}: {_gb(r['total_gb'])} GB - {'fits' if r['fits'] else 'still too big'}")
