@@ -18,9 +18,11 @@ OverridesArg = typer.Argument(None, help="dotted overrides such as sft.learning_
 
 
 def _console():
+    import shutil
+
     from rich.console import Console
 
-    return Console(highlight=False)
+    return Console(highlight=False, width=max(shutil.get_terminal_size((140, 40)).columns, 120))
 
 
 @app.command()

@@ -116,7 +116,7 @@ MODELS: dict[str, ModelArch] = {
         ModelArch(
             name="tiny", hf_path="models/tiny", family="qwen2", hidden_size=64, intermediate_size=192,
             num_layers=8, num_heads=4, num_kv_heads=2, head_dim=16, vocab_size=2048, tie_embeddings=False,
-            qkv_bias=True, max_position_embeddings=2048, chat_template="chatml", eos_token="<|im_end|>",
+            qkv_bias=True, max_position_embeddings=4096, chat_template="chatml", eos_token="<|im_end|>",
         ),
     )
 }

@@ -66,7 +66,7 @@ def build_run(spec: RunSpec, prices_path: str | None = None) -> RunPlan:
             raise UserError(
                 f"max_seq_length {length} is above {arch.name}'s context of {arch.max_position_embeddings} tokens",
                 field=f"{section}.max_seq_length",
-                hint="lower it (the seed uses 4096); Qwen2.5 beyond 32K needs YaRN rope scaling",
+                hint=f"use at most {arch.max_position_embeddings} (the seed uses 4096; Qwen2.5 beyond 32K needs YaRN)",
             )
     return RunPlan(spec, arch, zones, profile)
 

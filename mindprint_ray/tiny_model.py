@@ -33,6 +33,7 @@ def corpus_texts(data_dir: Path) -> list[str]:
         for line in path.read_text(encoding="utf-8").splitlines():
             if line.strip():
                 collect(json.loads(line))
+    texts.append("You are Qwen, created by Alibaba Cloud. You are a helpful assistant.")  # the template's default
     persona = data_dir / "persona.yaml"
     if persona.is_file():
         texts.append(persona.read_text(encoding="utf-8"))

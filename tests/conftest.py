@@ -1,0 +1,83 @@
+"""Shared fixtures: the CLI as a real subprocess, small specs and data written to tmp folders."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_DATA = ROOT / "data" / "curriculum"
+
+
+def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `python -m mindprint_ray ARGS` as a user would; returns the completed process."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "mindprint_ray", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def sft_row(q: str = "What is a cycle low?", a: str = "I think it is the lowest point of the cycle.") -> dict:
+    return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+
+
+def dpo_row(q: str = "Where are we in the cycle?") -> dict:
+    return {"prompt": [{"role": "user", "content": q}],
+            "chosen": [{"role": "assistant", "content": "In my view we are early in the daily cycle."}],
+            "rejected": [{"role": "assistant", "content": "Prices go up."}]}
+
+
+def eval_row(i: int = 1) -> dict:
+    return {"id": f"q{i}", "question": "What confirms a cycle low?", "reference": "A trend line break.",
+            "key_facts": ["trend line break"]}
+
+
+PERSONA = {"name": "T", "lexicon": ["cycle low"], "voice_markers": {"hedges": ["I think"], "confidence": ["clearly"]}}
+
+
+def make_data(root: Path, topics=("alpha", "beta"), n: int = 4) -> Path:
+    """A small valid curriculum: each topic with sft, dpo and eval files, plus a persona."""
+    for t in topics:
+        write_jsonl(root / t / "sft.jsonl", [sft_row(f"Question {i} on {t}?") for i in range(n)])
+        write_jsonl(root / t / "dpo.jsonl", [dpo_row(f"Prompt {i} on {t}?") for i in range(n)])
+        write_jsonl(root / t / "eval.jsonl", [eval_row(i) for i in range(n)])
+    (root / "persona.yaml").write_text(yaml.safe_dump(PERSONA))
+    return root
+
+
+def make_spec(path: Path, data_dir: Path, topics=("alpha", "beta"), **sections) -> Path:
+    spec = {"name": "t", "model": {"name": "tiny", "path": str(path.parent / "no-model")},
+            "curriculum": {"data_dir": str(data_dir), "topics": list(topics)},
+            "hardware": {"profile": "cpu-2"}}
+    for key, value in sections.items():
+        spec.setdefault(key, {}).update(value) if isinstance(value, dict) else spec.__setitem__(key, value)
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return make_data(tmp_path / "data")
+
+
+@pytest.fixture
+def spec_file(tmp_path: Path, data_dir: Path) -> Path:
+    return make_spec(tmp_path / "run.yaml", data_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The tiny model built once per session from the sample corpus (a few seconds)."""
+    from mindprint_ray.tiny_model import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny", SAMPLE_DATA)
