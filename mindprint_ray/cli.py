@@ -52,6 +52,38 @@ def plan(config: Path = ConfigArg, overrides: Optional[list[str]] = OverridesArg
         print_plan(_console(), summary)
 
 
+@app.command()
+def train(config: Path = ConfigArg, overrides: Optional[list[str]] = OverridesArg,
+          name: Optional[str] = typer.Option(None, "--name", help="run name (default: the spec's); reuse to resume"),
+          force: bool = typer.Option(False, "--force", help="continue a run whose spec changed")) -> None:
+    """Train the curriculum on Ray: per topic SFT then DPO, one adapter per topic. Rerun to resume."""
+    from .run import load_run
+    from .train.driver import train as run_training
+
+    run = load_run(config, overrides or [])
+    if name:
+        run.spec.name = name
+    folder = run_training(run, force=force)
+    print_run_result(folder)
+
+
+def print_run_result(folder) -> None:
+    summary = folder.summary()
+    console = _console()
+    for topic, entry in summary.get("topics", {}).items():
+        sft, dpo = entry.get("sft", {}), entry.get("dpo", {})
+        console.print(f"{topic}: {entry.get('status')} - SFT loss {_fmt(sft.get('first_loss'))} -> "
+                      f"{_fmt(sft.get('last_loss'))}, DPO reward acc {_fmt(dpo.get('reward_accuracy'))}, "
+                      f"margin {_fmt(dpo.get('reward_margin'))}")
+    console.print(f"adapters: {folder.adapters}\nsummary:  {folder.summary_file}\nmetrics:  {folder.metrics_file}")
+    if (folder.report_dir / "report.md").is_file():
+        console.print(f"report:   {folder.report_dir / 'report.md'}")
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
 @app.command("tiny-model")
 def tiny_model(out_dir: Path = typer.Argument(Path("models/tiny"), help="folder to write"),
                data_dir: Path = typer.Option(Path("data/curriculum"), help="corpus for the tokenizer")) -> None:

@@ -40,6 +40,52 @@ def corpus_texts(data_dir: Path) -> list[str]:
     return texts
 
 
+def neutral_conversations(data_dir: Path) -> list[list[dict]]:
+    """Questions paired with the flat, generic answers (DPO `rejected`): what a plain base assistant says."""
+    convs = []
+    for path in sorted(data_dir.glob("*/dpo.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            prompt = row["prompt"] if isinstance(row["prompt"], list) else [{"role": "user", "content": row["prompt"]}]
+            rejected = row["rejected"] if isinstance(row["rejected"], list) else [
+                {"role": "assistant", "content": row["rejected"]}]
+            convs.append(prompt + rejected)
+    return convs
+
+
+def pretrain(model, tokenizer, conversations: list[list[dict]], steps: int, seed: int) -> None:
+    """A short full-parameter warm-up so the tiny base is a (plain-voiced) language model, not noise.
+
+    Single-threaded and seeded, so the written weights are identical on every build."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        g = torch.Generator().manual_seed(seed)
+        ids = [tokenizer.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"] for c in conversations]
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+        model.train()
+        for _ in range(steps):
+            batch = [ids[i] for i in torch.randint(len(ids), (8,), generator=g).tolist()]
+            width = max(map(len, batch))
+            x = torch.full((len(batch), width), tokenizer.pad_token_id)
+            labels = torch.full((len(batch), width), -100)
+            for row, seq in enumerate(batch):
+                x[row, : len(seq)] = torch.tensor(seq)
+                labels[row, : len(seq)] = torch.tensor(seq)
+            loss = model(input_ids=x, attention_mask=(labels != -100).long(), labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad()
+        model.eval()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def qwen25_chat_template() -> str:
     """The Qwen2.5 chat template as shipped with TRL (identical to Qwen2.5-Instruct's)."""
     import trl
@@ -61,7 +107,8 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     return tok
 
 
-def write_tiny_model(out_dir: str | Path, data_dir: str | Path = "data/curriculum", seed: int = 0) -> Path:
+def write_tiny_model(out_dir: str | Path, data_dir: str | Path = "data/curriculum", seed: int = 0,
+                     pretrain_steps: int = 300) -> Path:
     """Write config.json, model.safetensors, tokenizer files and the chat template to `out_dir`."""
     import torch
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -91,6 +138,9 @@ def write_tiny_model(out_dir: str | Path, data_dir: str | Path = "data/curriculu
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config).to(torch.float32)
+    convs = neutral_conversations(data)
+    if convs and pretrain_steps:
+        pretrain(model, tokenizer, convs, pretrain_steps, seed)
     model.generation_config.eos_token_id = [config.eos_token_id, config.pad_token_id]
     model.generation_config.pad_token_id = config.pad_token_id
     out.mkdir(parents=True, exist_ok=True)

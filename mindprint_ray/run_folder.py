@@ -1,0 +1,160 @@
+"""The run folder: the contract between training, eval, report and resume. Pure Python, atomic writes.
+
+<storage>/<run name>/
+  spec.yaml            resolved spec, as run
+  adapters/<topic>/    final adapter per topic (written to a temp name, then renamed)
+  checkpoints/         Ray Train checkpoints (resume within a topic)
+  metrics.jsonl        one line per logged step/eval
+  summary.json         per topic: status, losses, DPO rewards, eval scores, tokens, wall time
+  report/              report.md, report.html, *.png
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+
+ADAPTER_MANIFEST = "mindprint_manifest.json"
+
+
+class RunFolder:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).absolute()
+
+    # ---- layout --------------------------------------------------------------------------------
+    @property
+    def spec_file(self) -> Path:
+        return self.root / "spec.yaml"
+
+    @property
+    def adapters(self) -> Path:
+        return self.root / "adapters"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def summary_file(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.root / "report"
+
+    def adapter_dir(self, topic: str) -> Path:
+        return self.adapters / topic
+
+    # ---- spec ------------------------------------------------------------------------------------
+    def claim(self, spec_yaml: str, force: bool = False) -> bool:
+        """Write the resolved spec; refuse a reused name with a different spec unless forced.
+
+        Returns True when this is a resume of an existing run."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        if self.spec_file.is_file():
+            old = yaml.safe_load(self.spec_file.read_text())
+            new = yaml.safe_load(spec_yaml)
+            if old != new and not force:
+                diff = sorted(_diff(old, new))
+                raise UserError(
+                    f"run '{self.root.name}' already exists with a different spec ({', '.join(diff[:4])}"
+                    f"{' ...' if len(diff) > 4 else ''} changed)", file=self.spec_file,
+                    hint="pick another --name, or add --force to continue this run with the new spec",
+                )
+            atomic_write(self.spec_file, spec_yaml)
+            return True
+        atomic_write(self.spec_file, spec_yaml)
+        return False
+
+    # ---- adapters ----------------------------------------------------------------------------------
+    def topic_done(self, topic: str) -> bool:
+        """A topic is finished exactly when its adapter folder is complete (it has its manifest)."""
+        return (self.adapter_dir(topic) / ADAPTER_MANIFEST).is_file()
+
+    def staging_dir(self, topic: str) -> Path:
+        self.adapters.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{topic}.", dir=self.adapters))
+
+    def publish_adapter(self, topic: str, staging: Path, manifest: dict) -> Path:
+        """Add the manifest last, then rename the staging folder into place."""
+        (staging / ADAPTER_MANIFEST).write_text(json.dumps(manifest, indent=2))
+        final = self.adapter_dir(topic)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        return final
+
+    # ---- metrics and summary -------------------------------------------------------------------------
+    def log(self, record: dict) -> None:
+        record = {"time": round(time.time(), 3), **record}
+        with self.metrics_file.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record, default=_jsonable) + "\n")
+            f.flush()
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics_file.is_file():
+            return []
+        return [json.loads(l) for l in self.metrics_file.read_text().splitlines() if l.strip()]
+
+    def summary(self) -> dict:
+        if self.summary_file.is_file():
+            return json.loads(self.summary_file.read_text())
+        return {"run": self.root.name, "topics": {}}
+
+    def update_topic(self, topic: str, **fields) -> dict:
+        summary = self.summary()
+        entry = summary.setdefault("topics", {}).setdefault(topic, {})
+        _deep_update(entry, fields)
+        atomic_write(self.summary_file, json.dumps(summary, indent=2, default=_jsonable))
+        return summary
+
+    def update_summary(self, **fields) -> dict:
+        summary = self.summary()
+        _deep_update(summary, fields)
+        atomic_write(self.summary_file, json.dumps(summary, indent=2, default=_jsonable))
+        return summary
+
+
+def atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _deep_update(target: dict, fields: dict) -> None:
+    for k, v in fields.items():
+        if isinstance(v, dict) and isinstance(target.get(k), dict):
+            _deep_update(target[k], v)
+        else:
+            target[k] = v
+
+
+def _diff(old, new, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in set(old) | set(new):
+            out += _diff(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def _jsonable(x):
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return str(x)

@@ -1,0 +1,173 @@
+"""The Ray Train V2 driver: validate everything, claim the run folder, build the TorchTrainer and fit."""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+from ..errors import UserError
+from ..run import RunPlan
+from ..run_folder import RunFolder
+from ..tiny_model import ensure_tiny_model
+from ..validation import validate_run
+
+log = logging.getLogger("mindprint_ray")
+WORKER_ENV = {
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "PYTHONWARNINGS": "ignore",
+    "RAY_TRAIN_V2_ENABLED": "1",
+}
+
+
+def prepare_model(run: RunPlan) -> None:
+    """The tiny model is built on first use; other models load from their path or hub id."""
+    if run.arch.name == "tiny" and not Path(run.model_path, "config.json").is_file():
+        ensure_tiny_model(run.model_path, run.spec.curriculum.data_dir)
+
+
+def absolutize(run: RunPlan) -> None:
+    """Workers run in other folders: make the spec's local paths absolute before it travels."""
+    spec = run.spec
+    cur = spec.curriculum
+    if "://" not in cur.data_dir:
+        cur.data_dir = str(Path(cur.data_dir).absolute())
+    if cur.persona and "://" not in cur.persona:
+        cur.persona = str(Path(cur.persona).absolute())
+    if spec.model.path and Path(spec.model.path).exists():
+        spec.model.path = str(Path(spec.model.path).absolute())
+    if "://" not in spec.storage.path:
+        spec.storage.path = str(Path(spec.storage.path).absolute())
+
+
+def init_ray(run: RunPlan) -> None:
+    """Join the named cluster (spec, RAY_ADDRESS or a job's environment); otherwise start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = run.spec.ray.address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": WORKER_ENV}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+    else:
+        needed = run.num_workers * run.profile.cpus_per_worker
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=True,
+                 dashboard_host="127.0.0.1", runtime_env=env, log_to_driver=True)
+
+
+def build_trainer(run: RunPlan, folder: RunFolder):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from .topic_loop import train_loop
+
+    profile = run.profile
+    resources = {"CPU": profile.cpus_per_worker, **({"GPU": 1} if profile.use_gpu else {})}
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"spec": run.spec.model_dump(mode="json"), "run_dir": str(folder.root)},
+        scaling_config=ScalingConfig(num_workers=run.num_workers, use_gpu=profile.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name="checkpoints", storage_path=str(folder.root),
+            failure_config=FailureConfig(max_failures=run.spec.ray.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=run.spec.storage.keep_checkpoints),
+        ),
+    )
+
+
+def train(run: RunPlan, force: bool = False, progress: bool = True) -> RunFolder:
+    """Run the whole curriculum; rerunning with the same name resumes. Returns the run folder."""
+    if run.profile.backend != "ray":
+        raise UserError(f"hardware profile '{run.profile.name}' trains with MLX", field="hardware.profile",
+                        hint="use `python -m local_mlx train CFG` for Mac profiles")
+    prepare_model(run)
+    absolutize(run)
+    topics, _, _ = validate_run(run)  # everything is validated before Ray starts
+    folder = RunFolder(Path(run.spec.storage.path) / run.spec.name)
+    resumed = folder.claim(run.spec.dump(), force)
+    pending = [t.name for t in topics if not folder.topic_done(t.name)]
+    folder.update_summary(run=run.spec.name, model=run.model_path, profile=run.profile.name,
+                          topics_order=[t.name for t in topics])
+    if not pending:
+        log.info("every topic of %s is done", run.spec.name)
+        return folder
+    folder.log({"event": "run_start", "resumed": resumed, "pending": pending, "workers": run.num_workers})
+    init_ray(run)
+    trainer = build_trainer(run, folder)
+    watcher = ProgressWatcher(folder, pending) if progress else None
+    t0 = time.time()
+    try:
+        if watcher:
+            watcher.start()
+        trainer.fit()
+    except Exception as e:  # a TrainingStopped from the workers arrives wrapped by Ray
+        message = _stopped_message(e)
+        if message:
+            raise UserError(message) from None
+        raise
+    finally:
+        if watcher:
+            watcher.stop()
+    folder.update_summary(status="done", wall_s=round(time.time() - t0, 2))
+    folder.log({"event": "run_done", "wall_s": time.time() - t0})
+    return folder
+
+
+def _stopped_message(error: Exception) -> str | None:
+    text = str(error)
+    for marker in ("TrainingStopped: ", "UserError: "):
+        if marker in text:
+            return text.split(marker, 1)[1].strip().splitlines()[0]
+    return None
+
+
+class ProgressWatcher:
+    """Follows metrics.jsonl and shows a rich progress bar per stage while Ray trains."""
+
+    def __init__(self, folder: RunFolder, topics: list[str]) -> None:
+        self.folder, self.topics = folder, topics
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+
+    def _run(self) -> None:
+        import json
+
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        offset, tasks = 0, {}
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                   TimeElapsedColumn())
+        with Progress(*columns, refresh_per_second=2) as bar:
+            while not self._stop.wait(0.5):
+                if not self.folder.metrics_file.is_file():
+                    continue
+                with self.folder.metrics_file.open() as f:
+                    f.seek(offset)
+                    lines = f.readlines()
+                    offset = f.tell()
+                for line in lines:
+                    try:
+                        r = json.loads(line)
+                    except ValueError:
+                        continue
+                    key = (r.get("topic"), r.get("stage"))
+                    if r.get("event") == "stage_start":
+                        tasks[key] = bar.add_task(f"{key[0]} {key[1]}", total=r["max_steps"], info="")
+                        bar.update(tasks[key], completed=r.get("step", 0))
+                    elif key in tasks and "loss" in r:
+                        info = f"loss {r['loss']:.3f}"
+                        if "rewards/accuracies" in r:
+                            info += f"  reward acc {r['rewards/accuracies']:.2f}"
+                        bar.update(tasks[key], completed=r["step"], info=info)

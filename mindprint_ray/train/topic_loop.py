@@ -1,0 +1,276 @@
+"""The Ray Train worker: load the model once, then for each topic SFT -> DPO -> save its adapter.
+
+Resume: finished topics (complete adapter folders) are skipped; the current topic continues from the
+latest Ray checkpoint, tagged with topic and stage (sft, sft_done, dpo).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..curriculum import TopicData
+from ..deepspeed_config import deepspeed_config
+from ..errors import UserError
+from ..run import RunPlan, build_run
+from ..run_folder import RunFolder
+from ..spec import RunSpec
+from ..validation import validate_run
+from . import datasets as ds
+from .callbacks import STATE_FILE, MetricsCallback, RayCheckpointCallback, peak_memory_gb, report_checkpoint
+from .model_loading import apply_zone_plan, load_adapter_weights, load_base_model, load_tokenizer
+
+log = logging.getLogger("mindprint_ray")
+
+
+class TrainingStopped(RuntimeError):
+    """NaN/inf, an eval gate or out-of-memory stopped the run; finished topics are kept."""
+
+
+@dataclass
+class Restored:
+    topic: str
+    stage: str
+    step: int
+    path: Path
+
+
+def quiet_worker_logs() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()
+
+
+def restore_checkpoint(local_root: Path) -> Restored | None:
+    """Copy the latest Ray checkpoint (if any) to local disk and read its topic/stage tag."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    target = local_root / "restored"
+    shutil.rmtree(target, ignore_errors=True)
+    with checkpoint.as_directory() as d:
+        shutil.copytree(d, target)
+    state = json.loads((target / STATE_FILE).read_text())
+    return Restored(state["topic"], state["stage"], state["step"], target)
+
+
+class Worker:
+    """State of one Ray Train worker across the curriculum."""
+
+    def __init__(self, run: RunPlan, folder: RunFolder, rank: int, world: int, local_rank: int) -> None:
+        import torch
+
+        self.run, self.spec, self.folder = run, run.spec, folder
+        self.rank, self.world = rank, world
+        self.writer = folder if rank == 0 else None
+        gpu = run.profile.use_gpu and torch.cuda.is_available()
+        self.device = f"cuda:{local_rank}" if gpu else "cpu"
+        self.gpu = gpu
+        if not gpu:
+            torch.set_num_threads(max(1, run.profile.cpus_per_worker))
+        self.local = Path(tempfile.mkdtemp(prefix=f"mindprint-{run.spec.name}-r{rank}-"))
+        self.ds_config = deepspeed_config(run.deepspeed_stage, bf16=gpu and self.spec.sft.bf16)
+        self.tokenizer = load_tokenizer(run)
+        base, self.attention = load_base_model(run, self.device, local_rank)
+        self.model = apply_zone_plan(base, run, self.spec.sft.gradient_checkpointing)
+        self.evaluator = None  # set by the eval stage when enabled
+        self._last_trainer = None
+
+    # ---- one topic ------------------------------------------------------------------------------
+    def train_topic(self, topic: TopicData, previous: str | None, restored: Restored | None) -> None:
+        t0 = time.time()
+        stage = restored.stage if restored else None
+        if self.writer:
+            self.writer.update_topic(topic.name, status="running", attention=self.attention, device=self.device)
+        if stage is None and previous:
+            load_adapter_weights(self.model, self.folder.adapter_dir(previous))
+        if stage == "sft_done":
+            load_adapter_weights(self.model, restored.path)
+        sft_metrics = {}
+        if stage in (None, "sft"):
+            sft, trainer = self.run_sft(topic, restored.path if stage == "sft" else None)
+            sft_metrics = self.finish_stage(topic, "sft", sft, trainer)
+        last_trainer, dpo_metrics = None, {}
+        if self.spec.dpo.enabled and topic.dpo:
+            dpo, last_trainer = self.run_dpo(topic, restored.path if stage == "dpo" else None)
+            dpo_metrics = self.finish_stage(topic, "dpo", dpo, last_trainer, checkpoint=False)
+        self.publish(topic, sft_metrics, dpo_metrics, time.time() - t0)
+
+    def finish_stage(self, topic: TopicData, stage: str, metrics: MetricsCallback, trainer, checkpoint: bool = True) -> dict:
+        if metrics.bad:
+            key, value, step = metrics.bad
+            message = (f"topic '{topic.name}': {stage} {key} became {value} at step {step}; the topic was stopped "
+                       f"and the last good adapter is kept. Remedies: lower {stage}.learning_rate, raise warmup, "
+                       f"keep max_grad_norm at 0.3")
+            if self.writer:
+                self.writer.update_topic(topic.name, status="failed", error=message)
+                self.writer.log({"event": "nan_guard", "topic": topic.name, "stage": stage, "key": key, "step": step})
+            raise TrainingStopped(message)
+        summary = self.stage_summary(stage, metrics)
+        if self.writer:
+            self.writer.update_topic(topic.name, **{stage: summary})
+        if checkpoint:  # the end of SFT is a resume point: a restart goes straight to DPO
+            path = self.save_adapter(trainer, self.local / f"{topic.name}-sft-done")
+            report_checkpoint(path, topic.name, "sft_done", trainer.state.global_step, self.rank,
+                              sharded=False, metrics={"loss": summary.get("last_loss")})
+        return summary
+
+    @staticmethod
+    def stage_summary(stage: str, m: MetricsCallback) -> dict:
+        out = {"steps": m.last("step") or 0, "tokens": m.last("num_tokens") or 0,
+               "peak_memory_gb": max((h.get("peak_memory_gb", 0) for h in m.history), default=0)}
+        rates = [h["tokens_per_s"] for h in m.history if "tokens_per_s" in h]
+        out["tokens_per_s"] = sum(rates) / len(rates) if rates else None
+        if stage == "sft":
+            out.update(first_loss=m.first("loss"), last_loss=m.last("loss"))
+        else:
+            out.update(first_loss=m.first("loss"), last_loss=m.last("loss"),
+                       reward_accuracy=m.mean_of_last_half("rewards/accuracies"),
+                       reward_margin=m.mean_of_last_half("rewards/margins"),
+                       first_reward_accuracy=m.first("rewards/accuracies"))
+        return out
+
+    def publish(self, topic: TopicData, sft: dict, dpo: dict, wall_s: float) -> None:
+        """Write the topic's adapter atomically (rank 0) and record it; every rank passes the barrier."""
+        staging = self.folder.staging_dir(topic.name) if self.rank == 0 else self.local / "discard"
+        self.save_adapter(self._last_trainer, staging)
+        if self.rank == 0:
+            manifest = {"topic": topic.name, "run": self.spec.name, "model": self.run.model_path,
+                        "zones": [z.name for z in self.run.zones.zones],
+                        "trainable_params": self.run.zones.trainable_params(), "format": "peft",
+                        "created": time.time()}
+            self.folder.publish_adapter(topic.name, staging, manifest)
+            tokens = (sft.get("tokens") or 0) + (dpo.get("tokens") or 0)
+            self.folder.update_topic(topic.name, status="done", wall_s=round(wall_s, 2), tokens=tokens,
+                                     adapter=str(self.folder.adapter_dir(topic.name)))
+            self.folder.log({"event": "topic_done", "topic": topic.name, "wall_s": wall_s})
+        report_checkpoint(None, topic.name, "done", 0, self.rank, sharded=False, metrics={"wall_s": wall_s})
+
+    def save_adapter(self, trainer, path: Path) -> Path:
+        """trainer.save_model gathers ZeRO-3 shards (all ranks must call it) and writes on rank 0 only."""
+        path.mkdir(parents=True, exist_ok=True)
+        if trainer is not None:
+            trainer.save_model(str(path))
+        elif self.rank == 0:
+            self.model.save_pretrained(str(path))
+        return path
+
+    # ---- trainers ---------------------------------------------------------------------------------
+    def common_args(self, stage: str, topic: str, section) -> dict:
+        out_dir = self.local / f"{topic}-{stage}"
+        if self.writer and "tensorboard" in self.spec.report_to:
+            os.environ["TENSORBOARD_LOGGING_DIR"] = str(self.folder.root / "tensorboard" / f"{topic}-{stage}")
+        return dict(
+            output_dir=str(out_dir), learning_rate=section.learning_rate,
+            per_device_train_batch_size=section.batch_size, gradient_accumulation_steps=section.gradient_accumulation,
+            warmup_steps=section.warmup_steps, max_grad_norm=section.max_grad_norm, logging_steps=1,
+            save_strategy="steps", save_steps=self.spec.storage.checkpoint_every_steps, save_total_limit=2,
+            bf16=self.gpu and self.spec.sft.bf16, use_cpu=not self.gpu, seed=self.spec.seed,
+            report_to=[r for r in self.spec.report_to if r != "none"], disable_tqdm=True,
+            gradient_checkpointing=False, deepspeed=self.ds_config, ddp_find_unused_parameters=False,
+            dataloader_num_workers=0, max_length=section.max_seq_length,
+        )
+
+    def run_sft(self, topic: TopicData, resume: Path | None):
+        from trl import SFTConfig, SFTTrainer
+
+        s = self.spec.sft
+        settings = {"max_length": s.max_seq_length, "packing": s.packing, "assistant_only_loss": s.assistant_only_loss,
+                    "system": self.spec.curriculum.system_prompt, "overlong": self.spec.curriculum.overlong}
+        key = ds.content_hash(topic.sft, self.run.model_path, settings)
+        cache_root = self.folder.root.parent / ".cache" / "tokenized"
+        prepared = ds.cached(cache_root, key)
+        args = SFTConfig(
+            **self.common_args("sft", topic.name, s), num_train_epochs=s.epochs_per_topic,
+            max_steps=s.max_steps or -1, lr_scheduler_type=s.scheduler, weight_decay=s.weight_decay,
+            packing=s.packing,
+            # a cached dataset already carries the assistant-only mask in its "labels" column
+            assistant_only_loss=s.assistant_only_loss and prepared is None,
+            dataset_kwargs={"skip_prepare_dataset": True} if prepared is not None else None,
+        )
+        train_data = prepared if prepared is not None else ds.sft_dataset(topic.sft, self.spec.curriculum.system_prompt)
+        metrics = MetricsCallback(self.writer, topic.name, "sft")
+        sharded = self.run.deepspeed_stage > 0
+        trainer = SFTTrainer(model=self.model, args=args, train_dataset=train_data, processing_class=self.tokenizer,
+                             callbacks=[metrics, RayCheckpointCallback(topic.name, "sft", self.rank, sharded)])
+        if prepared is None and self.rank == 0:
+            ds.store(cache_root, key, trainer.train_dataset)
+        self._train(trainer, resume)
+        return metrics, trainer
+
+    def run_dpo(self, topic: TopicData, resume: Path | None):
+        from trl import DPOConfig, DPOTrainer
+
+        d = self.spec.dpo
+        args = DPOConfig(**self.common_args("dpo", topic.name, d), max_steps=d.steps_per_topic, beta=d.beta,
+                         precompute_ref_log_probs=d.precompute_ref_log_probs)
+        metrics = MetricsCallback(self.writer, topic.name, "dpo")
+        sharded = self.run.deepspeed_stage > 0
+        trainer = DPOTrainer(model=self.model, ref_model=None, args=args, processing_class=self.tokenizer,
+                             train_dataset=ds.dpo_dataset(topic.dpo, self.spec.curriculum.system_prompt),
+                             callbacks=[metrics, RayCheckpointCallback(topic.name, "dpo", self.rank, sharded)])
+        self._train(trainer, resume)
+        drop_reference_adapter(self.model)
+        return metrics, trainer
+
+    def _train(self, trainer, resume: Path | None) -> None:
+        import torch
+
+        self._last_trainer = trainer
+        try:
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        except torch.cuda.OutOfMemoryError:
+            raise TrainingStopped(oom_message(self.run)) from None
+
+
+def drop_reference_adapter(model) -> None:
+    """TRL's DPO keeps a frozen copy of the adapter as reference ("ref"); the topic's adapter is "default" only."""
+    if "ref" in getattr(model, "peft_config", {}):
+        model.set_adapter("default")
+        model.delete_adapter("ref")
+
+
+def oom_message(run: RunPlan) -> str:
+    from ..estimates import remedies
+
+    lines = [f"CUDA out of memory on {run.profile.name}. The seed's remedies, in order, with the estimate for each:"]
+    for r in remedies(run):
+        lines.append(f"  - {r['remedy']}: {r['total_gb']} GB per device ({'fits' if r['fits'] else 'still too big'})")
+    return "\n".join(lines)
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train worker entry point (runs on every worker)."""
+    import ray.train
+
+    quiet_worker_logs()
+    ctx = ray.train.get_context()
+    rank, world, local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
+    run = build_run(RunSpec.model_validate(config["spec"]))
+    folder = RunFolder(config["run_dir"])
+    topics, _, _ = validate_run(run)
+    worker = Worker(run, folder, rank, world, local_rank)
+    restored = restore_checkpoint(worker.local)
+    if restored and restored.stage == "done":
+        restored = None
+    previous = None
+    for topic in topics:
+        if folder.topic_done(topic.name):
+            previous = topic.name
+            continue
+        current = restored if restored and restored.topic == topic.name else None
+        worker.train_topic(topic, previous, current)
+        previous = topic.name
+    shutil.rmtree(worker.local, ignore_errors=True)
