@@ -95,6 +95,21 @@ def tiny_model(out_dir: Path = typer.Argument(Path("models/tiny"), help="folder 
     typer.echo(f"wrote tiny model to {path} ({size:.1f} MB)")
 
 
+def _register_command_modules() -> None:
+    import importlib
+    import pkgutil
+
+    from . import commands
+
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda i: i.name):
+        module = importlib.import_module(f"{commands.__name__}.{info.name}")
+        if hasattr(module, "register"):
+            module.register(app)
+
+
+_register_command_modules()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors print one message and exit 2; anything else is a bug and raises."""
     try:

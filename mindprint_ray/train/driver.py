@@ -20,6 +20,9 @@ WORKER_ENV = {
     "TRANSFORMERS_VERBOSITY": "error",
     "PYTHONWARNINGS": "ignore",
     "RAY_TRAIN_V2_ENABLED": "1",
+    # Ray Train's print patch logs even prints a library captures (dill's bytecode disassembly while
+    # `datasets` hashes functions): keep plain prints.
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
 }
 
 
