@@ -5,4 +5,15 @@ __version__ = "0.1.0"
 
 from .model_config import ModelConfig, get_model_config, load_model_config  # noqa: E402
 
-__all__ = ["ModelConfig", "get_model_config", "load_model_config", "__version__"]
+__all__ = ["ModelConfig", "get_model_config", "load_model_config", "create_backend", "DPOPipeline",
+           "PipelineConfig", "__version__"]
+_FACADE = {"create_backend", "DPOPipeline", "PipelineConfig"}
+
+
+def __getattr__(name: str):
+    """The seed's facade, imported on first use."""
+    if name in _FACADE:
+        from . import facade
+
+        return getattr(facade, name)
+    raise AttributeError(name)

@@ -38,30 +38,60 @@ def peak_memory(run: RunPlan) -> tuple[str, MemoryBudget]:
     return max(phases, key=lambda p: p[1].total)
 
 
+def _phases(run: RunPlan) -> dict[str, MemoryInputs]:
+    out = {"sft": memory_inputs(run, "sft")}
+    if run.spec.dpo.enabled:
+        out["dpo"] = memory_inputs(run, "dpo")
+    return out
+
+
+def _peak_total(run: RunPlan, phases: dict[str, MemoryInputs], double_quant: bool = True) -> float:
+    return max(estimate_memory(run.arch, m, double_quant).total for m in phases.values())
+
+
 def remedies(run: RunPlan) -> list[dict]:
-    """The seed's remedies for a plan that does not fit, in its order, each with its estimated total."""
-    m = memory_inputs(run, peak_memory(run)[0])
+    """The seed's remedies for a plan that does not fit, in its order, each with its estimated peak total."""
+    phases = _phases(run)
     capacity = run.profile.capacity_gb
     options = []
 
-    def add(what: str, inputs: MemoryInputs, double_quant: bool = True) -> None:
-        total = estimate_memory(run.arch, inputs, double_quant).total
-        options.append({"remedy": what, "total_gb": round(total, 2), "fits": total <= capacity})
+    def add(what: str, changed: dict[str, MemoryInputs], cap: float = capacity) -> None:
+        total = _peak_total(run, changed, run.spec.quantization.double_quant)
+        options.append({"remedy": what, "total_gb": round(total, 2), "capacity_gb": round(cap, 2),
+                        "fits": total <= cap})
 
+    def every(**changes) -> dict[str, MemoryInputs]:
+        return {k: replace(m, **changes) for k, m in phases.items()}
+
+    m = phases[peak_memory(run)[0]]
     if m.micro_batch > 1:
-        add("micro-batch 1", replace(m, micro_batch=1))
-    for seq in (2048, 1024):
-        if m.seq_len > seq:
-            add(f"max_seq_length {seq}", replace(m, seq_len=seq))
+        add("micro-batch 1", every(micro_batch=1))
+    for seq in (2048, 1024, 512):
+        if max(p.seq_len for p in phases.values()) > seq:
+            add(f"max_seq_length {seq} (sft and dpo)", {k: replace(p, seq_len=min(p.seq_len, seq))
+                                                         for k, p in phases.items()})
     if run.zones.rank > 4:
         low = build_plan(run.arch, run.zones.strategy, None, 4, 8, run.zones.dropout)
-        add("LoRA rank 4", replace(m, trainable_params=low.trainable_params()))
-    if not m.gradient_checkpointing:
-        add("gradient checkpointing on", replace(m, gradient_checkpointing=True))
+        add("LoRA rank 4", every(trainable_params=low.trainable_params()))
+    if not all(p.gradient_checkpointing for p in phases.values()):
+        add("gradient checkpointing on", every(gradient_checkpointing=True))
     if m.quant == "bf16":
-        add("QLoRA (nf4)", replace(m, quant="nf4"))
+        add("QLoRA (nf4)", every(quant="nf4"))
     if m.backend == "ray" and m.zero_stage < 3 and m.devices > 1:
-        add(f"DeepSpeed ZeRO-3 over {m.devices} devices", replace(m, zero_stage=3))
+        add(f"DeepSpeed ZeRO-3 over {m.devices} devices", every(zero_stage=3))
     if m.backend == "ray" and m.is_gpu:
-        add(f"ZeRO-3 over {2 * m.devices} devices", replace(m, zero_stage=3, devices=2 * m.devices))
+        add(f"ZeRO-3 over {2 * m.devices} devices", every(zero_stage=3, devices=2 * m.devices))
+    if m.backend == "mlx":
+        _wired_limit_remedies(run, phases, add)
     return options
+
+
+def _wired_limit_remedies(run: RunPlan, phases: dict[str, MemoryInputs], add) -> None:
+    """On a Mac: raise the GPU wired-memory limit (leaving 8 GB to macOS), alone and with shorter sequences."""
+    ram_mb = run.profile.memory_gb * 1000
+    limit_mb = int(ram_mb - 8000)
+    what = f"sudo sysctl iogpu.wired_limit_mb={limit_mb} (GPU may wire {limit_mb / 1000:.0f} of {ram_mb / 1000:.0f} GB)"
+    add(what, phases, limit_mb / 1000)
+    for seq in (2048, 1024):
+        add(f"{what} + max_seq_length {seq}", {k: replace(p, seq_len=min(p.seq_len, seq)) for k, p in phases.items()},
+            limit_mb / 1000)

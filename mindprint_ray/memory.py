@@ -14,6 +14,9 @@ GB = 1e9
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 NF4_SINGLE_QUANT_BYTES_PER_PARAM = 0.5 + 4 / 64
 MLX_4BIT_BYTES_PER_PARAM = 4.5 / 8  # affine 4-bit, group 64, 16-bit scale and bias per group
+# Max RSS of a CPU Ray Train worker with torch, transformers, TRL and PEFT loaded, at the first step of a
+# tiny-model run (measured 0.758 GB with a model of a few MB; see docs/estimates.md).
+CPU_RUNTIME_BYTES = 0.75 * GB
 LOGIT_EXTRA_BYTES = 8  # fp32 upcast for the loss plus its fp32 gradient, per logit element
 
 TERMS = {
@@ -28,7 +31,8 @@ TERMS = {
     "and the logits over the vocabulary (16-bit logits plus an fp32 copy and its gradient). DPO runs chosen and "
     "rejected in one batch (2x sequences).",
     "overhead": "Framework overhead: CUDA context, cuBLAS workspace and NCCL buffers (~1.5 GB) plus 5% allocator "
-    "fragmentation on GPUs; the Python/torch runtime on CPU; the Metal runtime on a Mac.",
+    "fragmentation on GPUs; on CPU the whole process's runtime (Python, torch, transformers, TRL: 0.75 GB "
+    "measured); the Metal runtime on a Mac.",
 }
 
 
@@ -110,7 +114,7 @@ def estimate_memory(arch: ModelArch, m: MemoryInputs, double_quant: bool = True)
     elif m.is_gpu:
         overhead = 1.5 * GB + 0.05 * (base + lora + grads + optim + acts)
     else:
-        overhead = 1.0 * GB
+        overhead = CPU_RUNTIME_BYTES
     return MemoryBudget(*(x / GB for x in (base, lora, optim, grads, acts, overhead)))
 
 

@@ -1,6 +1,8 @@
 """The plan as data: zone table, parameter counts, adapter size and per-device memory (for `plan` and reports)."""
 from __future__ import annotations
 
+from .costs import time_cost_for_run
+from .errors import UserError
 from .estimates import memory_for_run, peak_memory, remedies
 from .memory import TERMS
 from .run import RunPlan
@@ -8,7 +10,15 @@ from .run import RunPlan
 SEED_ADAPTER_MB = 164  # the seed's "~164MB per adapter (BF16)"
 
 
-def plan_summary(run: RunPlan) -> dict:
+def time_summary(run: RunPlan, price_override: float | None = None) -> dict:
+    """Hours and dollars, or why they could not be estimated (the curriculum is needed to count tokens)."""
+    try:
+        return time_cost_for_run(run, price_override)
+    except UserError as e:
+        return {"error": str(e)}
+
+
+def plan_summary(run: RunPlan, price_override: float | None = None) -> dict:
     arch, zones, profile = run.arch, run.zones, run.profile
     trainable = zones.trainable_params()
     phase, budget = peak_memory(run)
@@ -51,4 +61,5 @@ def plan_summary(run: RunPlan) -> dict:
         summary["memory"]["dpo_per_device_gb"] = memory_for_run(run, "dpo").as_dict()
     if not summary["memory"]["fits"]:
         summary["memory"]["remedies"] = remedies(run)
+    summary["time"] = time_summary(run, price_override)
     return summary

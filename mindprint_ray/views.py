@@ -72,3 +72,30 @@ def print_plan(console: Console, s: dict) -> None:
                   f"capacity - {verdict}")
     for r in mem.get("remedies", []):
         console.print(f"  remedy: {r['remedy']}: {_gb(r['total_gb'])} GB - {'fits' if r['fits'] else 'still too big'}")
+    _print_time(console, s.get("time", {}))
+
+
+def _hours(h: float) -> str:
+    return f"{h:,.2f} h" if h >= 0.1 else f"{h * 60:,.1f} min"
+
+
+def _print_time(console: Console, t: dict) -> None:
+    if "error" in t:
+        console.print(f"[yellow]time and cost not estimated[/yellow]: {t['error']}")
+        return
+    m, p = t["mfu"], t["price"]
+    console.print(f"time: {t['effective_tflops']['sft']:,.0f} effective TFLOP/s (MFU {m['sft']:.3g} SFT / "
+                  f"{m['dpo']:.3g} DPO, {m['source']}: {m['note']}); tokens {t['token_count']}")
+    table = Table(title=f"time and cost per topic - ${p['per_hour']:,.2f}/h ({p['basis']}, {p['key']}, {p['date']})")
+    for col in ("topic", "SFT tokens", "DPO tokens", "SFT", "DPO", "total", "cost"):
+        table.add_column(col, justify="left" if col == "topic" else "right")
+    for r in t["topics"]:
+        dpo = r.get("dpo", {"tokens": 0, "hours": 0.0})
+        table.add_row(r["topic"], f"{r['sft']['tokens']:,}", f"{dpo['tokens']:,}", _hours(r["sft"]["hours"]),
+                      _hours(dpo["hours"]), _hours(r["hours"]), f"${r['cost_usd']:,.2f}")
+    table.add_row("curriculum", "", "", "", "", _hours(t["curriculum_hours"]), f"${t['cost_usd']:,.2f}", style="bold")
+    console.print(table)
+    line = f"curriculum: on-demand ${t['cost_on_demand_usd']:,.2f}, spot ${t['cost_spot_usd']:,.2f}"
+    if "cost_previous_list_usd" in t:
+        line += f", at the old list price ${p['previous_list_price']}/h: ${t['cost_previous_list_usd']:,.2f}"
+    console.print(f"{line} ({t['excludes']})")

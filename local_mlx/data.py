@@ -1,0 +1,114 @@
+"""Curriculum records as token ids with loss masks (SFT: assistant turns only; DPO: responses), and batches."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+from mindprint_ray.curriculum import Record
+
+
+@dataclass
+class Sequence:
+    """Token ids and, per token, whether it is a training target."""
+
+    tokens: list[int]
+    target: list[bool]
+
+
+@dataclass
+class Pair:
+    """A preference pair, with the reference model's summed log-probs of each response once precomputed."""
+
+    chosen: Sequence
+    rejected: Sequence
+    ref_chosen: float = 0.0
+    ref_rejected: float = 0.0
+
+
+@dataclass
+class Batch:
+    """Right-padded tokens [B, T] and the target mask over positions 1..T-1 ([B, T-1])."""
+
+    tokens: object
+    mask: object
+    num_tokens: int
+
+
+def with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    if system_prompt and messages and messages[0]["role"] != "system":
+        return [{"role": "system", "content": system_prompt}, *messages]
+    return messages
+
+
+def render(tokenizer, messages: list[dict], generation_prompt: bool = False) -> list[int]:
+    """Token ids of a conversation through the model's own chat template."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _shared(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def sft_sequence(tokenizer, messages: list[dict], max_len: int, assistant_only: bool = True) -> Sequence:
+    """The conversation with its assistant turns (through <|im_end|>) as targets: prompt masking."""
+    full = render(tokenizer, messages)
+    target = [not assistant_only] * len(full)
+    if assistant_only:
+        for i, m in enumerate(messages):
+            if m["role"] == "assistant":
+                start = _shared(render(tokenizer, messages[:i], True), full)
+                end = _shared(render(tokenizer, messages[: i + 1]), full)
+                target[start:end] = [True] * (end - start)
+    return Sequence(full[:max_len], target[:max_len])
+
+
+def response_sequence(tokenizer, prompt: list[dict], response: list[dict], max_len: int) -> Sequence:
+    full = render(tokenizer, prompt + response)
+    start = _shared(render(tokenizer, prompt, True), full)
+    return Sequence(full[:max_len], ([False] * start + [True] * (len(full) - start))[:max_len])
+
+
+def sft_sequences(tokenizer, records: list[Record], system: str | None, max_len: int, assistant_only: bool) -> list[Sequence]:
+    seqs = [sft_sequence(tokenizer, with_system(r.data["messages"], system), max_len, assistant_only) for r in records]
+    return [s for s in seqs if any(s.target[1:])]
+
+
+def dpo_pairs(tokenizer, records: list[Record], system: str | None, max_len: int) -> list[Pair]:
+    pairs = []
+    for r in records:
+        prompt = with_system(r.data["prompt"], system)
+        pair = Pair(response_sequence(tokenizer, prompt, r.data["chosen"], max_len),
+                    response_sequence(tokenizer, prompt, r.data["rejected"], max_len))
+        if any(pair.chosen.target[1:]) and any(pair.rejected.target[1:]):
+            pairs.append(pair)
+    return pairs
+
+
+def pad(seqs: list[Sequence], pad_id: int = 0) -> Batch:
+    import mlx.core as mx
+    import numpy as np
+
+    width = max(len(s.tokens) for s in seqs)
+    tokens = np.full((len(seqs), width), pad_id, np.int32)
+    mask = np.zeros((len(seqs), width), np.float32)
+    for i, s in enumerate(seqs):
+        tokens[i, : len(s.tokens)] = s.tokens
+        mask[i, : len(s.target)] = s.target
+    return Batch(mx.array(tokens), mx.array(mask[:, 1:]), sum(len(s.tokens) for s in seqs))
+
+
+def shuffled_batches(items: list, batch_size: int, seed: int) -> Iterator[list]:
+    """Endless batches of `batch_size` items, reshuffled every pass (epoch), with a fixed seed."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(len(items)).tolist()
+        for i in range(0, len(order), batch_size):
+            yield [items[j] for j in order[i: i + batch_size]]

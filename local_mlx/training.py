@@ -1,0 +1,204 @@
+"""The curriculum on MLX: per topic SFT (prompt-masked) then DPO, one mlx-lm adapter per topic, resumable by name.
+
+Writes the same run folder as the Ray path: spec.yaml, adapters/<topic>/ (published atomically, with the
+manifest), metrics.jsonl and summary.json with the same keys. A topic is done when its adapter folder is
+complete; a rerun with the same name skips done topics and continues from the last done topic's adapter.
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from mindprint_ray.curriculum import TopicData
+from mindprint_ray.errors import UserError
+from mindprint_ray.run import RunPlan
+from mindprint_ray.run_folder import RunFolder
+from mindprint_ray.tiny_model import ensure_tiny_model
+from mindprint_ray.validation import validate_run
+
+from .adapters import load_adapter, save_adapter
+from .data import Pair, dpo_pairs, pad, sft_sequences, shuffled_batches
+from .losses import dpo_loss, sequence_logprobs, sft_loss
+from .model import adapter_disabled, load_for_training
+from .stage import StageConfig, StageResult, dpo_metrics, no_metrics, run_stage
+
+
+@dataclass
+class Trainer:
+    """A loaded model with the zone plan applied, and where its metrics go."""
+
+    run: RunPlan
+    model: object
+    tokenizer: object
+    log: Callable[[dict], None]
+    progress: object = None
+    reference: str = "sft"  # DPO reference: "sft" (the model as DPO starts) or "base" (adapter disabled)
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id or 0
+
+    # ---- SFT ------------------------------------------------------------------------------------
+    def sft_config(self, topic: str, examples: int, max_steps: int | None = None) -> StageConfig:
+        s = self.run.spec.sft
+        steps = max_steps or s.max_steps or math.ceil(s.epochs_per_topic * examples / (s.batch_size * s.gradient_accumulation))
+        return StageConfig(topic, "sft", max(1, steps), s.gradient_accumulation, s.learning_rate,
+                           s.warmup_steps, s.scheduler, s.weight_decay, s.max_grad_norm)
+
+    def train_sft(self, topic: TopicData, max_steps: int | None = None) -> StageResult:
+        s, system = self.run.spec.sft, self.run.spec.curriculum.system_prompt
+        seqs = sft_sequences(self.tokenizer, topic.sft, system, s.max_seq_length, s.assistant_only_loss)
+        if not seqs:
+            raise UserError(f"topic '{topic.name}' has no SFT example with an assistant token within max_seq_length",
+                            field="sft.max_seq_length", hint="raise sft.max_seq_length")
+
+        def batches():
+            for group in shuffled_batches(seqs, s.batch_size, self.run.spec.seed):
+                b = pad(group, self.pad_id)
+                yield (b.tokens, b.mask), b.num_tokens
+
+        cfg = self.sft_config(topic.name, len(seqs), max_steps)
+        return run_stage(self.model, cfg, batches(), sft_loss, no_metrics, self.log, self.progress)
+
+    # ---- DPO ------------------------------------------------------------------------------------
+    def dpo_config(self, topic: str, max_steps: int | None = None) -> StageConfig:
+        d = self.run.spec.dpo
+        return StageConfig(topic, "dpo", max_steps or d.steps_per_topic, d.gradient_accumulation, d.learning_rate,
+                           d.warmup_steps, "linear", 0.0, d.max_grad_norm)
+
+    def reference_logprobs(self, pairs: list[Pair]) -> None:
+        """Precompute each response's summed log-prob under the reference: the model as DPO starts (after SFT,
+        as TRL's frozen adapter copy on the Ray path) or, with reference="base", the adapter disabled."""
+        import mlx.core as mx
+
+        batch = max(1, self.run.spec.dpo.batch_size)
+        with adapter_disabled(self.model) if self.reference == "base" else nullcontext():
+            for i in range(0, len(pairs), batch):
+                group = pairs[i: i + batch]
+                b = pad([p.chosen for p in group] + [p.rejected for p in group], self.pad_id)
+                values = sequence_logprobs(self.model, b.tokens, b.mask)
+                mx.eval(values)
+                for j, p in enumerate(group):
+                    p.ref_chosen, p.ref_rejected = values[j].item(), values[len(group) + j].item()
+
+    def train_dpo(self, topic: TopicData, max_steps: int | None = None) -> StageResult | None:
+        import mlx.core as mx
+
+        d, system = self.run.spec.dpo, self.run.spec.curriculum.system_prompt
+        pairs = dpo_pairs(self.tokenizer, topic.dpo, system, d.max_seq_length)
+        if not pairs:
+            return None
+        self.model.eval()
+        self.reference_logprobs(pairs)
+
+        def batches():
+            for group in shuffled_batches(pairs, d.batch_size, self.run.spec.seed + 1):
+                b = pad([p.chosen for p in group] + [p.rejected for p in group], self.pad_id)
+                ref = mx.array([p.ref_chosen for p in group] + [p.ref_rejected for p in group])
+                yield (b.tokens, b.mask, ref), b.num_tokens
+
+        def loss(model, tokens, mask, ref):
+            return dpo_loss(model, tokens, mask, ref, d.beta)
+
+        return run_stage(self.model, self.dpo_config(topic.name, max_steps), batches(), loss, dpo_metrics,
+                         self.log, self.progress)
+
+
+# ---- one topic, the whole run ----------------------------------------------------------------------
+
+
+def stopped_message(topic: str, stage: str, bad: tuple[str, float, int]) -> str:
+    key, value, step = bad
+    return (f"topic '{topic}': {stage} {key} became {value} at step {step}; the topic was stopped and the last good "
+            f"adapter is kept. Remedies: lower {stage}.learning_rate, raise warmup, keep max_grad_norm at 0.3")
+
+
+def finish_stage(folder: RunFolder, topic: str, stage: str, result: StageResult) -> dict:
+    """Record the stage in summary.json, or stop the run when the NaN/inf guard fired."""
+    if result.bad:
+        message = stopped_message(topic, stage, result.bad)
+        folder.update_topic(topic, status="failed", error=message)
+        folder.log({"event": "nan_guard", "topic": topic, "stage": stage, "key": result.bad[0], "step": result.bad[2]})
+        raise UserError(message, field=f"{stage}.learning_rate")
+    summary = result.summary(stage)
+    folder.update_topic(topic, **{stage: summary})
+    return summary
+
+
+def train_topic(trainer: Trainer, folder: RunFolder, topic: TopicData) -> None:
+    import mlx.core as mx
+
+    run, t0 = trainer.run, time.time()
+    folder.update_topic(topic.name, status="running", backend="mlx", device=str(mx.default_device()))
+    sft = finish_stage(folder, topic.name, "sft", trainer.train_sft(topic))
+    dpo = {}
+    if run.spec.dpo.enabled and topic.dpo:
+        result = trainer.train_dpo(topic)
+        dpo = finish_stage(folder, topic.name, "dpo", result) if result else {}
+    staging = folder.staging_dir(topic.name)
+    save_adapter(trainer.model, run.zones, staging, run.model_path)
+    manifest = {"topic": topic.name, "run": run.spec.name, "model": run.model_path,
+                "zones": [z.name for z in run.zones.zones], "trainable_params": run.zones.trainable_params(),
+                "format": "mlx", "quantization": run.quant, "created": time.time()}
+    folder.publish_adapter(topic.name, staging, manifest)
+    wall = time.time() - t0
+    folder.update_topic(topic.name, status="done", wall_s=round(wall, 2),
+                        tokens=(sft.get("tokens") or 0) + (dpo.get("tokens") or 0),
+                        adapter=str(folder.adapter_dir(topic.name)))
+    folder.log({"event": "topic_done", "topic": topic.name, "wall_s": wall})
+
+
+def prepare_model(run: RunPlan) -> None:
+    """The tiny model is built on first use, like the Ray path does."""
+    if run.arch.name == "tiny" and not Path(run.model_path, "config.json").is_file():
+        ensure_tiny_model(run.model_path, run.spec.curriculum.data_dir)
+
+
+def progress_bar(enabled: bool):
+    if not enabled:
+        return nullcontext(None)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=Console(stderr=True))
+
+
+def train_run(run: RunPlan, force: bool = False, progress: bool = True, reference: str = "sft") -> RunFolder:
+    """Train every pending topic; rerunning with the same name resumes. Returns the run folder."""
+    import mlx.core as mx
+
+    prepare_model(run)
+    topics, _, _ = validate_run(run)
+    folder = RunFolder(Path(run.spec.storage.path) / run.spec.name)
+    resumed = folder.claim(run.spec.dump(), force)
+    pending = [t.name for t in topics if not folder.topic_done(t.name)]
+    if reference not in ("sft", "base"):
+        raise UserError(f"unknown DPO reference '{reference}'", field="--dpo-reference", hint="use sft or base")
+    folder.update_summary(run=run.spec.name, model=run.model_path, profile=run.profile.name, backend="mlx",
+                          dpo_reference=reference, topics_order=[t.name for t in topics])
+    if not pending:
+        return folder
+    folder.log({"event": "run_start", "resumed": resumed, "pending": pending, "backend": "mlx"})
+    t0 = time.time()
+    mx.random.seed(run.spec.seed)
+    model, tokenizer = load_for_training(run)
+    with progress_bar(progress) as bar:
+        trainer = Trainer(run, model, tokenizer, folder.log, bar, reference)
+        previous, loaded = None, False
+        for topic in topics:
+            if folder.topic_done(topic.name):
+                previous = topic.name
+                continue
+            if previous and not loaded:  # resume: continue from the last finished topic's adapter
+                load_adapter(model, run.zones, folder.adapter_dir(previous))
+            loaded = True
+            train_topic(trainer, folder, topic)
+            previous = topic.name
+    folder.update_summary(status="done", wall_s=round(time.time() - t0, 2))
+    folder.log({"event": "run_done", "wall_s": time.time() - t0})
+    return folder

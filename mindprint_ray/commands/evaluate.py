@@ -1,0 +1,98 @@
+"""`mindprint-ray eval` and `mindprint-ray generate`: score or talk to a trained adapter (PEFT)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+COLUMNS = ("voice_fidelity", "accuracy", "markers", "lexicon", "semantic", "preference", "mc_accuracy",
+           "key_fact_recall")
+AdapterOpt = typer.Option(None, "--adapter", help="PEFT adapter folder, e.g. runs/<run>/adapters/<topic> "
+                                                  "(default: the base model alone)")
+
+
+def _adapter(path: Optional[Path]) -> Optional[Path]:
+    from ..errors import UserError
+
+    if path is not None and not path.is_dir():
+        raise UserError("adapter folder not found", file=path, field="--adapter",
+                        hint="point --adapter at <storage>/<run>/adapters/<topic>")
+    return path
+
+
+def _topics(spec, names: Optional[str]) -> list:
+    """The topics to score: --topics (any folder in data_dir) or the spec's curriculum."""
+    from ..curriculum import load_topic, needed_files
+    from ..errors import UserError
+
+    wanted = [t.strip() for t in names.split(",") if t.strip()] if names else list(spec.curriculum.topics)
+    if not wanted:
+        raise UserError("--topics names no topic", field="--topics", hint="e.g. --topics cycle_basics,accumulation")
+    kinds = [k for k in needed_files(spec) if k != "sft"] + ["eval"]
+    return [load_topic(Path(spec.curriculum.data_dir), t, sorted(set(kinds))) for t in wanted]
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _table(results: list, spec):
+    from rich.table import Table
+
+    table = Table(title=f"eval (targets: voice fidelity {spec.eval.voice_fidelity_target:.2f}, "
+                        f"accuracy {spec.eval.accuracy_target:.2f})")
+    table.add_column("topic")
+    table.add_column("n", justify="right")
+    for c in COLUMNS:
+        table.add_column(c.replace("_", " "), justify="right")
+    for r in results:
+        table.add_row(r.topic, str(r.scores["n"]), *(_fmt(r.scores[c]) for c in COLUMNS))
+    return table
+
+
+def eval_command(config: Path = typer.Argument(..., help="run spec YAML", show_default=False),
+                 overrides: Optional[list[str]] = typer.Argument(None, help="dotted overrides", show_default=False),
+                 adapter: Optional[Path] = AdapterOpt,
+                 topics: Optional[str] = typer.Option(None, "--topics", help="comma-separated topics (default: the spec's)"),
+                 out: Optional[Path] = typer.Option(None, "--out", help="JSON file (default: eval-<adapter>.json)")) -> None:
+    """Score an adapter on each topic's eval set: voice fidelity, accuracy and their components."""
+    from ..cli import _console
+    from ..curriculum import load_persona
+    from ..evaluation.runner import evaluate_topics_detailed, load_model
+    from ..run import load_run
+
+    run = load_run(config, overrides or [])
+    adapter = _adapter(adapter)
+    topic_data, persona = _topics(run.spec, topics), load_persona(run.spec.persona_path)
+    model, tokenizer = load_model(run, adapter)
+    results = evaluate_topics_detailed(model, tokenizer, topic_data, persona, run.spec)
+    console = _console()
+    console.print(_table(results, run.spec))
+    out = out or Path(f"eval-{adapter.name if adapter else 'base'}.json")
+    payload = {"config": str(config), "adapter": str(adapter) if adapter else None, "model": run.model_path,
+               "topics": {r.topic: {"scores": r.scores, "answers": r.answers} for r in results}}
+    out.write_text(json.dumps(payload, indent=2), encoding="utf-8")
+    console.print(f"wrote {out}")
+
+
+def generate_command(config: Path = typer.Argument(..., help="run spec YAML", show_default=False),
+                     prompt: str = typer.Argument(..., help="the question to ask", show_default=False),
+                     adapter: Optional[Path] = AdapterOpt,
+                     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1,
+                                                                  help="default: the spec's eval.max_new_tokens")) -> None:
+    """Answer one prompt with the chat template applied, streamed token by token (greedy)."""
+    from ..evaluation.runner import load_model, stream_answer
+    from ..run import load_run
+
+    run = load_run(config)
+    model, tokenizer = load_model(run, _adapter(adapter))
+    stream_answer(model, tokenizer, prompt, run.spec.curriculum.system_prompt,
+                  max_new_tokens or run.spec.eval.max_new_tokens)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `eval` and `generate` to the CLI."""
+    app.command("eval")(eval_command)
+    app.command("generate")(generate_command)

@@ -1,0 +1,188 @@
+"""Pure-Python evaluation metrics: voice markers, lexicon, key facts, composite fidelity, stability.
+
+Every score is in [0, 1]; the formulas are documented in docs/evaluation.md. No torch here."""
+from __future__ import annotations
+
+import math
+import re
+from statistics import median
+from typing import Iterable, Mapping
+
+from ..errors import UserError
+
+DEFAULT_WEIGHTS = {"markers": 0.3, "lexicon": 0.2, "semantic": 0.3, "preference": 0.2}
+COMPONENTS = tuple(DEFAULT_WEIGHTS)
+_DASHES = re.compile(r"[\u2010\u2011\u2012\u2013\u2014\u2212-]")
+_QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"'})
+_SPACES = re.compile(r"\s+")
+
+
+# ---- text matching --------------------------------------------------------------------------------
+
+
+def normalize(text: str) -> str:
+    """Lower case, straight quotes, hyphens and dashes as spaces, single spaces."""
+    text = _DASHES.sub(" ", text.translate(_QUOTES).lower())
+    return _SPACES.sub(" ", text).strip()
+
+
+def _pattern(phrase: str) -> re.Pattern:
+    return re.compile(r"(?<![a-z0-9])" + re.escape(normalize(phrase)) + r"(?:e?s)?(?![a-z0-9])")
+
+
+def phrase_counts(text: str, phrases: Iterable[str]) -> dict[str, int]:
+    """Whole-word occurrences of each phrase; longer phrases are matched first and consume their text."""
+    remaining = normalize(text)
+    counts: dict[str, int] = {}
+    for phrase in sorted(set(phrases), key=lambda p: (-len(normalize(p)), p)):
+        remaining, n = _pattern(phrase).subn(" | ", remaining)
+        counts[phrase] = n
+    return counts
+
+
+def contains(text: str, phrase: str) -> bool:
+    """Whether `phrase` (or its plural) occurs in `text` as whole words (case, hyphen, quote insensitive)."""
+    return _pattern(phrase).search(normalize(text)) is not None
+
+
+# ---- voice markers --------------------------------------------------------------------------------
+
+
+def marker_profile(text: str, groups: Mapping[str, list[str]]) -> dict[str, float]:
+    """Per group (hedges, confidence, teaching): marker occurrences per 100 words."""
+    words = max(len(normalize(text).split()), 1)
+    return {g: 100.0 * sum(phrase_counts(text, phrases).values()) / words for g, phrases in groups.items()}
+
+
+def cosine(a: Mapping[str, float], b: Mapping[str, float]) -> float:
+    """Cosine of two non-negative profiles in [0, 1]; 1 when both are all-zero, 0 when only one is."""
+    keys = sorted(set(a) | set(b))
+    dot = sum(a.get(k, 0.0) * b.get(k, 0.0) for k in keys)
+    na = math.sqrt(sum(a.get(k, 0.0) ** 2 for k in keys))
+    nb = math.sqrt(sum(b.get(k, 0.0) ** 2 for k in keys))
+    if na == 0 and nb == 0:
+        return 1.0
+    if na == 0 or nb == 0:
+        return 0.0
+    return min(1.0, max(0.0, dot / (na * nb)))
+
+
+def marker_similarity(generated: str, reference: str, groups: Mapping[str, list[str]]) -> float:
+    """Cosine similarity of the per-group marker-frequency profiles of answer and reference."""
+    return cosine(marker_profile(generated, groups), marker_profile(reference, groups))
+
+
+# ---- lexicon and facts ----------------------------------------------------------------------------
+
+
+def lexicon_terms(text: str, lexicon: Iterable[str]) -> set[str]:
+    """The lexicon terms used at least once in `text`."""
+    return {t for t, n in phrase_counts(text, lexicon).items() if n > 0}
+
+
+def lexicon_usage(generated: str, lexicon: Iterable[str], reference: str | None = None) -> float:
+    """Share of the reference's lexicon terms the answer uses; without any, 1 if it uses a term at all."""
+    lexicon = list(lexicon)
+    used = lexicon_terms(generated, lexicon)
+    wanted = lexicon_terms(reference, lexicon) if reference else set()
+    if not wanted:
+        return 1.0 if used else 0.0
+    return len(used & wanted) / len(wanted)
+
+
+def key_fact_recall(generated: str, facts: list[str]) -> float | None:
+    """Share of key facts stated in the answer (whole-word, normalised match); None without facts."""
+    if not facts:
+        return None
+    return sum(contains(generated, f) for f in facts) / len(facts)
+
+
+# ---- aggregation ----------------------------------------------------------------------------------
+
+
+def mean(values: Iterable[float | None]) -> float | None:
+    """Mean of the values that are not None; None when there are none."""
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def check_weights(weights: Mapping[str, float] | None) -> dict[str, float]:
+    """The composite weights, validated: known components, non-negative, not all zero."""
+    weights = dict(DEFAULT_WEIGHTS if weights is None else weights)
+    unknown = sorted(set(weights) - set(COMPONENTS))
+    if unknown:
+        raise UserError(f"unknown voice-fidelity component(s) {unknown}", field="eval.weights",
+                        hint=f"use only {', '.join(COMPONENTS)}")
+    if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+        raise UserError("voice-fidelity weights must be non-negative and not all zero", field="eval.weights",
+                        hint="e.g. {markers: 0.3, lexicon: 0.2, semantic: 0.3, preference: 0.2}")
+    return weights
+
+
+def voice_fidelity(components: Mapping[str, float | None], weights: Mapping[str, float] | None = None) -> float | None:
+    """Weighted mean of the available components, weights renormalised over those present."""
+    weights = check_weights(weights)
+    present = {k: v for k, v in components.items() if k in weights and v is not None and weights[k] > 0}
+    total = sum(weights[k] for k in present)
+    if total == 0:
+        return None
+    return sum(weights[k] * v for k, v in present.items()) / total
+
+
+def accuracy(mc_accuracy: float | None, recall: float | None) -> float | None:
+    """Mean of multiple-choice accuracy and key-fact recall, over those that exist."""
+    return mean([mc_accuracy, recall])
+
+
+# ---- stability ------------------------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-th percentile (0-100) with linear interpolation between order statistics."""
+    if not values:
+        return None
+    s = sorted(values)
+    pos = (len(s) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _bad(x) -> bool:
+    if isinstance(x, str):
+        return x.strip().lower() in ("nan", "inf", "-inf", "infinity", "-infinity")
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isfinite(x)
+
+
+def loss_spikes(losses: list[float], factor: float = 2.0, window: int = 5, min_jump: float = 0.1) -> int:
+    """Steps whose loss exceeds `factor` x and `min_jump` + the median of the previous `window` losses."""
+    spikes = 0
+    for i, loss in enumerate(losses):
+        history = losses[max(0, i - window):i]
+        if len(history) >= min(window, 3):
+            base = median(history)
+            spikes += loss > factor * base and loss > base + min_jump
+    return spikes
+
+
+def stability(records: Iterable[dict], spike_factor: float = 2.0, window: int = 5) -> dict:
+    """NaN/inf count, loss-spike count (per topic and stage) and grad-norm percentiles of metrics records."""
+    series: dict[tuple, list[float]] = {}
+    grads: list[float] = []
+    bad = steps = 0
+    for r in records:
+        if "loss" not in r and "grad_norm" not in r:
+            continue
+        steps += 1
+        bad += sum(_bad(r.get(k)) for k in ("loss", "grad_norm"))
+        if _finite(r.get("loss")):
+            series.setdefault((r.get("topic"), r.get("stage")), []).append(float(r["loss"]))
+        if _finite(r.get("grad_norm")):
+            grads.append(float(r["grad_norm"]))
+    spikes = sum(loss_spikes(s, spike_factor, window) for s in series.values())
+    return {"steps": steps, "nan_inf": bad, "loss_spikes": spikes, "stable": bad == 0 and spikes == 0,
+            "grad_norm_p50": percentile(grads, 50), "grad_norm_p90": percentile(grads, 90),
+            "grad_norm_p99": percentile(grads, 99), "grad_norm_max": max(grads) if grads else None}

@@ -1,0 +1,196 @@
+"""Training time from FLOPs: tokens per topic from the curriculum, FLOPs per token, and an MFU assumption.
+
+Forward ~2N FLOPs per token (N = matmul parameters: decoder linears, lm_head, LoRA); LoRA training ~4N (the
+backward pass computes activation gradients only: the base weights are frozen) or 6N with gradient
+checkpointing (one more forward); plus causal attention. DPO runs the policy on chosen and rejected (padded to
+the longer of the two) and a reference forward (2N) unless reference log-probs are precomputed.
+Pure Python: no torch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from .registry import ModelArch
+from .run import RunPlan
+from .tokens import CHARS_PER_TOKEN, TokenCounter
+
+MFU_SOURCES = ("spec", "calibration", "profile")
+
+
+@dataclass(frozen=True)
+class TopicTokens:
+    """One topic's data in tokens, as the trainer sees it (after the over-long policy)."""
+
+    topic: str
+    sft_examples: int
+    sft_tokens: int  # one epoch, sum of example lengths (packing: no padding)
+    dpo_pairs: int
+    dpo_tokens: int  # one pass: prompt+chosen plus prompt+rejected per pair (real tokens)
+    dpo_padded_tokens: int  # one pass: 2 x the longer side per pair (what the device computes)
+
+    @property
+    def mean_sft_length(self) -> float:
+        return self.sft_tokens / max(self.sft_examples, 1)
+
+    @property
+    def mean_dpo_length(self) -> float:
+        return self.dpo_padded_tokens / max(2 * self.dpo_pairs, 1)
+
+
+@dataclass(frozen=True)
+class StageTime:
+    tokens: float  # real tokens trained in this stage (DPO: chosen + rejected, without pair padding)
+    flops: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class TopicTime:
+    topic: str
+    sft: StageTime
+    dpo: StageTime | None
+
+    @property
+    def hours(self) -> float:
+        return (self.sft.seconds + (self.dpo.seconds if self.dpo else 0.0)) / 3600
+
+
+@dataclass(frozen=True)
+class Mfu:
+    sft: float
+    dpo: float
+    source: str  # spec | calibration | profile
+    note: str
+
+
+def local_tokenizer_dir(model_path: str) -> str | None:
+    """The model folder, or its snapshot in the Hugging Face cache, when it holds tokenizer.json."""
+    if (Path(model_path) / "tokenizer.json").is_file():
+        return model_path
+    import os
+
+    hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface")) / "hub")
+    snapshots = hub.expanduser() / f"models--{model_path.replace('/', '--')}" / "snapshots"
+    found = sorted(snapshots.glob("*/tokenizer.json")) if snapshots.is_dir() else []
+    return str(found[-1].parent) if found else None
+
+
+def count_topic_tokens(run: RunPlan, counter: TokenCounter | None = None) -> tuple[list[TopicTokens], str]:
+    """Tokens per topic from the curriculum with the model's tokenizer (or ~4 chars/token), and how counted."""
+    from .curriculum import load_curriculum
+    from .data_stats import dpo_length, sft_length
+
+    if counter is None:
+        counter = TokenCounter.for_model(local_tokenizer_dir(run.model_path))
+    spec, drop = run.spec, run.spec.curriculum.overlong == "drop"
+    rows = []
+    for t in load_curriculum(spec):
+        sft = [sft_length(counter, r) for r in t.sft]
+        sft = [min(n, spec.sft.max_seq_length) for n in sft if not (drop and n > spec.sft.max_seq_length)]
+        pairs = [_pair_lengths(counter, r.data) for r in t.dpo] if spec.dpo.enabled else []
+        cap = spec.dpo.max_seq_length
+        pairs = [(min(c, cap), min(r, cap)) for c, r in pairs if not (drop and max(c, r) > cap)]
+        rows.append(TopicTokens(t.name, len(sft), sum(sft), len(pairs), sum(c + r for c, r in pairs),
+                                sum(2 * max(c, r) for c, r in pairs)))
+    how = ("exact: the model's tokenizer and chat template" if counter.exact else
+           f"approximate: ~{CHARS_PER_TOKEN:g} characters per token (no local tokenizer for {run.model_path})")
+    return rows, how
+
+
+def _pair_lengths(counter: TokenCounter, d: dict) -> tuple[int, int]:
+    return counter.count(d["prompt"] + d["chosen"]), counter.count(d["prompt"] + d["rejected"])
+
+
+def matmul_params(arch: ModelArch, trainable: int) -> int:
+    """Parameters that cost 2 FLOPs per token in the forward pass (the embedding lookup costs none)."""
+    return arch.linear_params() + arch.vocab_size * arch.hidden_size + trainable
+
+
+def attention_flops_forward(arch: ModelArch, seq_len: float) -> float:
+    """Causal QK^T and AV per token: 2 matmuls x 2 FLOPs x (seq/2 mean context) x q width x layers."""
+    return 2 * arch.num_layers * arch.num_heads * arch.head_dim * seq_len
+
+
+def train_flops_per_token(arch: ModelArch, trainable: int, seq_len: float, checkpointing: bool) -> float:
+    """LoRA training: forward + activation backward (4N), + recompute (6N); attention 3x (4x) its forward."""
+    passes = 3 if checkpointing else 2  # forward-equivalents of the linears: fwd, bwd, (recompute)
+    attn = attention_flops_forward(arch, seq_len) * (passes + 1)  # attention backward is 2x its forward
+    return passes * 2 * matmul_params(arch, trainable) + attn
+
+
+def forward_flops_per_token(arch: ModelArch, trainable: int, seq_len: float) -> float:
+    return 2 * matmul_params(arch, trainable) + attention_flops_forward(arch, seq_len)
+
+
+def sft_stage_tokens(run: RunPlan, t: TopicTokens) -> float:
+    """Tokens trained in SFT: epochs x one epoch (capped by max_steps when set; packed to max_seq_length)."""
+    s = run.spec.sft
+    epochs = s.epochs_per_topic
+    if s.max_steps:
+        per_step = s.batch_size * s.gradient_accumulation * run.num_workers
+        packed = math.ceil(t.sft_tokens / s.max_seq_length) if s.packing else t.sft_examples
+        steps_per_epoch = max(1, math.ceil(packed / per_step))
+        epochs = min(epochs, s.max_steps / steps_per_epoch)
+    return t.sft_tokens * epochs
+
+
+def dpo_pairs_seen(run: RunPlan) -> int:
+    d = run.spec.dpo
+    return d.steps_per_topic * d.batch_size * d.gradient_accumulation * run.num_workers
+
+
+def stage_flops(run: RunPlan, t: TopicTokens, stage: str) -> tuple[float, float]:
+    """(real tokens trained, FLOPs) of one topic's SFT or DPO stage (DPO FLOPs include the pair padding)."""
+    arch, trainable = run.arch, run.zones.trainable_params()
+    if stage == "sft":
+        tokens = sft_stage_tokens(run, t)
+        per = train_flops_per_token(arch, trainable, t.mean_sft_length, run.spec.sft.gradient_checkpointing)
+        return tokens, tokens * per
+    d = run.spec.dpo
+    if not t.dpo_pairs:
+        return 0.0, 0.0
+    seen = dpo_pairs_seen(run)
+    padded = seen * t.dpo_padded_tokens / t.dpo_pairs
+    policy = padded * train_flops_per_token(arch, trainable, t.mean_dpo_length, d.gradient_checkpointing)
+    ref_tokens = (min(seen, t.dpo_pairs) / t.dpo_pairs * t.dpo_padded_tokens) if d.precompute_ref_log_probs \
+        else padded
+    flops = policy + ref_tokens * forward_flops_per_token(arch, trainable, t.mean_dpo_length)
+    return seen * t.dpo_tokens / t.dpo_pairs, flops
+
+
+def resolve_mfu(run: RunPlan, calibration: dict | None = None) -> Mfu:
+    """The MFU to use: the spec's hardware.mfu, else a calibration for this profile, else the profile's."""
+    if run.spec.hardware.mfu and run.spec.hardware.profile == run.profile.name:
+        return Mfu(run.spec.hardware.mfu, run.spec.hardware.mfu, "spec", "hardware.mfu in the spec")
+    if calibration is None:
+        from .calibration import lookup
+
+        calibration = lookup(run.profile.name, run.quant)
+    if calibration:
+        m = calibration["mfu"]
+        sft, dpo = m.get("sft") or m.get("dpo"), m.get("dpo") or m.get("sft")
+        return Mfu(sft, dpo, "calibration", f"measured by run {calibration.get('run')} "
+                                            f"({calibration.get('model')}, {calibration.get('date')})")
+    table = run.profile.mfu
+    value = table.get(run.quant) or table.get("bf16") or min(table.values())
+    return Mfu(value, value, "profile", f"assumed for {run.profile.name} with {run.quant} (hardware.yaml)")
+
+
+def peak_flops(run: RunPlan) -> float:
+    """Dense BF16 FLOP/s of all devices that train together."""
+    return run.profile.peak_tflops * 1e12 * run.num_workers
+
+
+def topic_times(run: RunPlan, tokens: list[TopicTokens], mfu: Mfu) -> list[TopicTime]:
+    out = []
+    for t in tokens:
+        n, f = stage_flops(run, t, "sft")
+        sft = StageTime(n, f, f / (peak_flops(run) * mfu.sft))
+        dpo = None
+        if run.spec.dpo.enabled:
+            n, f = stage_flops(run, t, "dpo")
+            dpo = StageTime(n, f, f / (peak_flops(run) * mfu.dpo))
+        out.append(TopicTime(t.topic, sft, dpo))
+    return out
