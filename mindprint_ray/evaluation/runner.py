@@ -37,15 +37,17 @@ def _configs(model) -> list:
 
 @contextlib.contextmanager
 def inference_mode(model, tokenizer) -> Iterator[None]:
-    """Eval mode, KV cache on, no grad; restores train mode, cache flag and padding side afterwards."""
+    """Eval mode, KV cache on, no grad, a pad token; restores train mode, cache flag and tokenizer afterwards."""
     import torch
 
-    training, side = model.training, tokenizer.padding_side
+    training, side, pad = model.training, tokenizer.padding_side, tokenizer.pad_token
     configs = _configs(model)
     caches = [getattr(c, "use_cache", None) for c in configs]
     model.eval()
     for c in configs:
         c.use_cache = True
+    if pad is None:
+        tokenizer.pad_token = tokenizer.eos_token
     try:
         with torch.no_grad():
             yield
@@ -54,6 +56,8 @@ def inference_mode(model, tokenizer) -> Iterator[None]:
         for c, cache in zip(configs, caches):
             c.use_cache = cache
         tokenizer.padding_side = side
+        if pad is None:
+            tokenizer.pad_token = None
 
 
 def device_of(model):
