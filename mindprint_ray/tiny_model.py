@@ -41,12 +41,14 @@ def corpus_texts(data_dir: Path) -> list[str]:
 
 
 def neutral_conversations(data_dir: Path) -> list[list[dict]]:
-    """Questions paired with the flat, generic answers (DPO `rejected`): what a plain base assistant says."""
+    """Questions paired with the flat, generic answers (DPO `rejected`): what a plain base assistant says.
+
+    Only the first two thirds of each topic's pairs are used, so the last pairs (which the evaluation
+    scores for held-out preference) are unseen by the base model."""
     convs = []
     for path in sorted(data_dir.glob("*/dpo.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if not line.strip():
-                continue
+        lines = [l for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+        for line in lines[: (2 * len(lines)) // 3]:
             row = json.loads(line)
             prompt = row["prompt"] if isinstance(row["prompt"], list) else [{"role": "user", "content": row["prompt"]}]
             rejected = row["rejected"] if isinstance(row["rejected"], list) else [

@@ -18,7 +18,7 @@ TOPICS = ["cycle_basics", "accumulation"]
 
 def train_args(name: str, storage: Path, model: Path, *extra: str) -> list[str]:
     return ["train", "configs/tiny-cpu.yaml", "--name", name, f"storage.path={storage}", f"model.path={model}",
-            f"curriculum.topics=[{','.join(TOPICS)}]", "storage.checkpoint_every_steps=5", "eval.enabled=false", *extra]
+            f"curriculum.topics=[{','.join(TOPICS)}]", "storage.checkpoint_every_steps=5", *extra]
 
 
 def events(run_dir: Path) -> list[dict]:
@@ -105,6 +105,21 @@ def test_losses_fall_and_dpo_prefers_chosen(resumed_run):
     logged = [e for e in events(run_dir) if e.get("stage") == "sft" and "loss" in e]
     assert all("grad_norm" in e and "tokens_per_s" in e and "peak_memory_gb" in e for e in logged)
     assert (run_dir / "spec.yaml").is_file() and list((run_dir / "tensorboard").glob("*"))
+
+
+def test_eval_before_and_after_each_stage(resumed_run):
+    run_dir, _, _ = resumed_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    gains = []
+    for topic in TOPICS:
+        evals = summary["topics"][topic]["eval"]
+        for stage in ("base", "after_sft", "after_dpo"):
+            assert 0 <= evals[stage]["voice_fidelity"] <= 1 and 0 <= evals[stage]["accuracy"] <= 1
+        gains.append(evals["after_dpo"]["voice_fidelity"] - evals["base"]["voice_fidelity"])
+    assert sum(gains) / len(gains) > 0  # the trained adapters sound more like the persona than the base
+    assert "after_dpo@accumulation" in summary["topics"]["cycle_basics"]["eval"]  # forgetting check
+    assert summary["targets"]["lines"] and "stability" in summary["targets"]["checks"]
+    assert any(e.get("event") == "eval" for e in events(run_dir))
 
 
 def test_reusing_a_name_with_another_spec_is_refused(resumed_run, tiny_model_dir):

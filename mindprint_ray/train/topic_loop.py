@@ -85,28 +85,41 @@ class Worker:
         self.tokenizer = load_tokenizer(run)
         base, self.attention = load_base_model(run, self.device, local_rank)
         self.model = apply_zone_plan(base, run, self.spec.sft.gradient_checkpointing)
-        self.evaluator = None  # set by the eval stage when enabled
         self._last_trainer = None
+        self.persona = None
+        self.eval_note = None
+        if self.spec.eval.enabled:
+            if run.deepspeed_stage >= 3:  # a rank-0-only forward would hang on sharded parameters
+                self.eval_note = "in-loop eval is off under ZeRO-3: run `mindprint-ray eval CFG --adapter DIR`"
+            else:
+                from ..curriculum import load_persona
+
+                self.persona = load_persona(self.spec.persona_path)
 
     # ---- one topic ------------------------------------------------------------------------------
-    def train_topic(self, topic: TopicData, previous: str | None, restored: Restored | None) -> None:
+    def train_topic(self, topic: TopicData, previous: str | None, restored: Restored | None,
+                    seen: list[TopicData] | None = None) -> None:
         t0 = time.time()
+        seen = seen or [topic]
         stage = restored.stage if restored else None
         if self.writer:
             self.writer.update_topic(topic.name, status="running", attention=self.attention, device=self.device)
         if stage is None and previous:
-            load_adapter_weights(self.model, self.folder.adapter_dir(previous))
+            load_adapter_weights(self.model, self.folder.ensure_adapter(previous))
         if stage == "sft_done":
             load_adapter_weights(self.model, restored.path)
         sft_metrics = {}
         if stage in (None, "sft"):
             sft, trainer = self.run_sft(topic, restored.path if stage == "sft" else None)
             sft_metrics = self.finish_stage(topic, "sft", sft, trainer)
+            self.evaluate(seen, topic.name, "after_sft")
         last_trainer, dpo_metrics = None, {}
         if self.spec.dpo.enabled and topic.dpo:
             dpo, last_trainer = self.run_dpo(topic, restored.path if stage == "dpo" else None)
             dpo_metrics = self.finish_stage(topic, "dpo", dpo, last_trainer, checkpoint=False)
+            self.evaluate(seen, topic.name, "after_dpo")
         self.publish(topic, sft_metrics, dpo_metrics, time.time() - t0)
+        self.gate(topic.name)
 
     def finish_stage(self, topic: TopicData, stage: str, metrics: MetricsCallback, trainer, checkpoint: bool = True) -> dict:
         if metrics.bad:
@@ -156,6 +169,9 @@ class Worker:
             self.folder.update_topic(topic.name, status="done", wall_s=round(wall_s, 2), tokens=tokens,
                                      adapter=str(self.folder.adapter_dir(topic.name)))
             self.folder.log({"event": "topic_done", "topic": topic.name, "wall_s": wall_s})
+            self.folder.push("metrics.jsonl")
+            if (self.folder.root / "tensorboard").is_dir():
+                self.folder.push("tensorboard")
         report_checkpoint(None, topic.name, "done", 0, self.rank, sharded=False, metrics={"wall_s": wall_s})
 
     def save_adapter(self, trainer, path: Path) -> Path:
@@ -166,6 +182,50 @@ class Worker:
         elif self.rank == 0:
             self.model.save_pretrained(str(path))
         return path
+
+    # ---- evaluation (rank 0; the other ranks wait at the next collective) --------------------------
+    def evaluate(self, topics: list[TopicData], current: str, stage: str) -> None:
+        """Score `topics` (the current one and all earlier ones) and record them at eval.<stage>."""
+        if self.persona is None or self.rank != 0:
+            return
+        from ..evaluation import evaluate_topics, summary_entries
+
+        results = evaluate_topics(self.model, self.tokenizer, topics, self.persona, self.spec, stage)
+        for name, fields in summary_entries(results, current, stage).items():
+            self.folder.update_topic(name, **fields)
+        for name, scores in results.items():
+            self.folder.log({"event": "eval", "topic": name, "stage": stage, "after_topic": current, **scores})
+
+    def evaluate_base(self, topics: list[TopicData]) -> None:
+        """The base model (adapter disabled) on every topic, once per run."""
+        if self.persona is None or self.rank != 0:
+            return
+        done = self.folder.summary().get("topics", {})
+        todo = [t for t in topics if "base" not in done.get(t.name, {}).get("eval", {})]
+        if not todo:
+            return
+        from ..evaluation import evaluate_topics
+
+        with self.model.disable_adapter():
+            results = evaluate_topics(self.model, self.tokenizer, todo, self.persona, self.spec, "base")
+        for name, scores in results.items():
+            self.folder.update_topic(name, eval={"base": scores})
+            self.folder.log({"event": "eval", "topic": name, "stage": "base", **scores})
+
+    def gate(self, topic: str) -> None:
+        """Targets and regressions after a topic: warn, or stop the run (its adapter is already kept)."""
+        if self.persona is None:
+            return
+        from ..evaluation import check_gates
+
+        result = check_gates(self.folder.summary(), self.spec, topic) if self.rank == 0 else None
+        if self.rank == 0:
+            for message in result.messages:
+                log.warning(message)
+                self.folder.log({"event": "gate", "topic": topic, "message": message})
+            self.folder.update_topic(topic, gates=result.messages)
+        if self.rank == 0 and result.stop:
+            raise TrainingStopped(f"eval gate stopped the run after '{topic}': " + "; ".join(result.messages))
 
     # ---- trainers ---------------------------------------------------------------------------------
     def common_args(self, stage: str, topic: str, section) -> dict:
@@ -259,18 +319,25 @@ def train_loop(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world, local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
     run = build_run(RunSpec.model_validate(config["spec"]))
-    folder = RunFolder(config["run_dir"])
+    folder = RunFolder.for_storage(run.spec.storage.path, run.spec.name)
     topics, _, _ = validate_run(run)
     worker = Worker(run, folder, rank, world, local_rank)
     restored = restore_checkpoint(worker.local)
     if restored and restored.stage == "done":
         restored = None
+    if worker.eval_note and rank == 0:
+        folder.update_summary(eval_note=worker.eval_note)
+    worker.evaluate_base(topics)
     previous = None
-    for topic in topics:
+    for index, topic in enumerate(topics):
         if folder.topic_done(topic.name):
             previous = topic.name
             continue
         current = restored if restored and restored.topic == topic.name else None
-        worker.train_topic(topic, previous, current)
+        worker.train_topic(topic, previous, current, seen=topics[: index + 1])
         previous = topic.name
+    if rank == 0 and worker.persona is not None:
+        from ..evaluation import final_statement
+
+        folder.update_summary(targets=final_statement(folder.summary(), run.spec, folder.read_metrics()))
     shutil.rmtree(worker.local, ignore_errors=True)
