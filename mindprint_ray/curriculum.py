@@ -193,7 +193,9 @@ def load_topic(data_dir: Path, topic: str, kinds: list[str]) -> TopicData:
 
 def load_curriculum(spec: RunSpec) -> list[TopicData]:
     """Validate every file of every topic; the first problem is raised as a UserError."""
-    data_dir = Path(spec.curriculum.data_dir)
+    from .storage import materialize_data_dir
+
+    data_dir = Path(materialize_data_dir(spec.curriculum.data_dir))
     if not data_dir.is_dir():
         raise UserError(f"data_dir '{data_dir}' does not exist", field="curriculum.data_dir",
                         hint="point curriculum.data_dir at the folder holding one sub-folder per topic")

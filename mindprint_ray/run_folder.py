@@ -25,8 +25,48 @@ ADAPTER_MANIFEST = "mindprint_manifest.json"
 
 
 class RunFolder:
-    def __init__(self, root: str | Path) -> None:
+    """A local run folder, optionally mirrored to `s3://` (pushed after each durable write)."""
+
+    def __init__(self, root: str | Path, remote: str | None = None) -> None:
         self.root = Path(root).absolute()
+        self.remote = remote
+
+    @classmethod
+    def for_storage(cls, storage_path: str, name: str) -> "RunFolder":
+        """`<storage>/<name>`; for `s3://` storage, a local mirror in the cache plus the remote URI."""
+        from .storage import is_s3, local_cache_root, parse_s3
+
+        if not is_s3(storage_path):
+            return cls(Path(storage_path) / name)
+        loc = parse_s3(storage_path).child(name)
+        return cls(local_cache_root() / "runs" / loc.bucket / loc.prefix, remote=loc.uri)
+
+    # ---- remote mirror ----------------------------------------------------------------------------
+    def pull(self, relative: str = "") -> int:
+        """Fetch the remote run folder (or one part) into the local mirror; a no-op for local storage.
+
+        The whole folder means spec, summary, metrics and adapters -- not Ray's checkpoints."""
+        if not self.remote:
+            return 0
+        from .storage import download_tree, parse_s3
+
+        loc = parse_s3(self.remote)
+        parts = [relative] if relative else ["spec.yaml", "summary.json", "metrics.jsonl", "adapters/"]
+        return sum(download_tree(loc, self.root, part) for part in parts)
+
+    def push(self, relative: str = "") -> int:
+        """Upload (verified, retried) a file or folder of the run to the remote; a no-op for local storage."""
+        if not self.remote:
+            return 0
+        from .storage import parse_s3, upload_tree
+
+        return upload_tree(self.root, parse_s3(self.remote), relative)
+
+    def ensure_adapter(self, topic: str) -> Path:
+        """The topic's adapter on local disk (fetched from the remote when another node wrote it)."""
+        if not self.topic_done(topic):
+            self.pull(f"adapters/{topic}")
+        return self.adapter_dir(topic)
 
     # ---- layout --------------------------------------------------------------------------------
     @property
@@ -73,8 +113,10 @@ class RunFolder:
                     hint="pick another --name, or add --force to continue this run with the new spec",
                 )
             atomic_write(self.spec_file, spec_yaml)
+            self.push("spec.yaml")
             return True
         atomic_write(self.spec_file, spec_yaml)
+        self.push("spec.yaml")
         return False
 
     # ---- adapters ----------------------------------------------------------------------------------
@@ -93,6 +135,7 @@ class RunFolder:
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)
+        self.push(f"adapters/{topic}")
         return final
 
     # ---- metrics and summary -------------------------------------------------------------------------
@@ -117,12 +160,14 @@ class RunFolder:
         entry = summary.setdefault("topics", {}).setdefault(topic, {})
         _deep_update(entry, fields)
         atomic_write(self.summary_file, json.dumps(summary, indent=2, default=_jsonable))
+        self.push("summary.json")
         return summary
 
     def update_summary(self, **fields) -> dict:
         summary = self.summary()
         _deep_update(summary, fields)
         atomic_write(self.summary_file, json.dumps(summary, indent=2, default=_jsonable))
+        self.push("summary.json")
         return summary
 
 

@@ -176,7 +176,11 @@ class RunSpec(Section):
 
     @property
     def persona_path(self) -> Path:
-        return Path(self.curriculum.persona) if self.curriculum.persona else Path(self.curriculum.data_dir) / "persona.yaml"
+        from .storage import local_data_dir
+
+        if self.curriculum.persona:
+            return Path(local_data_dir(self.curriculum.persona))
+        return Path(local_data_dir(self.curriculum.data_dir)) / "persona.yaml"
 
     def dump(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -62,6 +62,16 @@ def init_ray(run: RunPlan) -> None:
                  dashboard_host="127.0.0.1", runtime_env=env, log_to_driver=True)
 
 
+def checkpoint_storage(folder: RunFolder) -> tuple[str, object | None]:
+    """Where Ray Train keeps checkpoints: `<run>/checkpoints`, through pyarrow S3 for `s3://` runs."""
+    if not folder.remote:
+        return str(folder.root), None
+    from ..storage import parse_s3, pyarrow_filesystem
+
+    loc = parse_s3(folder.remote)
+    return f"{loc.bucket}/{loc.prefix}", pyarrow_filesystem()
+
+
 def build_trainer(run: RunPlan, folder: RunFolder):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -69,14 +79,15 @@ def build_trainer(run: RunPlan, folder: RunFolder):
     from .topic_loop import train_loop
 
     profile = run.profile
+    storage_path, filesystem = checkpoint_storage(folder)
     resources = {"CPU": profile.cpus_per_worker, **({"GPU": 1} if profile.use_gpu else {})}
     return TorchTrainer(
         train_loop,
-        train_loop_config={"spec": run.spec.model_dump(mode="json"), "run_dir": str(folder.root)},
+        train_loop_config={"spec": run.spec.model_dump(mode="json")},
         scaling_config=ScalingConfig(num_workers=run.num_workers, use_gpu=profile.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
-            name="checkpoints", storage_path=str(folder.root),
+            name="checkpoints", storage_path=storage_path, storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=run.spec.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=run.spec.storage.keep_checkpoints),
         ),
@@ -88,10 +99,15 @@ def train(run: RunPlan, force: bool = False, progress: bool = True) -> RunFolder
     if run.profile.backend != "ray":
         raise UserError(f"hardware profile '{run.profile.name}' trains with MLX", field="hardware.profile",
                         hint="use `python -m local_mlx train CFG` for Mac profiles")
+    from ..preflight import check_gpus, check_storage
+
     prepare_model(run)
     absolutize(run)
     topics, _, _ = validate_run(run)  # everything is validated before Ray starts
-    folder = RunFolder(Path(run.spec.storage.path) / run.spec.name)
+    check_storage(run)
+    check_gpus(run)
+    folder = RunFolder.for_storage(run.spec.storage.path, run.spec.name)
+    folder.pull()  # resuming an s3:// run on a fresh machine
     resumed = folder.claim(run.spec.dump(), force)
     pending = [t.name for t in topics if not folder.topic_done(t.name)]
     folder.update_summary(run=run.spec.name, model=run.model_path, profile=run.profile.name,
@@ -116,8 +132,11 @@ def train(run: RunPlan, force: bool = False, progress: bool = True) -> RunFolder
     finally:
         if watcher:
             watcher.stop()
+    folder.pull("summary.json")  # the workers' latest (another node may have written it)
+    folder.pull("metrics.jsonl")
     folder.update_summary(status="done", wall_s=round(time.time() - t0, 2))
     folder.log({"event": "run_done", "wall_s": time.time() - t0})
+    folder.push("metrics.jsonl")
     return folder
 
 
