@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     import click
 
     try:
-        app(args=argv, prog_name="python -m local_mlx", standalone_mode=False)
+        code = app(args=argv, prog_name="python -m local_mlx", standalone_mode=False)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except click.exceptions.Abort:
         sys.exit(130)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
+    if isinstance(code, int) and code:  # typer.Exit(code) comes back as the return value without standalone mode
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ class StageConfig:
     scheduler: str = "linear"  # cosine, linear, constant, constant_with_warmup (as in transformers)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    dropout: bool = True  # LoRA dropout on; off for DPO (as TRL's disable_dropout), so step 1 starts at log 2
 
 
 @dataclass
@@ -82,7 +83,7 @@ def run_stage(model, cfg: StageConfig, batches: Iterator[tuple[tuple, int]], los
     value_and_grad = nn.value_and_grad(model, loss_fn)
     optimizer = optim.AdamW(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay)
     mx.reset_peak_memory()
-    model.train()
+    model.train(cfg.dropout)
     result, total_tokens = StageResult(), 0
     log({"event": "stage_start", "topic": cfg.topic, "stage": cfg.stage, "max_steps": cfg.steps, "step": 0})
     task = progress.add_task(f"{cfg.topic} {cfg.stage}", total=cfg.steps, info="") if progress else None

@@ -68,7 +68,7 @@ class Trainer:
     def dpo_config(self, topic: str, max_steps: int | None = None) -> StageConfig:
         d = self.run.spec.dpo
         return StageConfig(topic, "dpo", max_steps or d.steps_per_topic, d.gradient_accumulation, d.learning_rate,
-                           d.warmup_steps, "linear", 0.0, d.max_grad_norm)
+                           d.warmup_steps, "linear", 0.0, d.max_grad_norm, dropout=False)
 
     def reference_logprobs(self, pairs: list[Pair]) -> None:
         """Precompute each response's summed log-prob under the reference: the model as DPO starts (after SFT,
