@@ -54,8 +54,8 @@ def init_ray(run: RunPlan) -> None:
         return
     address = run.spec.ray.address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": WORKER_ENV}
-    if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+    if address:  # a submitted job already carries its runtime env (cluster/runtime_env.yaml): keep it
+        ray.init(address=address, log_to_driver=True)
     else:
         needed = run.num_workers * run.profile.cpus_per_worker
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=True,

@@ -323,6 +323,10 @@ def train_loop(config: dict) -> None:
     topics, _, _ = validate_run(run)
     worker = Worker(run, folder, rank, world, local_rank)
     restored = restore_checkpoint(worker.local)
+    if rank == 0:
+        folder.log({"event": "worker_group_start", "world_size": world,
+                    "restored": None if restored is None else {"topic": restored.topic, "stage": restored.stage,
+                                                               "step": restored.step}})
     if restored and restored.stage == "done":
         restored = None
     if worker.eval_note and rank == 0:
