@@ -17,10 +17,12 @@ $(STAMP): pyproject.toml constraints.txt
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m mindprint_ray tiny-model models/tiny
+	test -f models/tiny/config.json || $(BIN)/python -m mindprint_ray tiny-model models/tiny
 	$(BIN)/python -m mindprint_ray validate configs/tiny-cpu.yaml
 	$(BIN)/python -m mindprint_ray plan configs/tiny-cpu.yaml
+	$(BIN)/python -m mindprint_ray train configs/tiny-cpu.yaml --name demo
 	$(BIN)/python -m mindprint_ray plan configs/qwen72b-qlora-8xh100.yaml
+	$(BIN)/python -m mindprint_ray report configs/qwen72b-qlora-8xh100.yaml --hardware all --out reports/qwen72b-qlora-8xh100
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

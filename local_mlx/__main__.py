@@ -21,8 +21,9 @@ def train(config: Path = ConfigArg, overrides: Optional[list[str]] = OverridesAr
           name: Optional[str] = typer.Option(None, "--name", help="run name (default: the spec's); reuse to resume"),
           force: bool = typer.Option(False, "--force", help="continue a run whose spec changed"),
           progress: bool = typer.Option(True, "--progress/--no-progress", help="show progress bars"),
-          dpo_reference: str = typer.Option("sft", "--dpo-reference", help="DPO reference log-probs: sft (the "
-                                            "model after SFT, as the Ray path) or base (adapter disabled)")) -> None:
+          dpo_reference: Optional[str] = typer.Option(None, "--dpo-reference", help="DPO reference log-probs: sft "
+                                            "(the model after SFT, as the Ray path) or base (adapter disabled); "
+                                            "default: the spec's dpo.reference")) -> None:
     """Train every topic (SFT then DPO), one mlx-lm adapter per topic. Rerun with the same name to resume."""
     from mindprint_ray.run import load_run
 
@@ -31,7 +32,7 @@ def train(config: Path = ConfigArg, overrides: Optional[list[str]] = OverridesAr
     run = load_run(config, overrides or [])
     if name:
         run.spec.name = name
-    folder = train_run(run, force=force, progress=progress, reference=dpo_reference)
+    folder = train_run(run, force=force, progress=progress, reference=dpo_reference or run.spec.dpo.reference)
     for topic, entry in folder.summary().get("topics", {}).items():
         sft, dpo = entry.get("sft", {}), entry.get("dpo", {})
         typer.echo(f"{topic}: {entry.get('status')} - SFT loss {_fmt(sft.get('first_loss'))} -> "

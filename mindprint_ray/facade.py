@@ -83,9 +83,16 @@ class Backend:
             from mlx_lm import load
         except ImportError:
             raise UserError("the mlx backend needs mlx and mlx-lm", hint="pip install 'mindprint-ray[mlx]'") from None
-        model, tokenizer = load(path, adapter_path=adapter_path)
-        if self.quantization in ("int4", "nf4") and not getattr(model, "_quantized", False):
+        if self.quantization not in ("int4", "nf4"):
+            model, tokenizer = load(path, adapter_path=adapter_path)
+            return LoadedModel(model, tokenizer, "mlx")
+        model, tokenizer = load(path)  # quantize first, then add the adapter (as it was trained: QLoRA)
+        if not any(isinstance(m, nn.QuantizedLinear) for _, m in model.named_modules()):
             nn.quantize(model, group_size=64, bits=4)
+        if adapter_path:
+            from mlx_lm.tuner.utils import load_adapters
+
+            model = load_adapters(model, adapter_path)
         return LoadedModel(model, tokenizer, "mlx")
 
 

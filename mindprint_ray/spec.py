@@ -104,6 +104,8 @@ class DPOSection(Section):
     warmup_steps: int = Field(0, ge=0)
     gradient_checkpointing: bool = True
     precompute_ref_log_probs: bool = False
+    reference: Literal["sft", "base"] = Field(
+        "sft", description="sft: a frozen copy of the topic's adapter as DPO starts; base: the adapter disabled")
     max_grad_norm: float = Field(0.3, gt=0)
 
 
@@ -157,6 +159,17 @@ class EvalSection(Section):
     weights: dict[str, float] = Field(
         default_factory=lambda: {"markers": 0.3, "lexicon": 0.2, "semantic": 0.3, "preference": 0.2}
     )
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, weights: dict[str, float]) -> dict[str, float]:
+        known = {"markers", "lexicon", "semantic", "preference"}
+        unknown = sorted(set(weights) - known)
+        if unknown:
+            raise ValueError(f"unknown voice-fidelity component '{unknown[0]}' (use {', '.join(sorted(known))})")
+        if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+            raise ValueError("weights must be >= 0 with a positive sum")
+        return weights
 
 
 class RunSpec(Section):

@@ -120,6 +120,9 @@ def test_eval_before_and_after_each_stage(resumed_run):
     assert "after_dpo@accumulation" in summary["topics"]["cycle_basics"]["eval"]  # forgetting check
     assert summary["targets"]["lines"] and "stability" in summary["targets"]["checks"]
     assert any(e.get("event") == "eval" for e in events(run_dir))
+    report = (run_dir / "report" / "report.md").read_text()
+    assert "## Evaluation" in report and "Measured vs estimated" in report
+    assert (run_dir / "report" / "evaluation.png").stat().st_size > 10_000
 
 
 def test_reusing_a_name_with_another_spec_is_refused(resumed_run, tiny_model_dir):

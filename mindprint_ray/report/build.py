@@ -36,6 +36,7 @@ def write_report(run: RunPlan, out: Path, which: str = "all", run_dir: str | Non
     _models(doc, gather_models(run, prices_path), options[0]["profile"])
     if run_dir:
         _measured(doc, measured_vs_estimate(run_dir))
+        _evaluation(doc, run, Path(run_dir), out)
     _prices(doc, options)
     paths = {"md": out / "report.md", "html": out / "report.html"}
     paths["md"].write_text(doc.markdown(), encoding="utf-8")
@@ -154,6 +155,32 @@ def _measured(doc: Document, m: dict) -> None:
                "peak GB", "err"], rows)
     doc.para("`mindprint-ray calibrate RUN_DIR` stores the measured MFU so that later estimates for this profile "
              "use it instead of the assumption.")
+
+
+def _evaluation(doc: Document, run: RunPlan, run_dir: Path, out: Path) -> None:
+    """Per-topic voice fidelity and accuracy before training, after SFT and after DPO."""
+    import json
+
+    from .evaluation import eval_chart, eval_rows
+
+    summary_file = run_dir / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    rows = eval_rows(summary)
+    if not rows:
+        return
+    doc.heading("Evaluation")
+    cells = [[r["topic"], r["stage"], _score(r.get("voice_fidelity")), _score(r.get("accuracy")),
+              _score(r.get("markers")), _score(r.get("lexicon")), _score(r.get("semantic")),
+              _score(r.get("preference"))] for r in rows]
+    doc.table(["topic", "stage", "voice fidelity", "accuracy", "markers", "lexicon", "semantic", "preference"], cells)
+    targets = {"voice_fidelity": run.spec.eval.voice_fidelity_target, "accuracy": run.spec.eval.accuracy_target}
+    doc.image(eval_chart(rows, targets, out / "evaluation.png"), "voice fidelity and accuracy per topic")
+    for line in summary.get("targets", {}).get("lines", []):
+        doc.para(line)
+
+
+def _score(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 def _prices(doc: Document, options: list[dict]) -> None:

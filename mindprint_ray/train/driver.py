@@ -137,7 +137,16 @@ def train(run: RunPlan, force: bool = False, progress: bool = True) -> RunFolder
     folder.update_summary(status="done", wall_s=round(time.time() - t0, 2))
     folder.log({"event": "run_done", "wall_s": time.time() - t0})
     folder.push("metrics.jsonl")
+    write_run_report(run, folder)
     return folder
+
+
+def write_run_report(run: RunPlan, folder: RunFolder) -> None:
+    """The run's report: estimates for its hardware beside what was measured, and the evaluation."""
+    from ..report import write_report
+
+    write_report(run, folder.report_dir, which=run.profile.name, run_dir=str(folder.root))
+    folder.push("report")
 
 
 def _stopped_message(error: Exception) -> str | None:

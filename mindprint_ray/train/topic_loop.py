@@ -281,6 +281,8 @@ class Worker:
         trainer = DPOTrainer(model=self.model, ref_model=None, args=args, processing_class=self.tokenizer,
                              train_dataset=ds.dpo_dataset(topic.dpo, self.spec.curriculum.system_prompt),
                              callbacks=[metrics, RayCheckpointCallback(topic.name, "dpo", self.rank, sharded)])
+        if d.reference == "base":  # without TRL's frozen "ref" copy, TRL scores the reference with adapters off
+            drop_reference_adapter(self.model)
         self._train(trainer, resume)
         drop_reference_adapter(self.model)
         return metrics, trainer

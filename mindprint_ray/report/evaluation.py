@@ -1,0 +1,43 @@
+"""The evaluation part of a run report: per-topic fidelity and accuracy at each stage, and a chart."""
+from __future__ import annotations
+
+from pathlib import Path
+
+STAGES = ("base", "after_sft", "after_dpo")
+
+
+def eval_rows(summary: dict) -> list[dict]:
+    """One row per trained topic and stage with voice fidelity, accuracy and the components."""
+    rows = []
+    order = summary.get("topics_order") or list(summary.get("topics", {}))
+    for topic in order:
+        evals = summary.get("topics", {}).get(topic, {}).get("eval", {})
+        for stage in STAGES:
+            if stage in evals:
+                rows.append({"topic": topic, "stage": stage, **evals[stage]})
+    return rows
+
+
+def eval_chart(rows: list[dict], targets: dict[str, float], path: Path) -> Path:
+    """Voice fidelity and accuracy across the curriculum, one line per stage, targets dashed."""
+    from .charts import _plt, _save
+
+    plt = _plt()
+    topics = list(dict.fromkeys(r["topic"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    colors = {"base": "#999999", "after_sft": "#4c72b0", "after_dpo": "#dd8452"}
+    for ax, metric in zip(axes, ("voice_fidelity", "accuracy")):
+        for stage in STAGES:
+            points = [(topics.index(r["topic"]), r.get(metric)) for r in rows if r["stage"] == stage
+                      and r.get(metric) is not None]
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o", color=colors[stage], label=stage.replace("_", " "))
+        ax.axhline(targets.get(metric, 0.85), color="#2a9d8f", linestyle="--", linewidth=1, label="target")
+        ax.set_xticks(range(len(topics)), topics, rotation=30, ha="right", fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_title(metric.replace("_", " "))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("score (0-1)")
+    axes[1].legend(fontsize=8, loc="upper right")
+    return _save(fig, path)
