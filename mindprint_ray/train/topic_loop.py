@@ -260,6 +260,13 @@ class Worker:
             assistant_only_loss=s.assistant_only_loss and prepared is None,
             dataset_kwargs={"skip_prepare_dataset": True} if prepared is not None else None,
         )
+        if s.packing and self.attention != "flash_attention_2" and s.batch_size > 1:
+            # padding-free packing joins the batch's rows into one sequence: without flash-attn the attention
+            # is then computed over the whole (batch x length)^2 square. Same effective batch, no waste:
+            args.gradient_accumulation_steps *= s.batch_size
+            args.per_device_train_batch_size = 1
+            log.info("packing with %s: micro-batch 1 x %d accumulation steps", self.attention,
+                     args.gradient_accumulation_steps)
         train_data = prepared if prepared is not None else ds.sft_dataset(topic.sft, self.spec.curriculum.system_prompt)
         metrics = MetricsCallback(self.writer, topic.name, "sft")
         sharded = self.run.deepspeed_stage > 0
