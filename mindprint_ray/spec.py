@@ -172,6 +172,44 @@ class EvalSection(Section):
         return weights
 
 
+class ParamRange(Section):
+    """One searched parameter: explicit `values`, or a `min`/`max` range (log-uniform when `log`)."""
+
+    values: list[float] | None = None
+    min: float | None = None
+    max: float | None = None
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _shape(self) -> "ParamRange":
+        if self.values is not None:
+            if not self.values:
+                raise ValueError("`values` is empty")
+            if self.min is not None or self.max is not None:
+                raise ValueError("give `values` or `min`/`max`, not both")
+            return self
+        if self.min is None or self.max is None:
+            raise ValueError("give `values: [...]` or both `min` and `max`")
+        if self.min >= self.max:
+            raise ValueError(f"empty or inverted range: min {self.min} >= max {self.max}")
+        if self.log and self.min <= 0:
+            raise ValueError("a log range needs min > 0")
+        return self
+
+
+class TuneSection(Section):
+    space: dict[str, ParamRange] = Field(..., min_length=1)
+    search: Literal["grid", "random", "optuna"] = "grid"
+    num_samples: int = Field(1, ge=1, description="grid: repeats of the grid; random/optuna: trials")
+    metric: str | None = Field(None, description="default: voice_fidelity with eval on, else sft_loss")
+    mode: Literal["max", "min"] | None = None
+    scheduler: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(2, ge=1, description="ASHA: reports before a trial may be stopped")
+    topics: list[str] | None = Field(None, description="default: the first topic of the curriculum")
+    workers_per_trial: int | None = Field(None, ge=1)
+    max_concurrent: int | None = Field(None, ge=1)
+
+
 class RunSpec(Section):
     name: str | None = None
     seed: int = 42
@@ -186,6 +224,7 @@ class RunSpec(Section):
     ray: RaySection = Field(default_factory=RaySection)
     eval: EvalSection = Field(default_factory=EvalSection)
     report_to: list[Literal["tensorboard", "mlflow", "wandb", "none"]] = Field(default_factory=lambda: ["tensorboard"])
+    tune: TuneSection | None = None
 
     @property
     def persona_path(self) -> Path:
@@ -240,11 +279,15 @@ def apply_override(data: dict, override: str) -> None:
     except yaml.YAMLError:
         value = raw
     node = data
-    for part in parts[:-1]:
+    while len(parts) > 1:
+        rest = ".".join(parts)
+        if rest in node or any("." in k for k in node):  # a mapping keyed by dotted paths (tune.space)
+            break
+        part = parts.pop(0)
         if not isinstance(node.get(part, {}), dict):
             raise UserError(f"override '{override}': '{part}' is not a section", field=key)
         node = node.setdefault(part, {})
-    node[parts[-1]] = value
+    node[".".join(parts)] = value
 
 
 def _known_keys(model: type[BaseModel], path: tuple) -> list[str]:

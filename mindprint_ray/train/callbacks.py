@@ -27,8 +27,9 @@ def peak_memory_gb() -> float:
 class MetricsCallback(TrainerCallback):
     """Writes every log line to metrics.jsonl (rank 0), adds tokens/s and peak memory, stops on NaN/inf."""
 
-    def __init__(self, folder: RunFolder | None, topic: str, stage: str) -> None:
+    def __init__(self, folder: RunFolder | None, topic: str, stage: str, latest: dict | None = None) -> None:
         self.folder, self.topic, self.stage = folder, topic, stage
+        self.latest = latest if latest is not None else {}
         self.history: list[dict] = []
         self.bad: tuple[str, float, int] | None = None
         self._last = (time.time(), 0)
@@ -51,6 +52,10 @@ class MetricsCallback(TrainerCallback):
             self._last = (now, tokens)
         record["peak_memory_gb"] = peak_memory_gb()
         self.history.append(record)
+        for source, key in (("loss", f"{self.stage}_loss"), ("rewards/accuracies", "reward_accuracy"),
+                            ("rewards/margins", "reward_margin")):
+            if isinstance(logs.get(source), (int, float)) and math.isfinite(logs[source]):
+                self.latest[key] = float(logs[source])
         for key in GUARDED:
             value = logs.get(key)
             if isinstance(value, (int, float)) and not math.isfinite(value):
@@ -75,17 +80,14 @@ class MetricsCallback(TrainerCallback):
 class RayCheckpointCallback(TrainerCallback):
     """Reports each HF checkpoint to Ray Train, tagged with topic and stage, so a restart resumes there."""
 
-    def __init__(self, topic: str, stage: str, rank: int, sharded: bool) -> None:
+    def __init__(self, topic: str, stage: str, rank: int, sharded: bool, latest: dict | None = None) -> None:
         self.topic, self.stage, self.rank, self.sharded = topic, stage, rank, sharded
+        self.latest = latest if latest is not None else {}
 
     def on_save(self, args, state, control, **kwargs):
         checkpoint_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         report_checkpoint(checkpoint_dir, self.topic, self.stage, state.global_step, self.rank, self.sharded,
-                          {"loss": _last_loss(state)})
-
-
-def _last_loss(state) -> float | None:
-    return next((h["loss"] for h in reversed(state.log_history) if "loss" in h), None)
+                          dict(self.latest))
 
 
 def report_checkpoint(directory: Path | None, topic: str, stage: str, step: int, rank: int, sharded: bool,

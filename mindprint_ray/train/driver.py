@@ -72,7 +72,7 @@ def checkpoint_storage(folder: RunFolder) -> tuple[str, object | None]:
     return f"{loc.bucket}/{loc.prefix}", pyarrow_filesystem()
 
 
-def build_trainer(run: RunPlan, folder: RunFolder):
+def build_trainer(run: RunPlan, folder: RunFolder, callbacks: list | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -90,6 +90,7 @@ def build_trainer(run: RunPlan, folder: RunFolder):
             name="checkpoints", storage_path=storage_path, storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=run.spec.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=run.spec.storage.keep_checkpoints),
+            callbacks=callbacks,
         ),
     )
 

@@ -86,6 +86,9 @@ class Worker:
         base, self.attention = load_base_model(run, self.device, local_rank)
         self.model = apply_zone_plan(base, run, self.spec.sft.gradient_checkpointing)
         self._last_trainer = None
+        # the latest value of every metric a sweep may optimise, sent with each report to Ray (and Tune)
+        self.latest: dict[str, float] = {"sft_loss": float("inf"), "dpo_loss": float("inf"), "reward_accuracy": 0.0,
+                                         "reward_margin": 0.0, "voice_fidelity": 0.0, "accuracy": 0.0}
         self.persona = None
         self.eval_note = None
         if self.spec.eval.enabled:
@@ -137,7 +140,7 @@ class Worker:
         if checkpoint:  # the end of SFT is a resume point: a restart goes straight to DPO
             path = self.save_adapter(trainer, self.local / f"{topic.name}-sft-done")
             report_checkpoint(path, topic.name, "sft_done", trainer.state.global_step, self.rank,
-                              sharded=False, metrics={"loss": summary.get("last_loss")})
+                              sharded=False, metrics=dict(self.latest))
         return summary
 
     @staticmethod
@@ -172,7 +175,11 @@ class Worker:
             self.folder.push("metrics.jsonl")
             if (self.folder.root / "tensorboard").is_dir():
                 self.folder.push("tensorboard")
-        report_checkpoint(None, topic.name, "done", 0, self.rank, sharded=False, metrics={"wall_s": wall_s})
+        report_checkpoint(None, topic.name, "done", 0, self.rank, sharded=False,
+                          metrics={**self.latest, "wall_s": wall_s, "topics_done": self.topics_done()})
+
+    def topics_done(self) -> int:
+        return sum(self.folder.topic_done(t) for t in self.spec.curriculum.topics)
 
     def save_adapter(self, trainer, path: Path) -> Path:
         """trainer.save_model gathers ZeRO-3 shards (all ranks must call it) and writes on rank 0 only."""
@@ -191,6 +198,7 @@ class Worker:
         from ..evaluation import evaluate_topics, summary_entries
 
         results = evaluate_topics(self.model, self.tokenizer, topics, self.persona, self.spec, stage)
+        self.track_eval(results[current])
         for name, fields in summary_entries(results, current, stage).items():
             self.folder.update_topic(name, **fields)
         for name, scores in results.items():
@@ -208,9 +216,15 @@ class Worker:
 
         with self.model.disable_adapter():
             results = evaluate_topics(self.model, self.tokenizer, todo, self.persona, self.spec, "base")
+        self.track_eval(results[todo[0].name])
         for name, scores in results.items():
             self.folder.update_topic(name, eval={"base": scores})
             self.folder.log({"event": "eval", "topic": name, "stage": "base", **scores})
+
+    def track_eval(self, scores: dict) -> None:
+        for key in ("voice_fidelity", "accuracy"):
+            if scores.get(key) is not None:
+                self.latest[key] = float(scores[key])
 
     def gate(self, topic: str) -> None:
         """Targets and regressions after a topic: warn, or stop the run (its adapter is already kept)."""
@@ -268,10 +282,11 @@ class Worker:
             log.info("packing with %s: micro-batch 1 x %d accumulation steps", self.attention,
                      args.gradient_accumulation_steps)
         train_data = prepared if prepared is not None else ds.sft_dataset(topic.sft, self.spec.curriculum.system_prompt)
-        metrics = MetricsCallback(self.writer, topic.name, "sft")
+        metrics = MetricsCallback(self.writer, topic.name, "sft", self.latest)
         sharded = self.run.deepspeed_stage > 0
         trainer = SFTTrainer(model=self.model, args=args, train_dataset=train_data, processing_class=self.tokenizer,
-                             callbacks=[metrics, RayCheckpointCallback(topic.name, "sft", self.rank, sharded)])
+                             callbacks=[metrics, RayCheckpointCallback(topic.name, "sft", self.rank, sharded,
+                                                                       self.latest)])
         if prepared is None and self.rank == 0:
             ds.store(cache_root, key, trainer.train_dataset)
         self._train(trainer, resume)
@@ -283,11 +298,12 @@ class Worker:
         d = self.spec.dpo
         args = DPOConfig(**self.common_args("dpo", topic.name, d), max_steps=d.steps_per_topic, beta=d.beta,
                          precompute_ref_log_probs=d.precompute_ref_log_probs)
-        metrics = MetricsCallback(self.writer, topic.name, "dpo")
+        metrics = MetricsCallback(self.writer, topic.name, "dpo", self.latest)
         sharded = self.run.deepspeed_stage > 0
         trainer = DPOTrainer(model=self.model, ref_model=None, args=args, processing_class=self.tokenizer,
                              train_dataset=ds.dpo_dataset(topic.dpo, self.spec.curriculum.system_prompt),
-                             callbacks=[metrics, RayCheckpointCallback(topic.name, "dpo", self.rank, sharded)])
+                             callbacks=[metrics, RayCheckpointCallback(topic.name, "dpo", self.rank, sharded,
+                                                                       self.latest)])
         if d.reference == "base":  # without TRL's frozen "ref" copy, TRL scores the reference with adapters off
             drop_reference_adapter(self.model)
         self._train(trainer, resume)
