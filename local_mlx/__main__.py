@@ -1,13 +1,12 @@
 """`python -m local_mlx train|dry-run|generate CFG`: the curriculum on Apple MLX (mlx[cpu] on Linux too)."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from mindprint_ray.errors import UserError
+from mindprint_ray.cli_runner import run_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Zone-LoRA persona fine-tuning on Apple MLX: train, dry-run, generate.")
@@ -77,23 +76,7 @@ def _fmt(x) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """User errors print one message and exit 2; anything else is a bug and raises."""
-    import click
-
-    try:
-        code = app(args=argv, prog_name="python -m local_mlx", standalone_mode=False)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    except click.exceptions.ClickException as e:
-        e.show()
-        sys.exit(2)
-    except click.exceptions.Abort:
-        sys.exit(130)
-    if isinstance(code, int) and code:  # typer.Exit(code) comes back as the return value without standalone mode
-        sys.exit(code)
+    run_app(app, "python -m local_mlx", argv)
 
 
 if __name__ == "__main__":

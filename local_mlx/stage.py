@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator
+
+from mindprint_ray.stage_history import StageHistory
 
 
 @dataclass(frozen=True)
@@ -21,36 +23,8 @@ class StageConfig:
     dropout: bool = True  # LoRA dropout on; off for DPO (as TRL's disable_dropout), so step 1 starts at log 2
 
 
-@dataclass
-class StageResult:
-    """Every logged step, and (key, value, step) when the NaN/inf guard stopped the stage."""
-
-    history: list[dict] = field(default_factory=list)
-    bad: tuple[str, float, int] | None = None
-
-    def first(self, key: str):
-        return next((h[key] for h in self.history if key in h), None)
-
-    def last(self, key: str):
-        return next((h[key] for h in reversed(self.history) if key in h), None)
-
-    def mean_of_last_half(self, key: str):
-        values = [h[key] for h in self.history if key in h]
-        tail = values[len(values) // 2:]
-        return sum(tail) / len(tail) if tail else None
-
-    def summary(self, stage: str) -> dict:
-        """The same keys the Ray path writes to summary.json for this stage."""
-        rates = [h["tokens_per_s"] for h in self.history if "tokens_per_s" in h]
-        out = {"steps": self.last("step") or 0, "tokens": self.last("num_tokens") or 0,
-               "peak_memory_gb": max((h.get("peak_memory_gb", 0) for h in self.history), default=0),
-               "tokens_per_s": sum(rates) / len(rates) if rates else None,
-               "first_loss": self.first("loss"), "last_loss": self.last("loss")}
-        if stage == "dpo":
-            out.update(reward_accuracy=self.mean_of_last_half("rewards/accuracies"),
-                       reward_margin=self.mean_of_last_half("rewards/margins"),
-                       first_reward_accuracy=self.first("rewards/accuracies"))
-        return out
+class StageResult(StageHistory):
+    """The MLX stage's history: the shared summary keys of the Ray path."""
 
 
 def lr_at(step: int, cfg: StageConfig) -> float:

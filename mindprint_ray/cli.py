@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from .errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Zone-LoRA persona fine-tuning: plan, validate and train on Ray or MLX.")
@@ -112,22 +110,6 @@ _register_command_modules()
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors print one message and exit 2; anything else is a bug and raises."""
-    try:
-        app(args=argv, prog_name="mindprint-ray", standalone_mode=False)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    except SystemExit:
-        raise
-    except Exception as e:  # click usage errors come through here with standalone_mode=False
-        import click
+    from .cli_runner import run_app
 
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(2)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(130)
-        raise
+    run_app(app, "mindprint-ray", argv)

@@ -1,8 +1,8 @@
 """Model registry: exact architectures, parameter counts and module shapes. Pure Python, no torch."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field
+
 
 from .errors import UserError
 
@@ -148,7 +148,3 @@ def arch_from_hf_config(cfg: dict, name: str, hf_path: str) -> ModelArch:
         qkv_bias=cfg.get("model_type") == "qwen2", max_position_embeddings=cfg.get("max_position_embeddings", 4096),
         chat_template="chatml", eos_token="<|im_end|>",
     )
-
-
-def with_overrides(arch: ModelArch, **changes) -> ModelArch:
-    return replace(arch, **changes)

@@ -80,7 +80,7 @@ def local_tokenizer_dir(model_path: str) -> str | None:
 def count_topic_tokens(run: RunPlan, counter: TokenCounter | None = None) -> tuple[list[TopicTokens], str]:
     """Tokens per topic from the curriculum with the model's tokenizer (or ~4 chars/token), and how counted."""
     from .curriculum import load_curriculum
-    from .data_stats import dpo_length, sft_length
+    from .data_stats import sft_length
 
     if counter is None:
         counter = TokenCounter.for_model(local_tokenizer_dir(run.model_path))

@@ -1,6 +1,5 @@
 """Every file in cluster/ parses, pins Ray 2.60, installs the project's gpu extra and names real entrypoints."""
 import re
-from pathlib import Path
 
 import pytest
 import yaml

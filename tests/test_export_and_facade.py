@@ -1,11 +1,8 @@
 """Export (adapter copy, merged BF16/FP32 model) and the seed's Python facade."""
-import json
-import shutil
 
 import pytest
-import yaml
 
-from conftest import ROOT, run_cli
+from conftest import run_cli
 from mindprint_ray.run import load_run
 from mindprint_ray.run_folder import RunFolder
 

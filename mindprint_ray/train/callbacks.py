@@ -10,6 +10,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from ..run_folder import RunFolder
+from ..stage_history import StageHistory
 
 STATE_FILE = "mindprint_state.json"
 GUARDED = ("loss", "grad_norm")
@@ -24,14 +25,13 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
-class MetricsCallback(TrainerCallback):
+class MetricsCallback(TrainerCallback, StageHistory):
     """Writes every log line to metrics.jsonl (rank 0), adds tokens/s and peak memory, stops on NaN/inf."""
 
     def __init__(self, folder: RunFolder | None, topic: str, stage: str, latest: dict | None = None) -> None:
+        StageHistory.__init__(self)
         self.folder, self.topic, self.stage = folder, topic, stage
         self.latest = latest if latest is not None else {}
-        self.history: list[dict] = []
-        self.bad: tuple[str, float, int] | None = None
         self._last = (time.time(), 0)
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -64,17 +64,6 @@ class MetricsCallback(TrainerCallback):
                 control.should_save = False
         if self.folder:
             self.folder.log(record)
-
-    def first(self, key: str):
-        return next((h[key] for h in self.history if key in h), None)
-
-    def last(self, key: str):
-        return next((h[key] for h in reversed(self.history) if key in h), None)
-
-    def mean_of_last_half(self, key: str):
-        values = [h[key] for h in self.history if key in h]
-        tail = values[len(values) // 2:]
-        return sum(tail) / len(tail) if tail else None
 
 
 class RayCheckpointCallback(TrainerCallback):

@@ -16,13 +16,13 @@ from pathlib import Path
 
 from ..curriculum import TopicData
 from ..deepspeed_config import deepspeed_config
-from ..errors import UserError
+
 from ..run import RunPlan, build_run
 from ..run_folder import RunFolder
 from ..spec import RunSpec
 from ..validation import validate_run
 from . import datasets as ds
-from .callbacks import STATE_FILE, MetricsCallback, RayCheckpointCallback, peak_memory_gb, report_checkpoint
+from .callbacks import STATE_FILE, MetricsCallback, RayCheckpointCallback, report_checkpoint
 from .model_loading import apply_zone_plan, load_adapter_weights, load_base_model, load_tokenizer
 
 log = logging.getLogger("mindprint_ray")
@@ -134,7 +134,7 @@ class Worker:
                 self.writer.update_topic(topic.name, status="failed", error=message)
                 self.writer.log({"event": "nan_guard", "topic": topic.name, "stage": stage, "key": key, "step": step})
             raise TrainingStopped(message)
-        summary = self.stage_summary(stage, metrics)
+        summary = metrics.summary(stage)
         if self.writer:
             self.writer.update_topic(topic.name, **{stage: summary})
         if checkpoint:  # the end of SFT is a resume point: a restart goes straight to DPO
@@ -142,21 +142,6 @@ class Worker:
             report_checkpoint(path, topic.name, "sft_done", trainer.state.global_step, self.rank,
                               sharded=False, metrics=dict(self.latest))
         return summary
-
-    @staticmethod
-    def stage_summary(stage: str, m: MetricsCallback) -> dict:
-        out = {"steps": m.last("step") or 0, "tokens": m.last("num_tokens") or 0,
-               "peak_memory_gb": max((h.get("peak_memory_gb", 0) for h in m.history), default=0)}
-        rates = [h["tokens_per_s"] for h in m.history if "tokens_per_s" in h]
-        out["tokens_per_s"] = sum(rates) / len(rates) if rates else None
-        if stage == "sft":
-            out.update(first_loss=m.first("loss"), last_loss=m.last("loss"))
-        else:
-            out.update(first_loss=m.first("loss"), last_loss=m.last("loss"),
-                       reward_accuracy=m.mean_of_last_half("rewards/accuracies"),
-                       reward_margin=m.mean_of_last_half("rewards/margins"),
-                       first_reward_accuracy=m.first("rewards/accuracies"))
-        return out
 
     def publish(self, topic: TopicData, sft: dict, dpo: dict, wall_s: float) -> None:
         """Write the topic's adapter atomically (rank 0) and record it; every rank passes the barrier."""

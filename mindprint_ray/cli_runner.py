@@ -1,0 +1,27 @@
+"""Running a typer app as a user-facing command: user errors exit 2 with one message, never a traceback."""
+from __future__ import annotations
+
+import sys
+
+from .errors import UserError
+
+
+def run_app(app, prog_name: str, argv: list[str] | None = None) -> None:
+    """Anything that is not a user error (or a usage error) is a bug and raises with its traceback."""
+    import click
+
+    try:
+        code = app(args=argv, prog_name=prog_name, standalone_mode=False)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except click.exceptions.ClickException as e:  # usage errors, with standalone_mode=False
+        e.show()
+        sys.exit(2)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    if isinstance(code, int) and code:  # typer.Exit(code) comes back as the return value without standalone mode
+        sys.exit(code)
