@@ -40,3 +40,11 @@ def test_a_stopped_worker_becomes_one_message():
             "sft loss became nan at step 3; the topic was stopped and the last good adapter is kept.\n")
     assert _stopped_message(RuntimeError(text)).startswith("topic 'x': sft loss became nan at step 3")
     assert _stopped_message(RuntimeError("some other failure")) is None
+
+
+def test_out_of_memory_message_keeps_the_remedies():
+    text = ("Error: OutOfMemoryStop: CUDA out of memory on 4xa100-80gb. The seed's remedies, in order:\n"
+            "  - max_seq_length 2048: 61.2 GB per device (fits)\n  - LoRA rank 4: 70.1 GB per device (fits)\n"
+            "Traceback (most recent call last):\n")
+    message = _stopped_message(RuntimeError(text))
+    assert message.splitlines()[0].startswith("CUDA out of memory") and len(message.splitlines()) == 3

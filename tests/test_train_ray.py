@@ -149,6 +149,22 @@ def quick_run(tmp_path, model, name, *extra):
     return tmp_path / name / "adapters" / "capitulation"
 
 
+def test_eval_gate_stop_ends_the_run_after_the_topic_and_keeps_its_adapter(tmp_path, tiny_model_dir):
+    args = ["train", "configs/tiny-cpu.yaml", "--name", "gate", f"storage.path={tmp_path}", f"model.path={tiny_model_dir}",
+            "curriculum.topics=[capitulation,accumulation]", "sft.max_steps=3", "dpo.steps_per_topic=2",
+            "eval.on_miss=stop", "eval.max_examples=2", "eval.max_new_tokens=16"]
+    r = run_cli(*args)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "eval gate stopped the run after 'capitulation'" in r.stderr and "Traceback" not in r.stderr[-500:]
+    run_dir = tmp_path / "gate"
+    assert (run_dir / "adapters" / "capitulation" / "mindprint_manifest.json").is_file()
+    assert not (run_dir / "adapters" / "accumulation").exists()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "stopped" and summary["topics"]["capitulation"]["gates"]
+    starts = [e for e in events(run_dir) if e.get("event") == "worker_group_start"]
+    assert len(starts) == 1  # a stop is not a crash: Ray did not retry it
+
+
 def test_qlora_nf4_path_on_cpu(tmp_path, tiny_model_dir):
     from safetensors.torch import load_file
 

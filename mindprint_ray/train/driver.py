@@ -112,7 +112,7 @@ def train(run: RunPlan, force: bool = False, progress: bool = True) -> RunFolder
     resumed = folder.claim(run.spec.dump(), force)
     pending = [t.name for t in topics if not folder.topic_done(t.name)]
     folder.update_summary(run=run.spec.name, model=run.model_path, profile=run.profile.name,
-                          topics_order=[t.name for t in topics])
+                          topics_order=[t.name for t in topics], stopped=None)
     if not pending:
         log.info("every topic of %s is done", run.spec.name)
         return folder
@@ -135,6 +135,11 @@ def train(run: RunPlan, force: bool = False, progress: bool = True) -> RunFolder
             watcher.stop()
     folder.pull("summary.json")  # the workers' latest (another node may have written it)
     folder.pull("metrics.jsonl")
+    stopped = folder.summary().get("stopped")
+    if stopped:
+        folder.update_summary(status="stopped")
+        raise UserError(f"training stopped: {stopped}", hint="finished topics are kept; fix the cause and rerun "
+                        "the same command (add --force if you change the spec)")
     folder.update_summary(status="done", wall_s=round(time.time() - t0, 2))
     folder.log({"event": "run_done", "wall_s": time.time() - t0})
     folder.push("metrics.jsonl")
@@ -151,10 +156,17 @@ def write_run_report(run: RunPlan, folder: RunFolder) -> None:
 
 
 def _stopped_message(error: Exception) -> str | None:
+    """The worker's stop reason from Ray's error text: its first line and any indented remedy lines."""
     text = str(error)
-    for marker in ("TrainingStopped: ", "UserError: "):
+    for marker in ("TrainingStopped: ", "OutOfMemoryStop: ", "UserError: "):
         if marker in text:
-            return text.split(marker, 1)[1].strip().splitlines()[0]
+            first, *rest = text.split(marker, 1)[1].strip().splitlines()
+            remedies = []
+            for line in rest:
+                if not line.startswith("  - "):
+                    break
+                remedies.append(line)
+            return "\n".join([first, *remedies])
     return None
 
 

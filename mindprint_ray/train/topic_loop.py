@@ -29,7 +29,11 @@ log = logging.getLogger("mindprint_ray")
 
 
 class TrainingStopped(RuntimeError):
-    """NaN/inf, an eval gate or out-of-memory stopped the run; finished topics are kept."""
+    """A NaN/inf guard or an eval gate stopped the run on every rank; finished topics are kept."""
+
+
+class OutOfMemoryStop(RuntimeError):
+    """CUDA out of memory, with the seed's remedies and their estimates in the message."""
 
 
 @dataclass
@@ -223,8 +227,10 @@ class Worker:
                 log.warning(message)
                 self.folder.log({"event": "gate", "topic": topic, "message": message})
             self.folder.update_topic(topic, gates=result.messages)
-        if self.rank == 0 and result.stop:
-            raise TrainingStopped(f"eval gate stopped the run after '{topic}': " + "; ".join(result.messages))
+        stop = broadcast_from_rank0(bool(result and result.stop), self.world)
+        if stop:  # every rank stops together (the decision was rank 0's)
+            raise TrainingStopped(f"eval gate stopped the run after '{topic}'"
+                                  + (": " + "; ".join(result.messages) if result else ""))
 
     # ---- trainers ---------------------------------------------------------------------------------
     def common_args(self, stage: str, topic: str, section) -> dict:
@@ -302,7 +308,18 @@ class Worker:
         try:
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         except torch.cuda.OutOfMemoryError:
-            raise TrainingStopped(oom_message(self.run)) from None
+            raise OutOfMemoryStop(oom_message(self.run)) from None
+
+
+def broadcast_from_rank0(value, world: int):
+    """Rank 0's value on every rank (through the worker group's torch.distributed process group)."""
+    import torch.distributed as dist
+
+    if world <= 1 or not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def drop_reference_adapter(model) -> None:
@@ -343,13 +360,18 @@ def train_loop(config: dict) -> None:
         folder.update_summary(eval_note=worker.eval_note)
     worker.evaluate_base(topics)
     previous = None
-    for index, topic in enumerate(topics):
-        if folder.topic_done(topic.name):
+    try:
+        for index, topic in enumerate(topics):
+            if folder.topic_done(topic.name):
+                previous = topic.name
+                continue
+            current = restored if restored and restored.topic == topic.name else None
+            worker.train_topic(topic, previous, current, seen=topics[: index + 1])
             previous = topic.name
-            continue
-        current = restored if restored and restored.topic == topic.name else None
-        worker.train_topic(topic, previous, current, seen=topics[: index + 1])
-        previous = topic.name
+    except TrainingStopped as stopped:  # not a crash: end cleanly so Ray does not retry it
+        if rank == 0:
+            folder.update_summary(stopped=str(stopped))
+        return
     if rank == 0 and worker.persona is not None:
         from ..evaluation import final_statement
 
