@@ -158,3 +158,13 @@ def test_overlong_drop_policy_counts(tmp_path, data_dir):
     cells = [c.strip() for c in next(l for l in r.stdout.splitlines() if "alpha" in l).split("│")[1:-1]]
     assert cells[0] == "alpha" and cells[1] == "2" and cells[8] == "1" and cells[-1] == "dropped"
     assert "1 example(s) affected" in r.stdout
+
+
+def test_tracker_that_is_not_installed_is_named_before_ray_starts(spec_file):
+    r = run_cli("train", str(spec_file), "report_to=[wandb]")
+    if r.returncode == 2:
+        assert "report_to names wandb" in r.stderr and "pip install wandb" in r.stderr
+    else:  # wandb happens to be installed here: then it is not an error
+        import importlib.util
+
+        assert importlib.util.find_spec("wandb") is not None

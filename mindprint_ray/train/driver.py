@@ -26,6 +26,17 @@ WORKER_ENV = {
 }
 
 
+def check_trackers(report_to: list[str]) -> None:
+    """MLflow and W&B are optional: say so before Ray starts rather than fail inside every worker."""
+    import importlib.util
+
+    for tracker, module in (("mlflow", "mlflow"), ("wandb", "wandb"), ("tensorboard", "tensorboard")):
+        if tracker in report_to and importlib.util.find_spec(module) is None:
+            raise UserError(f"report_to names {tracker}, which is not installed", field="report_to",
+                            hint=f"pip install {module} (credentials from the environment, e.g. WANDB_API_KEY), "
+                                 "or remove it from report_to")
+
+
 def prepare_model(run: RunPlan) -> None:
     """The tiny model is built on first use; other models load from their path or hub id."""
     if run.arch.name == "tiny" and not Path(run.model_path, "config.json").is_file():
@@ -102,6 +113,7 @@ def train(run: RunPlan, force: bool = False, progress: bool = True) -> RunFolder
                         hint="use `python -m local_mlx train CFG` for Mac profiles")
     from ..preflight import check_gpus, check_storage
 
+    check_trackers(run.spec.report_to)
     prepare_model(run)
     absolutize(run)
     topics, _, _ = validate_run(run)  # everything is validated before Ray starts
