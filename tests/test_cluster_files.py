@@ -57,8 +57,10 @@ def test_kuberay_rayjob():
 
 def test_runtime_env():
     env = load("runtime_env.yaml")
-    for path in (".venv", ".git", "runs", "models"):
-        assert path in env["excludes"]
+    excludes = env["excludes"]
+    for path in (".venv", ".git", "/runs", "/models"):
+        assert path in excludes
+    assert "configs" not in excludes and "models" not in excludes  # configs/models/ must travel
     assert find_secret_keys(env) is None
     assert all(isinstance(v, str) for v in env["env_vars"].values())
     assert set(env) <= {"excludes", "env_vars", "working_dir", "pip", "py_modules"}
