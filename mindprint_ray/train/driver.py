@@ -40,7 +40,9 @@ def check_trackers(report_to: list[str]) -> None:
 def prepare_model(run: RunPlan) -> None:
     """The tiny model is built on first use; other models load from their path or hub id."""
     if run.arch.name == "tiny" and not Path(run.model_path, "config.json").is_file():
-        ensure_tiny_model(run.model_path, run.spec.curriculum.data_dir)
+        from ..storage import materialize_data_dir
+
+        ensure_tiny_model(run.model_path, materialize_data_dir(run.spec.curriculum.data_dir))
 
 
 def absolutize(run: RunPlan) -> None:
