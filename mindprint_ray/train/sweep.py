@@ -116,9 +116,9 @@ def run_sweep(run: RunPlan) -> Path:
 
 def collect_rows(results, space: SearchSpace, trials_storage: str, run: RunPlan, workers: int) -> list[dict]:
     """One row per trial: values, metric, steps, wall time, estimated cost, whether it finished."""
-    price = run.spec.hardware.price_per_hour
-    if price is None:
-        price = run.profile.price.spot if run.spec.hardware.spot else run.profile.price.on_demand
+    from ..costs import hourly_price
+
+    price = hourly_price(run)["per_hour"]
     rows = []
     for r in results:
         m = r.metrics or {}
