@@ -10,14 +10,13 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 from mindprint_ray.curriculum import TopicData
 from mindprint_ray.errors import UserError
 from mindprint_ray.run import RunPlan
 from mindprint_ray.run_folder import RunFolder
-from mindprint_ray.tiny_model import ensure_tiny_model
+from mindprint_ray.tiny_model import ensure_run_model
 from mindprint_ray.validation import validate_run
 
 from .adapters import load_adapter, save_adapter
@@ -152,12 +151,6 @@ def train_topic(trainer: Trainer, folder: RunFolder, topic: TopicData) -> None:
     folder.log({"event": "topic_done", "topic": topic.name, "wall_s": wall})
 
 
-def prepare_model(run: RunPlan) -> None:
-    """The tiny model is built on first use, like the Ray path does."""
-    if run.arch.name == "tiny" and not Path(run.model_path, "config.json").is_file():
-        ensure_tiny_model(run.model_path, run.spec.curriculum.data_dir)
-
-
 def progress_bar(enabled: bool):
     if not enabled:
         return nullcontext(None)
@@ -172,9 +165,10 @@ def train_run(run: RunPlan, force: bool = False, progress: bool = True, referenc
     """Train every pending topic; rerunning with the same name resumes. Returns the run folder."""
     import mlx.core as mx
 
-    prepare_model(run)
+    ensure_run_model(run)
     topics, _, _ = validate_run(run)
-    folder = RunFolder(Path(run.spec.storage.path) / run.spec.name)
+    folder = RunFolder.for_storage(run.spec.storage.path, run.spec.name)
+    folder.pull()
     resumed = folder.claim(run.spec.dump(), force)
     pending = [t.name for t in topics if not folder.topic_done(t.name)]
     if reference not in ("sft", "base"):

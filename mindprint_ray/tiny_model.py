@@ -157,3 +157,12 @@ def ensure_tiny_model(path: str | Path, data_dir: str | Path = "data/curriculum"
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file():
         return path
     return write_tiny_model(path, data_dir)
+
+
+def ensure_run_model(run) -> None:
+    """A run on the tiny model builds it on first use (from the curriculum's local copy); other models load
+    from their path or hub id as they are."""
+    if run.arch.name == "tiny" and not Path(run.model_path, "config.json").is_file():
+        from .storage import materialize_data_dir
+
+        ensure_tiny_model(run.model_path, materialize_data_dir(run.spec.curriculum.data_dir))

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..run import RunPlan
 from ..run_folder import RunFolder
-from ..tiny_model import ensure_tiny_model
+from ..tiny_model import ensure_run_model
 from ..validation import validate_run
 
 log = logging.getLogger("mindprint_ray")
@@ -35,14 +35,6 @@ def check_trackers(report_to: list[str]) -> None:
             raise UserError(f"report_to names {tracker}, which is not installed", field="report_to",
                             hint=f"pip install {module} (credentials from the environment, e.g. WANDB_API_KEY), "
                                  "or remove it from report_to")
-
-
-def prepare_model(run: RunPlan) -> None:
-    """The tiny model is built on first use; other models load from their path or hub id."""
-    if run.arch.name == "tiny" and not Path(run.model_path, "config.json").is_file():
-        from ..storage import materialize_data_dir
-
-        ensure_tiny_model(run.model_path, materialize_data_dir(run.spec.curriculum.data_dir))
 
 
 def absolutize(run: RunPlan) -> None:
@@ -116,7 +108,7 @@ def train(run: RunPlan, force: bool = False, progress: bool = True) -> RunFolder
     from ..preflight import check_gpus, check_storage
 
     check_trackers(run.spec.report_to)
-    prepare_model(run)
+    ensure_run_model(run)
     absolutize(run)
     topics, _, _ = validate_run(run)  # everything is validated before Ray starts
     check_storage(run)

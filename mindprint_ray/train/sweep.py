@@ -17,7 +17,8 @@ from ..run import RunPlan, build_run
 from ..run_folder import RunFolder
 from ..sweep_space import SearchSpace, apply_params, best_spec, check_space
 from ..validation import validate_run
-from .driver import absolutize, build_trainer, init_ray, prepare_model
+from ..tiny_model import ensure_run_model
+from .driver import absolutize, build_trainer, init_ray
 
 
 def distributions(space: SearchSpace, search: str) -> dict:
@@ -73,7 +74,7 @@ def run_sweep(run: RunPlan) -> Path:
     from ray.tune.schedulers import ASHAScheduler
 
     space = check_space(run)  # everything is checked before any trial starts
-    prepare_model(run)
+    ensure_run_model(run)
     absolutize(run)
     validate_run(run)
     t = run.spec.tune
