@@ -29,10 +29,15 @@ def sft_length(counter: TokenCounter, record: Record) -> int:
     return counter.count(record.data["messages"])
 
 
+def pair_lengths(counter: TokenCounter, record: Record) -> tuple[int, int]:
+    """Tokens of prompt+chosen and of prompt+rejected."""
+    d = record.data
+    return counter.count(d["prompt"] + d["chosen"]), counter.count(d["prompt"] + d["rejected"])
+
+
 def dpo_length(counter: TokenCounter, record: Record) -> int:
     """The longer of prompt+chosen and prompt+rejected."""
-    d = record.data
-    return max(counter.count(d["prompt"] + d["chosen"]), counter.count(d["prompt"] + d["rejected"]))
+    return max(pair_lengths(counter, record))
 
 
 def _overlong_error(topic: str, over: dict[str, list[Record]]) -> UserError:

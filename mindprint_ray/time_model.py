@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 from .registry import ModelArch
 from .run import RunPlan
@@ -65,31 +64,19 @@ class Mfu:
     note: str
 
 
-def local_tokenizer_dir(model_path: str) -> str | None:
-    """The model folder, or its snapshot in the Hugging Face cache, when it holds tokenizer.json."""
-    if (Path(model_path) / "tokenizer.json").is_file():
-        return model_path
-    import os
-
-    hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface")) / "hub")
-    snapshots = hub.expanduser() / f"models--{model_path.replace('/', '--')}" / "snapshots"
-    found = sorted(snapshots.glob("*/tokenizer.json")) if snapshots.is_dir() else []
-    return str(found[-1].parent) if found else None
-
-
 def count_topic_tokens(run: RunPlan, counter: TokenCounter | None = None) -> tuple[list[TopicTokens], str]:
     """Tokens per topic from the curriculum with the model's tokenizer (or ~4 chars/token), and how counted."""
     from .curriculum import load_curriculum
-    from .data_stats import sft_length
+    from .data_stats import pair_lengths, sft_length
 
     if counter is None:
-        counter = TokenCounter.for_model(local_tokenizer_dir(run.model_path))
+        counter = TokenCounter.for_model(run.model_path)
     spec, drop = run.spec, run.spec.curriculum.overlong == "drop"
     rows = []
     for t in load_curriculum(spec):
         sft = [sft_length(counter, r) for r in t.sft]
         sft = [min(n, spec.sft.max_seq_length) for n in sft if not (drop and n > spec.sft.max_seq_length)]
-        pairs = [_pair_lengths(counter, r.data) for r in t.dpo] if spec.dpo.enabled else []
+        pairs = [pair_lengths(counter, r) for r in t.dpo] if spec.dpo.enabled else []
         cap = spec.dpo.max_seq_length
         pairs = [(min(c, cap), min(r, cap)) for c, r in pairs if not (drop and max(c, r) > cap)]
         rows.append(TopicTokens(t.name, len(sft), sum(sft), len(pairs), sum(c + r for c, r in pairs),
@@ -97,10 +84,6 @@ def count_topic_tokens(run: RunPlan, counter: TokenCounter | None = None) -> tup
     how = ("exact: the model's tokenizer and chat template" if counter.exact else
            f"approximate: ~{CHARS_PER_TOKEN:g} characters per token (no local tokenizer for {run.model_path})")
     return rows, how
-
-
-def _pair_lengths(counter: TokenCounter, d: dict) -> tuple[int, int]:
-    return counter.count(d["prompt"] + d["chosen"]), counter.count(d["prompt"] + d["rejected"])
 
 
 def matmul_params(arch: ModelArch, trainable: int) -> int:

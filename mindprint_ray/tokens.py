@@ -25,6 +25,18 @@ def _chat_template(model_dir: Path) -> str | None:
     return None
 
 
+def local_tokenizer_dir(model_path: str) -> str | None:
+    """The model folder, or its snapshot in the Hugging Face cache, when it holds tokenizer.json."""
+    if (Path(model_path) / "tokenizer.json").is_file():
+        return model_path
+    import os
+
+    hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", "~/.cache/huggingface")) / "hub")
+    snapshots = hub.expanduser() / f"models--{model_path.replace('/', '--')}" / "snapshots"
+    found = sorted(snapshots.glob("*/tokenizer.json")) if snapshots.is_dir() else []
+    return str(found[-1].parent) if found else None
+
+
 def chatml(messages: list[dict]) -> str:
     return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
 
@@ -42,11 +54,10 @@ class TokenCounter:
 
     @classmethod
     def for_model(cls, model_path: str | None) -> "TokenCounter":
-        if not model_path:
+        found = local_tokenizer_dir(model_path) if model_path else None
+        if not found:
             return cls()
-        folder = Path(model_path)
-        if not (folder / "tokenizer.json").is_file():
-            return cls()
+        folder = Path(found)
         from tokenizers import Tokenizer
 
         tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
