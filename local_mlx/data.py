@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
+from mindprint_ray.chat_template import assistant_spans, hf_renderer, token_mask, with_system
 from mindprint_ray.curriculum import Record
 
 
@@ -34,44 +35,26 @@ class Batch:
     num_tokens: int
 
 
-def with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
-    if system_prompt and messages and messages[0]["role"] != "system":
-        return [{"role": "system", "content": system_prompt}, *messages]
-    return messages
-
-
-def render(tokenizer, messages: list[dict], generation_prompt: bool = False) -> list[int]:
-    """Token ids of a conversation through the model's own chat template."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    return list(tokenizer.encode(text, add_special_tokens=False))
-
-
-def _shared(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+def masked_sequence(tokenizer, messages: list[dict], max_len: int, assistant_only: bool = True,
+                    skip_turns: int = 0) -> Sequence:
+    """The conversation with its assistant turns (content and end-of-turn token; the first `skip_turns` of them
+    excepted) as targets, located for any chat template by the core's rule (`chat_template.assistant_spans`),
+    as on the Ray path."""
+    hf = getattr(tokenizer, "_tokenizer", tokenizer)  # mlx-lm's TokenizerWrapper around the HF tokenizer
+    text, spans = assistant_spans(hf_renderer(hf), messages)
+    enc = hf(text, add_special_tokens=False, return_offsets_mapping=True)
+    target = token_mask(enc["offset_mapping"], spans[skip_turns:]) if assistant_only else [1] * len(enc["input_ids"])
+    return Sequence(list(enc["input_ids"])[:max_len], [bool(t) for t in target][:max_len])
 
 
 def sft_sequence(tokenizer, messages: list[dict], max_len: int, assistant_only: bool = True) -> Sequence:
-    """The conversation with its assistant turns (through <|im_end|>) as targets: prompt masking."""
-    full = render(tokenizer, messages)
-    target = [not assistant_only] * len(full)
-    if assistant_only:
-        for i, m in enumerate(messages):
-            if m["role"] == "assistant":
-                start = _shared(render(tokenizer, messages[:i], True), full)
-                end = _shared(render(tokenizer, messages[: i + 1]), full)
-                target[start:end] = [True] * (end - start)
-    return Sequence(full[:max_len], target[:max_len])
+    return masked_sequence(tokenizer, messages, max_len, assistant_only)
 
 
 def response_sequence(tokenizer, prompt: list[dict], response: list[dict], max_len: int) -> Sequence:
-    full = render(tokenizer, prompt + response)
-    start = _shared(render(tokenizer, prompt, True), full)
-    return Sequence(full[:max_len], ([False] * start + [True] * (len(full) - start))[:max_len])
+    """prompt + response with the response's assistant turns as targets."""
+    earlier = sum(m["role"] == "assistant" for m in prompt)
+    return masked_sequence(tokenizer, prompt + response, max_len, skip_turns=earlier)
 
 
 def sft_sequences(tokenizer, records: list[Record], system: str | None, max_len: int, assistant_only: bool) -> list[Sequence]:

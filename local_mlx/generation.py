@@ -7,7 +7,7 @@ from typing import Iterator
 from mindprint_ray.errors import UserError
 from mindprint_ray.run import RunPlan
 
-from .data import with_system
+from mindprint_ray.chat_template import with_system
 from .model import load_base, model_dir
 
 

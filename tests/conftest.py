@@ -128,3 +128,11 @@ def moto_s3(tmp_path_factory):
                 os.environ[k] = v
         os.killpg(server.pid, signal.SIGTERM)
         server.wait()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The real sample model (SmolLM2-135M-Instruct), converted once into models/smollm2 and reused."""
+    from mindprint_ray.train.sample_model import ensure_sample_model
+
+    return ensure_sample_model(ROOT / "models" / "smollm2")

@@ -5,19 +5,26 @@ import hashlib
 import json
 from pathlib import Path
 
+from ..chat_template import assistant_spans, hf_renderer, token_mask, with_system
 from ..curriculum import Record
 
 
-def with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
-    if system_prompt and messages and messages[0]["role"] != "system":
-        return [{"role": "system", "content": system_prompt}, *messages]
-    return messages
+def tokenize_conversation(tokenizer, messages: list[dict], assistant_only: bool) -> dict:
+    """input_ids and assistant_masks (1 = trained: assistant content and its end-of-turn token) of a conversation,
+    located by rendering prefixes, so any chat template works, with or without `{% generation %}` markers."""
+    text, spans = assistant_spans(hf_renderer(tokenizer), messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    mask = token_mask(enc["offset_mapping"], spans) if assistant_only else [1] * len(enc["input_ids"])
+    return {"input_ids": enc["input_ids"], "assistant_masks": mask}
 
 
-def sft_dataset(records: list[Record], system_prompt: str | None):
+def sft_dataset(records: list[Record], system_prompt: str | None, tokenizer, assistant_only: bool):
+    """Tokenised SFT examples; TRL turns `assistant_masks` into labels (-100 elsewhere), then packs."""
     from datasets import Dataset
 
-    return Dataset.from_list([{"messages": with_system(r.data["messages"], system_prompt)} for r in records])
+    rows = [tokenize_conversation(tokenizer, with_system(r.data["messages"], system_prompt), assistant_only)
+            for r in records]
+    return Dataset.from_list(rows)
 
 
 def dpo_dataset(records: list[Record], system_prompt: str | None):

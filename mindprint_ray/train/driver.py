@@ -51,6 +51,15 @@ def absolutize(run: RunPlan) -> None:
         spec.storage.path = str(Path(spec.storage.path).absolute())
 
 
+def check_run_template(run: RunPlan, topics: list) -> None:
+    """The chat template as the workers will load it (transformers, local or hub): it must split every
+    conversation into turns and close assistant turns with a special token, or Ray never starts."""
+    from ..chat_template import check_tokenizer
+    from .model_loading import load_tokenizer
+
+    check_tokenizer(load_tokenizer(run), topics, run.spec.curriculum.system_prompt, f"{run.model_path} (chat template)")
+
+
 def init_ray(run: RunPlan) -> None:
     """Join the named cluster (spec, RAY_ADDRESS or a job's environment); otherwise start a local one."""
     import ray
@@ -111,6 +120,7 @@ def train(run: RunPlan, force: bool = False, progress: bool = True) -> RunFolder
     ensure_run_model(run)
     absolutize(run)
     topics, _, _ = validate_run(run)  # everything is validated before Ray starts
+    check_run_template(run, topics)
     check_storage(run)
     check_gpus(run)
     folder = RunFolder.for_storage(run.spec.storage.path, run.spec.name)
