@@ -25,18 +25,19 @@ def _console():
 
 @app.command()
 def validate(config: Path = ConfigArg, overrides: Optional[list[str]] = OverridesArg) -> None:
-    """Validate the run spec and every data file of every topic; print token statistics."""
+    """Validate the run spec and every data file of every topic; print token statistics and the step budget."""
+    from .step_budget import budget_for_run
     from .validation import validate_all
     from .views import print_validation
 
     run, rows, counter = validate_all(config, overrides or [])
-    print_validation(_console(), run, rows, counter)
+    print_validation(_console(), run, rows, counter, budget_for_run(run, counter).as_dict())
 
 
 @app.command()
 def plan(config: Path = ConfigArg, overrides: Optional[list[str]] = OverridesArg,
          as_json: bool = typer.Option(False, "--json", help="print one JSON object")) -> None:
-    """Zone table, parameter counts, adapter size and per-device memory for the chosen hardware."""
+    """Zone table, parameter counts, adapter size, per-device memory, hours, dollars and the step budget."""
     from .plan_summary import plan_summary
     from .run import load_run
 

@@ -1,21 +1,24 @@
-"""The plan as data: zone table, parameter counts, adapter size and per-device memory (for `plan` and reports)."""
+"""The plan as data: zones, parameter counts, adapter size, memory per device, time, cost and the step budget."""
 from __future__ import annotations
 
-from .costs import time_cost_for_run
+from .costs import time_cost
 from .errors import UserError
 from .estimates import memory_for_run, peak_memory, remedies
 from .memory import TERMS
 from .run import RunPlan
+from .step_budget import step_budget
+from .time_model import count_topic_tokens
 
 SEED_ADAPTER_MB = 164  # the seed's "~164MB per adapter (BF16)"
 
 
-def time_summary(run: RunPlan, price_override: float | None = None) -> dict:
-    """Hours and dollars, or why they could not be estimated (the curriculum is needed to count tokens)."""
+def time_and_budget(run: RunPlan, price_override: float | None = None) -> tuple[dict, dict]:
+    """Hours and dollars, and the step budget, from one token count; or why not (the curriculum is needed)."""
     try:
-        return time_cost_for_run(run, price_override)
+        tokens, how = count_topic_tokens(run)
     except UserError as e:
-        return {"error": str(e)}
+        return {"error": str(e)}, {"error": str(e)}
+    return time_cost(run, tokens, how, price_override), step_budget(run, tokens).as_dict()
 
 
 def plan_summary(run: RunPlan, price_override: float | None = None) -> dict:
@@ -61,5 +64,5 @@ def plan_summary(run: RunPlan, price_override: float | None = None) -> dict:
         summary["memory"]["dpo_per_device_gb"] = memory_for_run(run, "dpo").as_dict()
     if not summary["memory"]["fits"]:
         summary["memory"]["remedies"] = remedies(run)
-    summary["time"] = time_summary(run, price_override)
+    summary["time"], summary["step_budget"] = time_and_budget(run, price_override)
     return summary

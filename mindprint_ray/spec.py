@@ -75,14 +75,23 @@ class QuantizationSection(Section):
         return value
 
 
+# What one step is (mindprint_ray/step_budget.py; `plan` and `validate` show each topic's step budget)
+BATCH_DOC = ("per device (micro-batch); one optimizer step consumes a global batch of batch_size x "
+             "gradient_accumulation x workers (hardware.num_workers, default the profile's devices; 1 on MLX)")
+ACCUMULATION_DOC = "micro-batches per optimizer step on each device; global batch = batch_size x this x workers"
+WARMUP_DOC = ("optimizer steps of linear warmup from 0 (the first step applies 0); at or above the stage's "
+              "steps the learning rate never reaches its peak")
+
+
 class SFTSection(Section):
     learning_rate: float = Field(2e-4, gt=0, le=1)
-    batch_size: int = Field(1, ge=1)
-    gradient_accumulation: int = Field(4, ge=1)
+    batch_size: int = Field(1, ge=1, description=BATCH_DOC)
+    gradient_accumulation: int = Field(4, ge=1, description=ACCUMULATION_DOC)
     epochs_per_topic: float = Field(3, gt=0)
-    max_steps: int | None = Field(None, ge=1, description="per topic; overrides epochs_per_topic")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps per topic of the whole worker group "
+                                                          "(not per device); overrides epochs_per_topic")
     max_seq_length: int = Field(4096, ge=16)
-    warmup_steps: int = Field(50, ge=0)
+    warmup_steps: int = Field(50, ge=0, description=WARMUP_DOC)
     weight_decay: float = Field(0.01, ge=0)
     scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     gradient_checkpointing: bool = True
@@ -96,12 +105,13 @@ class SFTSection(Section):
 class DPOSection(Section):
     enabled: bool = True
     learning_rate: float = Field(1e-7, gt=0, le=1)
-    batch_size: int = Field(1, ge=1)
-    gradient_accumulation: int = Field(2, ge=1)
-    steps_per_topic: int = Field(100, ge=1)
+    batch_size: int = Field(1, ge=1, description=BATCH_DOC)
+    gradient_accumulation: int = Field(2, ge=1, description=ACCUMULATION_DOC)
+    steps_per_topic: int = Field(100, ge=1, description="optimizer steps per topic of the whole worker group "
+                                                       "(not per device), each of one global batch of pairs")
     beta: float = Field(0.1, gt=0)
     max_seq_length: int = Field(4096, ge=16)
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, description=WARMUP_DOC)
     gradient_checkpointing: bool = True
     precompute_ref_log_probs: bool = False
     reference: Literal["sft", "base"] = Field(

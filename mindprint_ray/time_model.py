@@ -8,11 +8,11 @@ Pure Python: no torch.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from .registry import ModelArch
 from .run import RunPlan
+from .step_budget import global_batch, stage_budget
 from .tokens import CHARS_PER_TOKEN, TokenCounter
 
 MFU_SOURCES = ("spec", "calibration", "profile")
@@ -28,6 +28,7 @@ class TopicTokens:
     dpo_pairs: int
     dpo_tokens: int  # one pass: prompt+chosen plus prompt+rejected per pair (real tokens)
     dpo_padded_tokens: int  # one pass: 2 x the longer side per pair (what the device computes)
+    sft_lengths: tuple[int, ...] = ()  # each SFT example's length, in file order (what packing bins)
 
     @property
     def mean_sft_length(self) -> float:
@@ -80,7 +81,7 @@ def count_topic_tokens(run: RunPlan, counter: TokenCounter | None = None) -> tup
         cap = spec.dpo.max_seq_length
         pairs = [(min(c, cap), min(r, cap)) for c, r in pairs if not (drop and max(c, r) > cap)]
         rows.append(TopicTokens(t.name, len(sft), sum(sft), len(pairs), sum(c + r for c, r in pairs),
-                                sum(2 * max(c, r) for c, r in pairs)))
+                                sum(2 * max(c, r) for c, r in pairs), tuple(sft)))
     how = ("exact: the model's tokenizer and chat template" if counter.exact else
            f"approximate: ~{CHARS_PER_TOKEN:g} characters per token (no local tokenizer for {run.model_path})")
     return rows, how
@@ -108,20 +109,12 @@ def forward_flops_per_token(arch: ModelArch, trainable: int, seq_len: float) -> 
 
 
 def sft_stage_tokens(run: RunPlan, t: TopicTokens) -> float:
-    """Tokens trained in SFT: epochs x one epoch (capped by max_steps when set; packed to max_seq_length)."""
-    s = run.spec.sft
-    epochs = s.epochs_per_topic
-    if s.max_steps:
-        per_step = s.batch_size * s.gradient_accumulation * run.num_workers
-        packed = math.ceil(t.sft_tokens / s.max_seq_length) if s.packing else t.sft_examples
-        steps_per_epoch = max(1, math.ceil(packed / per_step))
-        epochs = min(epochs, s.max_steps / steps_per_epoch)
-    return t.sft_tokens * epochs
+    """Tokens trained in SFT: the step budget's passes over the data (epochs, or max_steps) x one epoch."""
+    return t.sft_tokens * stage_budget(run, t, "sft").passes
 
 
 def dpo_pairs_seen(run: RunPlan) -> int:
-    d = run.spec.dpo
-    return d.steps_per_topic * d.batch_size * d.gradient_accumulation * run.num_workers
+    return run.spec.dpo.steps_per_topic * global_batch(run, "dpo")
 
 
 def stage_flops(run: RunPlan, t: TopicTokens, stage: str) -> tuple[float, float]:

@@ -6,10 +6,12 @@ from rich.table import Table
 
 from .data_stats import TopicStats
 from .run import RunPlan
+from .step_budget import TABLE_HEADERS, headline, table_rows
 from .tokens import TokenCounter
 
 
-def print_validation(console: Console, run: RunPlan, rows: list[TopicStats], counter: TokenCounter) -> None:
+def print_validation(console: Console, run: RunPlan, rows: list[TopicStats], counter: TokenCounter,
+                     budget: dict | None = None) -> None:
     spec = run.spec
     how = "exact (model tokenizer + chat template)" if counter.exact else \
         f"approximate (~4 chars/token: no tokenizer at {run.model_path})"
@@ -25,7 +27,29 @@ def print_validation(console: Console, run: RunPlan, rows: list[TopicStats], cou
         f"max_seq_length: sft {spec.sft.max_seq_length}, dpo {spec.dpo.max_seq_length}; "
         f"over-long policy '{spec.curriculum.overlong}': {over} example(s) affected"
     )
+    if budget is not None:
+        print_step_budget(console, budget)
     console.print("[green]OK[/green] spec and data are valid")
+
+
+def print_step_budget(console: Console, b: dict) -> None:
+    """Per topic: optimizer steps, peak LR reached and passes over the data of SFT and DPO; then the warnings."""
+    if "error" in b:
+        console.print(f"[yellow]step budget not computed[/yellow]: {b['error']}")
+        return
+    console.print(f"step budget ({headline(b)})")
+    table = Table(title="step budget per topic")
+    for col in TABLE_HEADERS:
+        table.add_column(col, justify="left" if col == "topic" else "right")
+    for row in table_rows(b):
+        table.add_row(*row)
+    console.print(table)
+    for w in b["warnings"]:
+        console.print(f"[yellow]warning[/yellow]: {w['message']}\n  fix: {w['fix']}")
+    if not b["warnings"]:
+        t = b["thresholds"]
+        console.print(f"[green]step budget OK[/green]: every stage has at least {t['min_steps']} steps and leaves "
+                      f"warmup; DPO passes at most {t['max_dpo_passes']:g}")
 
 
 def _gb(x: float) -> str:
@@ -73,6 +97,8 @@ def print_plan(console: Console, s: dict) -> None:
     for r in mem.get("remedies", []):
         console.print(f"  remedy: {r['remedy']}: {_gb(r['total_gb'])} GB - {'fits' if r['fits'] else 'still too big'}")
     _print_time(console, s.get("time", {}))
+    if "step_budget" in s:
+        print_step_budget(console, s["step_budget"])
 
 
 def _hours(h: float) -> str:

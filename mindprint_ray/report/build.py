@@ -5,6 +5,7 @@ from pathlib import Path
 
 from ..memory import TERMS
 from ..run import RunPlan
+from ..step_budget import MAX_DPO_PASSES, MIN_STEPS, TABLE_HEADERS, headline, span, table_rows
 from . import charts
 from .corrections import corrections
 from .data import gather_models, gather_options
@@ -32,6 +33,7 @@ def write_report(run: RunPlan, out: Path, which: str = "all", run_dir: str | Non
     _intro(doc, run, options[0])
     _memory(doc, options, out)
     _time(doc, options, out)
+    _step_budget(doc, options)
     _corrections(doc, options, prices_path)
     _models(doc, gather_models(run, prices_path), options[0]["profile"])
     if run_dir:
@@ -113,6 +115,34 @@ def _time(doc: Document, options: list[dict], out: Path) -> None:
     doc.para("SFT and DPO columns are for the first option. Tokens are what the devices compute: SFT epochs x the "
              "topic's tokens (packed); DPO steps x global batch x mean padded pair length. DPO runs a fixed number of steps with a global batch of "
              "batch x gradient accumulation x devices, so more devices train on more pairs in the same steps.")
+
+
+def _step_budget(doc: Document, options: list[dict]) -> None:
+    """Optimizer steps, warmup, peak LR and passes per topic for the first option; a line for each other one."""
+    doc.heading("Step budget")
+    b = options[0]["step_budget"]
+    doc.para(f"{options[0]['profile']}: {headline(b)}. batch_size is per device; a global batch is batch_size x "
+             "gradient_accumulation x devices; sft.max_steps and dpo.steps_per_topic count optimizer steps of the "
+             "whole group. Peak LR is the highest learning rate the schedule applies (warmup starts at 0); passes "
+             f"are steps over steps per epoch. Warnings: warmup >= steps, fewer than {MIN_STEPS} steps, more than "
+             f"{MAX_DPO_PASSES:g} DPO passes.")
+    doc.table(TABLE_HEADERS, table_rows(b))
+    doc.bullets([f"Warning: {w['message']}. Fix: {w['fix']}." for w in b["warnings"]]
+                or ["No warnings: every stage has enough steps, leaves warmup and revisits its pairs few times."])
+    if len(options) > 1:
+        doc.para("The same spec on the other options (the device count changes the global batch):")
+        doc.bullets([_budget_line(o) for o in options[1:]])
+
+
+def _budget_line(option: dict) -> str:
+    b = option["step_budget"]
+    sft = [t["sft"] for t in b["topics"]]
+    dpo = [t["dpo"] for t in b["topics"] if t["dpo"]]
+    line = (f"{option['profile']} ({b['workers']} device(s)): SFT {span([s['steps'] for s in sft])} steps per topic, "
+            f"peak LR {span([100 * s['peak_fraction'] for s in sft])}% of the configured one")
+    if dpo:
+        line += f", DPO {span([d['passes'] for d in dpo])} passes over the pairs"
+    return f"{line}; {len(b['warnings'])} warning(s)"
 
 
 def _corrections(doc: Document, options: list[dict], prices_path: str | None) -> None:

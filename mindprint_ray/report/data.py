@@ -8,6 +8,7 @@ from ..hardware import load_profiles
 from ..memory import base_weight_bytes
 from ..registry import get_arch
 from ..run import RunPlan, build_run
+from ..step_budget import step_budget
 from ..time_model import count_topic_tokens
 
 GB = 1e9
@@ -54,7 +55,7 @@ def option_entry(run: RunPlan, tokens, how: str, price_override: float | None) -
     p = run.profile
     return {"profile": p.name, "description": p.description, "devices": run.num_workers, "backend": p.backend,
             "quant": run.quant, "zero": run.deepspeed_stage, "memory": memory_entry(run),
-            "time": time_cost(run, tokens, how, price_override)}
+            "time": time_cost(run, tokens, how, price_override), "step_budget": step_budget(run, tokens).as_dict()}
 
 
 def gather_options(run: RunPlan, which: str, prices_path: str | None, price_override: float | None) -> list[dict]:
