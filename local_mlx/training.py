@@ -88,7 +88,7 @@ class Trainer:
         import mlx.core as mx
 
         d, system = self.run.spec.dpo, self.run.spec.curriculum.system_prompt
-        pairs = dpo_pairs(self.tokenizer, topic.dpo, system, d.max_seq_length)
+        pairs = dpo_pairs(self.tokenizer, topic.dpo_train, system, d.max_seq_length)
         if not pairs:
             return None
         self.model.eval()
@@ -135,7 +135,7 @@ def train_topic(trainer: Trainer, folder: RunFolder, topic: TopicData) -> None:
     folder.update_topic(topic.name, status="running", backend="mlx", device=str(mx.default_device()))
     sft = finish_stage(folder, topic.name, "sft", trainer.train_sft(topic))
     dpo = {}
-    if run.spec.dpo.enabled and topic.dpo:
+    if run.spec.dpo.enabled and topic.dpo_train:
         result = trainer.train_dpo(topic)
         dpo = finish_stage(folder, topic.name, "dpo", result) if result else {}
     staging = folder.staging_dir(topic.name)

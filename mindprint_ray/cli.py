@@ -32,6 +32,15 @@ def validate(config: Path = ConfigArg, overrides: Optional[list[str]] = Override
 
     run, rows, counter = validate_all(config, overrides or [])
     print_validation(_console(), run, rows, counter, budget_for_run(run, counter).as_dict())
+    _print_data_warnings(run)
+
+
+def _print_data_warnings(run) -> None:
+    """`validate`'s warnings, in yellow after the tables (the exit code stays 0)."""
+    from .validation import data_warnings
+    from .views import print_data_warnings
+
+    print_data_warnings(_console(), data_warnings(run))
 
 
 @app.command()

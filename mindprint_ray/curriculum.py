@@ -1,7 +1,10 @@
 """Curriculum data: the topic layout, validation with file:line errors, and token statistics."""
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -9,10 +12,11 @@ from typing import Any, Callable, Iterator
 import yaml
 
 from .errors import UserError
-from .spec import RunSpec
+from .spec import EvalSection, RunSpec
 
 ROLES = ("system", "user", "assistant")
 FILES = {"sft": "sft.jsonl", "dpo": "dpo.jsonl", "eval": "eval.jsonl"}
+HELDOUT_DEFAULT: float = EvalSection.model_fields["heldout_pairs"].default  # the spec's eval.heldout_pairs
 
 
 @dataclass
@@ -26,10 +30,67 @@ class Record:
 
 @dataclass
 class TopicData:
+    """One topic's validated records. `heldout_fraction` (eval.heldout_pairs) of the DPO pairs is held out:
+    DPO trains on `dpo_train`, the evaluation scores preference on `dpo_heldout` (see `split_pairs`)."""
+
     name: str
     sft: list[Record] = field(default_factory=list)
     dpo: list[Record] = field(default_factory=list)
     eval: list[Record] = field(default_factory=list)
+    heldout_fraction: float = HELDOUT_DEFAULT
+
+    @property
+    def dpo_train(self) -> list[Record]:
+        """The DPO pairs that training uses (all but the held-out ones, in file order)."""
+        return split_pairs(self.dpo, self.heldout_fraction)[0]
+
+    @property
+    def dpo_heldout(self) -> list[Record]:
+        """The DPO pairs that training never sees; the evaluation scores preference on these."""
+        return split_pairs(self.dpo, self.heldout_fraction)[1]
+
+
+# ---- held-out preference pairs ----------------------------------------------------------------------
+
+
+def normalize_text(text: str) -> str:
+    """Lower case, punctuation dropped, single spaces: the form in which two questions count as the same."""
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def prompt_text(prompt: str | list[dict]) -> str:
+    """A pair's prompt as one string: a bare string as it is, a message list as its contents, one per line."""
+    return prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+
+
+def pair_id(prompt: str | list[dict]) -> str:
+    """Stable id of a preference pair: 12 hex digits of the SHA-256 of its normalised prompt text."""
+    return hashlib.sha256(normalize_text(prompt_text(prompt)).encode("utf-8")).hexdigest()[:12]
+
+
+def heldout_count(n: int, fraction: float) -> int:
+    """Pairs to hold out of `n`: fraction x n rounded half up, at least 1 from 4 pairs on, at most n - 1."""
+    if fraction <= 0 or n < 2:
+        return 0
+    k = int(fraction * n + 0.5)
+    return min(max(k, 1) if n >= 4 else k, n - 1)
+
+
+def split_pairs(pairs: list, fraction: float,
+                prompt: Callable[[Any], str | list[dict]] = lambda r: r.data["prompt"]) -> tuple[list, list]:
+    """(train, held_out), each in the input order: the pairs whose `pair_id` sorts first are held out.
+
+    The one split rule (training, evaluation, the tiny model's warm-up and the time model all use it).
+    A pair's side depends only on its prompt, so adding a pair moves at most one other pair across, and
+    pairs sharing a prompt stay on the same side."""
+    ids = [pair_id(prompt(p)) for p in pairs]
+    want, counts, held, taken = heldout_count(len(pairs), fraction), Counter(ids), set(), 0
+    for key in sorted(counts):
+        if taken >= want:
+            break
+        held.add(key)
+        taken += counts[key]
+    return [p for p, i in zip(pairs, ids) if i not in held], [p for p, i in zip(pairs, ids) if i in held]
 
 
 # ---- reading --------------------------------------------------------------------------------------
@@ -172,12 +233,12 @@ def needed_files(spec: RunSpec) -> list[str]:
     return kinds
 
 
-def load_topic(data_dir: Path, topic: str, kinds: list[str]) -> TopicData:
+def load_topic(data_dir: Path, topic: str, kinds: list[str], heldout_fraction: float = HELDOUT_DEFAULT) -> TopicData:
     folder = data_dir / topic
     if not folder.is_dir():
         raise UserError(f"topic folder '{topic}' not found in {data_dir}", file=folder, field="curriculum.topics",
                         hint=f"create {folder}/ with {', '.join(FILES[k] for k in kinds)}, or remove the topic")
-    data = TopicData(topic)
+    data = TopicData(topic, heldout_fraction=heldout_fraction)
     for kind in kinds:
         path = folder / FILES[kind]
         if not path.is_file():
@@ -200,9 +261,11 @@ def load_curriculum(spec: RunSpec) -> list[TopicData]:
         raise UserError(f"data_dir '{data_dir}' does not exist", field="curriculum.data_dir",
                         hint="point curriculum.data_dir at the folder holding one sub-folder per topic")
     kinds = needed_files(spec)
-    topics = [load_topic(data_dir, t, kinds) for t in spec.curriculum.topics]
+    topics = [load_topic(data_dir, t, kinds, spec.eval.heldout_pairs) for t in spec.curriculum.topics]
     if spec.eval.enabled:
         load_persona(spec.persona_path)
+        if spec.eval.max_general_ppl_increase is not None:
+            load_general_text(spec.general_text_path)
     return topics
 
 
@@ -226,3 +289,77 @@ def load_persona(path: Path) -> dict:
         raise UserError("needs groups of marker phrases (hedges, confidence, teaching)", file=path,
                         field="voice_markers")
     return data
+
+
+def load_general_text(path: Path) -> list[dict]:
+    """The general-ability guard's neutral text: {question, answer} items from JSONL or YAML (`items:` or a list)."""
+    if not path.is_file():
+        raise UserError("general-ability text not found", file=path, field="eval.general_text",
+                        hint="point eval.general_text at a JSONL/YAML file of {question, answer} items, "
+                             "or set eval.max_general_ppl_increase: null")
+    if path.suffix == ".jsonl":
+        rows = [({"file": str(path), "line": n}, "", obj) for n, obj in read_jsonl(path)]
+    else:
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot parse the general-ability text: {e}", file=path) from None
+        items = data.get("items") if isinstance(data, dict) else data
+        if not isinstance(items, list) or not items:
+            raise UserError("needs a non-empty list of {question, answer} items", file=path, field="items")
+        rows = [({"file": str(path)}, f"items[{i}].", obj) for i, obj in enumerate(items)]
+    return [_general_item(obj, where, label) for where, label, obj in rows]
+
+
+def _general_item(obj: Any, where: dict, label: str) -> dict:
+    for key in ("question", "answer"):
+        if not isinstance(obj, dict) or not isinstance(obj.get(key), str) or not obj[key].strip():
+            raise UserError(f"needs a non-empty '{key}' string", field=label + key,
+                            hint="each item is {question: ..., answer: ...} in plain text", **where)
+    return {"question": obj["question"], "answer": obj["answer"]}
+
+
+# ---- eval items that training has seen -------------------------------------------------------------
+
+
+@dataclass
+class Overlap:
+    """An eval question (open or multiple-choice) that is also a training prompt: an SFT user turn, or the
+    prompt of a DPO pair that DPO trains on (not a held-out one). `validate` prints it as a warning."""
+
+    topic: str
+    file: str
+    line: int
+    kind: str  # "SFT prompt" or "DPO prompt"
+    other_file: str
+    other_line: int
+    question: str
+
+    def message(self) -> str:
+        short = self.question if len(self.question) <= 70 else self.question[:67] + "..."
+        return (f"{self.file}:{self.line}: eval question \"{short}\" is also a trained {self.kind} at "
+                f"{self.other_file}:{self.other_line}; it does not measure held-out ability")
+
+
+def training_prompts(topics: list[TopicData]) -> dict[str, tuple[str, Record]]:
+    """Normalised user turn -> (kind, first record) over every topic's SFT examples and DPO train pairs."""
+    seen: dict[str, tuple[str, Record]] = {}
+    for t in topics:
+        for kind, records, key in (("SFT prompt", t.sft, "messages"), ("DPO prompt", t.dpo_train, "prompt")):
+            for r in records:
+                for msg in r.data[key]:
+                    if msg["role"] == "user":
+                        seen.setdefault(normalize_text(msg["content"]), (kind, r))
+    return seen
+
+
+def eval_overlaps(topics: list[TopicData]) -> list[Overlap]:
+    """Eval questions of any topic that equal (case, whitespace and punctuation aside) a trained prompt."""
+    trained, out = training_prompts(topics), []
+    for t in topics:
+        for r in t.eval:
+            hit = trained.get(normalize_text(r.data["question"]))
+            if hit:
+                kind, other = hit
+                out.append(Overlap(t.name, r.file, r.line, kind, other.file, other.line, r.data["question"]))
+    return out

@@ -166,6 +166,15 @@ class EvalSection(Section):
     regression_margin: float = Field(0.05, ge=0, le=1)
     max_new_tokens: int = Field(96, ge=1)
     max_examples: int | None = Field(None, ge=1, description="cap eval questions per topic")
+    heldout_pairs: float = Field(
+        0.25, ge=0, le=0.9, description="share of each topic's DPO pairs kept out of DPO training and scored for "
+                                        "preference (chosen by a hash of the prompt; 0: none held out)")
+    general_text: str | None = Field(
+        None, description="held-out neutral question/answer file (JSONL or YAML) whose perplexity guards general "
+                          "ability; default: the one shipped in the package (mindprint_ray/data/general_qa.yaml)")
+    max_general_ppl_increase: float | None = Field(
+        0.25, ge=0, description="a stage whose general-text perplexity exceeds base x (1 + this) is a miss "
+                                "(warn or stop per on_miss); null: no guard, the perplexity is not computed")
     weights: dict[str, float] = Field(
         default_factory=lambda: {"markers": 0.3, "lexicon": 0.2, "semantic": 0.3, "preference": 0.2}
     )
@@ -243,6 +252,13 @@ class RunSpec(Section):
         if self.curriculum.persona:
             return Path(local_data_dir(self.curriculum.persona))
         return Path(local_data_dir(self.curriculum.data_dir)) / "persona.yaml"
+
+    @property
+    def general_text_path(self) -> Path:
+        """The held-out neutral text of the general-ability guard: eval.general_text, else the packaged file."""
+        if self.eval.general_text:
+            return Path(self.eval.general_text)
+        return Path(__file__).parent / "data" / "general_qa.yaml"
 
     def dump(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -77,7 +77,7 @@ def count_topic_tokens(run: RunPlan, counter: TokenCounter | None = None) -> tup
     for t in load_curriculum(spec):
         sft = [sft_length(counter, r) for r in t.sft]
         sft = [min(n, spec.sft.max_seq_length) for n in sft if not (drop and n > spec.sft.max_seq_length)]
-        pairs = [pair_lengths(counter, r) for r in t.dpo] if spec.dpo.enabled else []
+        pairs = [pair_lengths(counter, r) for r in t.dpo_train] if spec.dpo.enabled else []  # held-out: not trained
         cap = spec.dpo.max_seq_length
         pairs = [(min(c, cap), min(r, cap)) for c, r in pairs if not (drop and max(c, r) > cap)]
         rows.append(TopicTokens(t.name, len(sft), sum(sft), len(pairs), sum(c + r for c, r in pairs),

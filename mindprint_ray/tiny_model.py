@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .curriculum import HELDOUT_DEFAULT, split_pairs
 from .errors import UserError
 from .registry import get_arch
 
@@ -40,16 +41,15 @@ def corpus_texts(data_dir: Path) -> list[str]:
     return texts
 
 
-def neutral_conversations(data_dir: Path) -> list[list[dict]]:
+def neutral_conversations(data_dir: Path, heldout_fraction: float = HELDOUT_DEFAULT) -> list[list[dict]]:
     """Questions paired with the flat, generic answers (DPO `rejected`): what a plain base assistant says.
 
-    Only the first two thirds of each topic's pairs are used, so the last pairs (which the evaluation
-    scores for held-out preference) are unseen by the base model."""
+    Only each topic's DPO train pairs are used (`curriculum.split_pairs`, the rule training uses), so the
+    held-out pairs that the evaluation scores for preference are unseen by the base model too."""
     convs = []
     for path in sorted(data_dir.glob("*/dpo.jsonl")):
-        lines = [l for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
-        for line in lines[: (2 * len(lines)) // 3]:
-            row = json.loads(line)
+        rows = [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+        for row in split_pairs(rows, heldout_fraction, prompt=lambda r: r["prompt"])[0]:
             prompt = row["prompt"] if isinstance(row["prompt"], list) else [{"role": "user", "content": row["prompt"]}]
             rejected = row["rejected"] if isinstance(row["rejected"], list) else [
                 {"role": "assistant", "content": row["rejected"]}]

@@ -34,6 +34,15 @@ def check_local_template(run: RunPlan, topics: list[TopicData], counter: TokenCo
                    run.spec.curriculum.system_prompt, counter.template_file)
 
 
+def data_warnings(run: RunPlan) -> list[str]:
+    """Problems that do not stop a run: eval questions that are also trained prompts (file:line of both)."""
+    from .curriculum import eval_overlaps
+
+    if not run.spec.eval.enabled:
+        return []
+    return [o.message() for o in eval_overlaps(load_curriculum(run.spec))]
+
+
 def validate_all(config: str | Path, overrides: list[str]) -> tuple[RunPlan, list[TopicStats], TokenCounter]:
     run = load_run(config, overrides)
     _, rows, counter = validate_run(run)

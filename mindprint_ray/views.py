@@ -52,6 +52,15 @@ def print_step_budget(console: Console, b: dict) -> None:
                       f"warmup; DPO passes at most {t['max_dpo_passes']:g}")
 
 
+def print_data_warnings(console: Console, warnings: list[str]) -> None:
+    """`validate`'s warnings (yellow): the run may go ahead, but the evaluation is weaker for them."""
+    for message in warnings:
+        console.print(f"[yellow]warning[/yellow] {message}", soft_wrap=True)
+    if warnings:
+        console.print(f"[yellow]{len(warnings)} warning(s)[/yellow]: an eval question that training sees does "
+                      "not measure held-out ability; reword it or drop the training example")
+
+
 def _gb(x: float) -> str:
     return f"{x:,.2f}"
 

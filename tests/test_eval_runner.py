@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from mindprint_ray.curriculum import load_persona, load_topic
+from mindprint_ray.curriculum import load_general_text, load_persona, load_topic, pair_id
 from mindprint_ray.evaluation import evaluate_topics
 from mindprint_ray.evaluation import runner as r
 from mindprint_ray.spec import RunSpec
@@ -105,7 +105,32 @@ def test_evaluate_topics_restores_a_training_peft_model(tiny):
                 "key_fact_recall"):
         assert 0.0 <= scores[key] <= 1.0, key
     assert scores["n"] == 12 and scores["n_open"] == 6 and scores["n_mc"] == 6 and scores["n_pairs"] == 6
+    assert scores["n_pairs_heldout"] == len(topic.dpo_heldout) == 7 and scores["n_pairs_train"] == 21
+    held = {pair_id(r.data["prompt"]) for r in topic.dpo_heldout}
+    assert set(scores["items"]["pairs"]) <= held and len(scores["items"]["open"]) == 6  # preference: held-out only
     w = spec.eval.weights
     assert scores["voice_fidelity"] == pytest.approx(sum(w[k] * scores[k] for k in w) / sum(w.values()))
     assert scores["accuracy"] == pytest.approx((scores["mc_accuracy"] + scores["key_fact_recall"]) / 2)
+    for key in ("voice_fidelity", "accuracy", "markers", "lexicon", "semantic", "preference", "mc_accuracy",
+                "key_fact_recall", "general_ppl"):
+        lo, hi = scores[f"{key}_ci"]
+        assert lo <= scores[key] <= hi, key
+    assert scores["general_ppl"] > 1.0 and scores["n_general"] >= 15
     assert time.time() - t0 < 60
+
+
+def test_general_text_perplexity_matches_a_manual_log_likelihood(tiny):
+    from mindprint_ray.evaluation import metrics as m
+
+    model, tokenizer = tiny
+    spec = RunSpec.model_validate({"curriculum": {"data_dir": str(SAMPLE_DATA), "topics": ["cycle_basics"]}})
+    items = load_general_text(spec.general_text_path)
+    with r.inference_mode(model, tokenizer):
+        scored = r.general_logprobs(model, tokenizer, items, None)
+        whole = r.general_ability(model, tokenizer, spec)
+    manual = [manual_mean_logprob(model, tokenizer, d["question"], d["answer"] + "<|im_end|>") for d in items[:3]]
+    assert [s / n for s, n in scored[:3]] == pytest.approx(manual, abs=1e-4)  # answer + end-of-turn, chat prompt
+    assert whole["general_ppl"] == pytest.approx(m.perplexity(scored)) and whole["n_general"] == len(items)
+    assert whole["general_ppl_ci"][0] <= whole["general_ppl"] <= whole["general_ppl_ci"][1]
+    off = RunSpec.model_validate({"curriculum": {"topics": ["cycle_basics"]}, "eval": {"max_general_ppl_increase": None}})
+    assert r.general_ability(model, tokenizer, off) == {}

@@ -31,7 +31,7 @@ def _topics(spec, names: Optional[str]) -> list:
     if not wanted:
         raise UserError("--topics names no topic", field="--topics", hint="e.g. --topics cycle_basics,accumulation")
     kinds = [k for k in needed_files(spec) if k != "sft"] + ["eval"]
-    return [load_topic(Path(spec.curriculum.data_dir), t, sorted(set(kinds))) for t in wanted]
+    return [load_topic(Path(spec.curriculum.data_dir), t, sorted(set(kinds)), spec.eval.heldout_pairs) for t in wanted]
 
 
 def _fmt(x) -> str:

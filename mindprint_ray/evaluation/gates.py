@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from .metrics import stability
+from .metrics import compare_stages, stability
 
 STAGES = ("base", "after_sft", "after_dpo")
 GATED = ("voice_fidelity", "accuracy")
@@ -56,6 +56,15 @@ def _target_misses(topic: str, stage: str, scores: dict, goal: dict[str, float])
             for k in GATED if scores.get(k) is not None and scores[k] < goal[k]]
 
 
+def _general_misses(topic: str, stage: str, evals: dict, increase: float | None) -> list[dict]:
+    """The general-ability guard: the stage's general-text perplexity above base x (1 + increase)."""
+    base, now = evals.get("base", {}).get("general_ppl"), evals.get(stage, {}).get("general_ppl")
+    if increase is None or base is None or now is None or now <= base * (1 + increase):
+        return []
+    return [{"kind": "general", "topic": topic, "stage": stage, "metric": "general_ppl", "value": now,
+             "base": base, "limit": base * (1 + increase), "increase": increase}]
+
+
 def _regressions(summary: dict, spec, topic: str, stage: str) -> list[dict]:
     out = []
     for t in _earlier(summary, spec, topic):
@@ -70,6 +79,10 @@ def _regressions(summary: dict, spec, topic: str, stage: str) -> list[dict]:
 
 def _message(miss: dict) -> str:
     name = miss["metric"].replace("_", " ")
+    if miss["kind"] == "general":
+        return (f"topic '{miss['topic']}' {miss['stage']}: general-text perplexity {miss['value']:.2f} is above "
+                f"base {miss['base']:.2f} x {1 + miss['increase']:.2f} = {miss['limit']:.2f}: the adapter may be "
+                f"damaging general ability (eval.max_general_ppl_increase)")
     if miss["kind"] == "miss":
         return (f"topic '{miss['topic']}' {miss['stage']}: {name} {miss['value']:.3f} is below the target "
                 f"{miss['target']:.2f}")
@@ -83,7 +96,9 @@ def check_gates(summary: dict, spec, topic: str) -> GateResult:
     stage = latest_stage(evals)
     if stage is None:
         return GateResult()
-    misses = _target_misses(topic, stage, evals[stage], targets(spec)) + _regressions(summary, spec, topic, stage)
+    misses = (_target_misses(topic, stage, evals[stage], targets(spec))
+              + _general_misses(topic, stage, evals, spec.eval.max_general_ppl_increase)
+              + _regressions(summary, spec, topic, stage))
     stop = bool(misses) and spec.eval.on_miss == "stop"
     messages = [_message(x) for x in misses]
     if stop:
@@ -114,6 +129,43 @@ def _dpo_gains(summary: dict) -> dict[str, float]:
     return gains
 
 
+def _general_line(summary: dict, spec) -> tuple[bool | None, str | None]:
+    """Whether every topic's latest-stage general-text perplexity stayed within the guard (None: no data)."""
+    increase, checked, over = spec.eval.max_general_ppl_increase, 0, []
+    for t, entry in summary.get("topics", {}).items():
+        evals = entry.get("eval", {})
+        stage = latest_stage(evals)
+        now, base = evals.get(stage, {}).get("general_ppl"), evals.get("base", {}).get("general_ppl")
+        if stage and now is not None and base is not None:
+            checked += 1
+            over += _general_misses(t, stage, evals, increase)
+    if increase is None or not checked:
+        return None, None
+    text = f"general-text perplexity within base x {1 + increase:.2f} in {checked - len(over)}/{checked} topics"
+    if over:
+        text += "; above: " + ", ".join(f"{x['topic']} {x['base']:.2f} -> {x['value']:.2f}" for x in over)
+    return not over, text
+
+
+def heldout_gains(summary: dict, spec) -> dict[str, dict]:
+    """Per topic with intervals: its latest stage against base on held-out items (`metrics.compare_stages`)."""
+    out = {}
+    for t, entry in summary.get("topics", {}).items():
+        evals = entry.get("eval", {})
+        stage = latest_stage(evals)
+        if stage and "base" in evals and evals[stage].get("voice_fidelity_ci") is not None:
+            out[t] = {"stage": stage, **compare_stages(evals["base"], evals[stage], "voice_fidelity",
+                                                        spec.eval.weights, seed=spec.seed)}
+    return out
+
+
+def _gain_line(gains: dict[str, dict]) -> str:
+    shown = sum(g["above"] and g["excludes_before"] for g in gains.values())
+    paired = sum(bool(g.get("differs")) and (g.get("diff") or 0) > 0 for g in gains.values())
+    return (f"held-out voice fidelity above base with its 95% interval excluding the base score in "
+            f"{shown}/{len(gains)} topics; paired difference above 0 (95% interval) in {paired}/{len(gains)}")
+
+
 def _metric_line(name: str, target: float, scores: dict[str, dict], key: str) -> tuple[bool, str]:
     values = {t: s[key] for t, s in scores.items() if s.get(key) is not None}
     missed = {t: v for t, v in values.items() if v < target}
@@ -135,6 +187,13 @@ def final_statement(summary: dict, spec, records: Iterable[dict] | None = None) 
     ok_d = bool(gains) and all(g > 0 for g in gains.values())
     line_d = f"voice fidelity improved across DPO in {sum(g > 0 for g in gains.values())}/{len(gains)} topics"
     lines, checks = [line_f, line_a, line_d], {"voice_fidelity": ok_f, "accuracy": ok_a, "dpo_gain": ok_d}
+    ok_g, line_g = _general_line(summary, spec)
+    if ok_g is not None:
+        checks["general_ability"] = ok_g
+        lines.append(line_g)
+    heldout = heldout_gains(summary, spec)
+    if heldout:
+        lines.append(_gain_line(heldout))
     stab = stability(records) if records is not None else None
     if stab is not None:
         checks["stability"] = stab["stable"]
@@ -142,5 +201,5 @@ def final_statement(summary: dict, spec, records: Iterable[dict] | None = None) 
                      f"over {stab['steps']} logged steps")
     met = all(checks.values())
     lines.append("all targets met" if met else "targets not met: " + ", ".join(k for k, v in checks.items() if not v))
-    return {"met": met, "checks": checks, "stability": stab, "dpo_gain": gains, "lines": lines,
+    return {"met": met, "checks": checks, "stability": stab, "dpo_gain": gains, "heldout_gain": heldout, "lines": lines,
             "statement": "; ".join(lines)}

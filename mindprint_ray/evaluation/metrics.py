@@ -4,9 +4,10 @@ Every score is in [0, 1]; the formulas are documented in docs/evaluation.md. No 
 from __future__ import annotations
 
 import math
+import random
 import re
 from statistics import median
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 from ..errors import UserError
 
@@ -15,6 +16,11 @@ COMPONENTS = tuple(DEFAULT_WEIGHTS)
 _DASHES = re.compile(r"[\u2010\u2011\u2012\u2013\u2014\u2212-]")
 _QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"'})
 _SPACES = re.compile(r"\s+")
+OPEN_COMPONENTS = ("markers", "lexicon", "semantic", "key_fact_recall")  # per open answer
+ITEM_KINDS = ("open", "mc", "pairs")  # the groups of per-item values, resampled independently
+SCORES = (*OPEN_COMPONENTS, "mc_accuracy", "preference", "voice_fidelity", "accuracy")
+RESAMPLES = 1000
+LEVEL = 0.95
 
 
 # ---- text matching --------------------------------------------------------------------------------
@@ -132,6 +138,110 @@ def voice_fidelity(components: Mapping[str, float | None], weights: Mapping[str,
 def accuracy(mc_accuracy: float | None, recall: float | None) -> float | None:
     """Mean of multiple-choice accuracy and key-fact recall, over those that exist."""
     return mean([mc_accuracy, recall])
+
+
+def composite(groups: Mapping[str, Sequence], weights: Mapping[str, float] | None = None) -> dict:
+    """Every score from per-item values: `open` (dicts of OPEN_COMPONENTS per answer), `mc` (1.0 correct /
+    0.0 per item), `pairs` (1.0 win / 0.0 per held-out pair). The point estimate and each bootstrap resample
+    both go through here, so the formulas exist once."""
+    rows = groups.get("open", ())
+    scores: dict = {k: mean(r.get(k) for r in rows) for k in OPEN_COMPONENTS}
+    scores["mc_accuracy"] = mean(groups.get("mc", ()))
+    scores["preference"] = mean(groups.get("pairs", ()))
+    scores["voice_fidelity"] = voice_fidelity(scores, weights)
+    scores["accuracy"] = accuracy(scores["mc_accuracy"], scores["key_fact_recall"])
+    return scores
+
+
+def item_lists(items: Mapping[str, Mapping]) -> dict[str, list]:
+    """The per-item values stored by id (`scores["items"]`) as the lists `composite` takes."""
+    return {k: list(items.get(k, {}).values()) for k in ITEM_KINDS}
+
+
+# ---- bootstrap intervals ------------------------------------------------------------------------------
+
+
+def bootstrap(groups: Mapping[str, Sequence], statistic: Callable[[dict[str, list]], Mapping[str, float | None]],
+              resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL) -> dict[str, list[float] | None]:
+    """Percentile bootstrap: resample each group's items with replacement (independently, same sizes),
+    recompute `statistic` (a dict of named values), and return each name's [lo, hi] central `level`
+    interval; None for a name that was never computable. Seeded: the same inputs give the same interval."""
+    rng, draws = random.Random(seed), {}
+    for _ in range(resamples):
+        sample = {g: rng.choices(items, k=len(items)) if items else [] for g, items in groups.items()}
+        for name, value in statistic(sample).items():
+            draws.setdefault(name, [])
+            if value is not None:
+                draws[name].append(value)
+    tail = 100 * (1 - level) / 2
+    return {name: [percentile(v, tail), percentile(v, 100 - tail)] if v else None for name, v in draws.items()}
+
+
+def mean_interval(values: Sequence[float], resamples: int = RESAMPLES, seed: int = 0,
+                  level: float = LEVEL) -> list[float] | None:
+    """Bootstrap interval of a plain mean (None without values)."""
+    return bootstrap({"x": list(values)}, lambda g: {"x": mean(g["x"])}, resamples, seed, level)["x"]
+
+
+def score_intervals(items: Mapping[str, Mapping], weights: Mapping[str, float] | None = None,
+                    resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL) -> dict[str, list[float] | None]:
+    """`<score>_ci` for every score of `composite`: open items, MC items and pairs resampled independently,
+    the composites recomputed with the same weights as the point estimate."""
+    weights = check_weights(weights)
+    cis = bootstrap(item_lists(items), lambda g: composite(g, weights), resamples, seed, level)
+    return {f"{k}_ci": cis.get(k) for k in SCORES}
+
+
+def excludes(interval: Sequence[float] | None, value: float | None) -> bool:
+    """Whether `value` lies outside the interval (False when either is missing)."""
+    return interval is not None and value is not None and not interval[0] <= value <= interval[1]
+
+
+def paired_difference(before: Mapping[str, Mapping], after: Mapping[str, Mapping], metric: str,
+                      weights: Mapping[str, float] | None = None, resamples: int = RESAMPLES, seed: int = 0,
+                      level: float = LEVEL) -> dict:
+    """after - before of one score on the items both stages scored (matched by id), with a paired bootstrap
+    interval: each resample draws item ids once and scores both stages on them. `differs`: the interval
+    excludes 0."""
+    weights = check_weights(weights)
+    ids = {k: sorted(set(before.get(k, {})) & set(after.get(k, {}))) for k in ITEM_KINDS}
+
+    def diff(sample: dict[str, list]) -> dict[str, float | None]:
+        a = composite({k: [after[k][i] for i in sample[k]] for k in ITEM_KINDS}, weights)[metric]
+        b = composite({k: [before[k][i] for i in sample[k]] for k in ITEM_KINDS}, weights)[metric]
+        return {"diff": None if a is None or b is None else a - b}
+
+    point, ci = diff(ids)["diff"], bootstrap(ids, diff, resamples, seed, level)["diff"]
+    return {"metric": metric, "diff": point, "diff_ci": ci, "differs": excludes(ci, 0.0),
+            "n": {k: len(v) for k, v in ids.items()}}
+
+
+def compare_stages(before: Mapping, after: Mapping, metric: str = "voice_fidelity",
+                   weights: Mapping[str, float] | None = None, seed: int = 0) -> dict:
+    """Whether a stage's score differs from an earlier stage's (two per-topic score dicts from the runner):
+    `above` (after > before), `excludes_before` (after's 95% interval leaves out before's point estimate,
+    the issue's acceptance test) and the paired difference on shared items (`diff`, `diff_ci`, `differs`)."""
+    b, a = before.get(metric), after.get(metric)
+    out = {"before": b, "after": a, "after_ci": after.get(f"{metric}_ci"),
+           "above": a is not None and b is not None and a > b,
+           "excludes_before": excludes(after.get(f"{metric}_ci"), b)}
+    if "items" in before and "items" in after:
+        out.update({k: v for k, v in paired_difference(before["items"], after["items"], metric, weights,
+                                                        seed=seed).items() if k != "metric"})
+    return out
+
+
+def perplexity(scored: Iterable[tuple[float, int]]) -> float | None:
+    """exp(-(sum of log-probs) / (number of tokens)) over (sum log-prob, token count) items; None if empty."""
+    scored = list(scored)
+    tokens = sum(n for _, n in scored)
+    return math.exp(-sum(s for s, _ in scored) / tokens) if tokens else None
+
+
+def perplexity_interval(scored: Sequence[tuple[float, int]], resamples: int = RESAMPLES, seed: int = 0,
+                        level: float = LEVEL) -> list[float] | None:
+    """Bootstrap interval of `perplexity` over the items (answers) of the general text."""
+    return bootstrap({"x": list(scored)}, lambda g: {"x": perplexity(g["x"])}, resamples, seed, level)["x"]
 
 
 # ---- stability ------------------------------------------------------------------------------------

@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from ..curriculum import load_general_text, pair_id
 from . import metrics as m
 
 log = logging.getLogger("mindprint_ray")
 END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>")
-DEFAULT_CAP = 6  # items per kind per topic when spec.eval.max_examples is unset
+# spec.eval.max_examples caps the items of each kind per topic (configs/tiny-*.yaml set 6); unset: all items
 
 
 @dataclass
@@ -219,8 +220,38 @@ def stream_answer(model, tokenizer, prompt: str, system_prompt: str | None, max_
 # ---- per-topic evaluation -------------------------------------------------------------------------------
 
 
-def _cap(spec) -> int:
-    return spec.eval.max_examples or DEFAULT_CAP
+def _first(items: list, cap: int | None) -> list:
+    return list(items) if cap is None else list(items[:cap])
+
+
+def eval_selection(topic, cap: int | None) -> tuple[list[dict], list[dict], list[dict]]:
+    """(open items, multiple-choice items, preference pairs) that the evaluation scores, each the first `cap`
+    (None: all). Open: items with a reference and no choices; MC: items with choices; pairs: the topic's
+    held-out DPO pairs only (`topic.dpo_heldout`: DPO never trains on them)."""
+    items = [r.data for r in topic.eval]
+    open_items = _first([d for d in items if "reference" in d and "choices" not in d], cap)
+    mc_items = _first([d for d in items if "choices" in d], cap)
+    return open_items, mc_items, _first([r.data for r in topic.dpo_heldout], cap)
+
+
+def _by_id(keys: list[str], values: list) -> dict:
+    """Values keyed by item id (what a paired comparison of two stages matches on); a repeated id gets #2, #3."""
+    out: dict = {}
+    for key, value in zip(keys, values):
+        unique, n = key, 1
+        while unique in out:
+            n += 1
+            unique = f"{key}#{n}"
+        out[unique] = value
+    return out
+
+
+def item_values(answers: list[dict], mc_items: list[dict], picks: list[int], pairs: list[dict],
+                wins: list[bool]) -> dict[str, dict]:
+    """Per-item values by id: open {id: components}, mc {id: 1.0 correct / 0.0}, pairs {pair_id: 1.0 win / 0.0}."""
+    return {"open": _by_id([a["id"] for a in answers], [{k: a.get(k) for k in m.OPEN_COMPONENTS} for a in answers]),
+            "mc": _by_id([d["id"] for d in mc_items], [float(p == d["answer"]) for p, d in zip(picks, mc_items)]),
+            "pairs": _by_id([pair_id(d["prompt"]) for d in pairs], [float(w) for w in wins])}
 
 
 def voice_components(answers: list[dict], persona: dict, semantic: bool) -> dict:
@@ -235,49 +266,74 @@ def voice_components(answers: list[dict], persona: dict, semantic: bool) -> dict
 
         for a, s in zip(answers, similarities([a["answer"] for a in answers], [a["reference"] for a in answers])):
             a["semantic"] = s
-    return {k: m.mean(a.get(k) for a in answers) for k in ("markers", "lexicon", "semantic", "key_fact_recall")}
+    return {k: v for k, v in m.composite({"open": answers}).items() if k in m.OPEN_COMPONENTS}
 
 
 def evaluate_topic(model, tokenizer, topic, persona: dict, spec) -> TopicEval:
     """Score one topic; the caller puts the model in inference mode (see `inference_mode`)."""
-    t0, cap, system = time.time(), _cap(spec), spec.curriculum.system_prompt
+    t0, system = time.time(), spec.curriculum.system_prompt
     weights = m.check_weights(spec.eval.weights)
-    items = [r.data for r in topic.eval]
-    open_items = [d for d in items if "reference" in d][:cap]
-    mc_items = [d for d in items if "choices" in d][:cap]
-    pairs = [r.data for r in topic.dpo][-cap:]
+    open_items, mc_items, pairs = eval_selection(topic, spec.eval.max_examples)
     texts = generate_answers(model, tokenizer, [d["question"] for d in open_items], system, spec.eval.max_new_tokens)
     answers = [{"id": d["id"], "question": d["question"], "answer": t, "reference": d["reference"],
                 "key_facts": d.get("key_facts", [])} for d, t in zip(open_items, texts)]
-    scores = voice_components(answers, persona, weights.get("semantic", 0) > 0)
+    voice_components(answers, persona, weights.get("semantic", 0) > 0)
     picks = mc_predictions(model, tokenizer, mc_items, system) if mc_items else []
     wins = preference_wins(model, tokenizer, pairs, system) if pairs else []
-    scores["mc_accuracy"] = m.mean(float(p == d["answer"]) for p, d in zip(picks, mc_items))
-    scores["preference"] = m.mean(float(w) for w in wins)
-    scores["voice_fidelity"] = m.voice_fidelity(scores, weights)
-    scores["accuracy"] = m.accuracy(scores["mc_accuracy"], scores["key_fact_recall"])
+    items = item_values(answers, mc_items, picks, pairs, wins)
+    scores = {**m.composite(m.item_lists(items), weights), **m.score_intervals(items, weights, seed=spec.seed)}
     scores.update(n=len(open_items) + len(mc_items), n_open=len(open_items), n_mc=len(mc_items),
-                  n_pairs=len(pairs), seconds=round(time.time() - t0, 2))
+                  n_pairs=len(pairs), n_pairs_heldout=len(topic.dpo_heldout), n_pairs_train=len(topic.dpo_train),
+                  seconds=round(time.time() - t0, 2), items=items)
     return TopicEval(topic.name, scores, answers)
+
+
+def general_logprobs(model, tokenizer, items: list[dict], system_prompt: str | None) -> list[tuple[float, int]]:
+    """(sum of log-probs, tokens) of each answer + end-of-turn token given its chat-templated question."""
+    eot = end_of_turn_ids(tokenizer)[0]
+    return continuation_logprobs(model, tokenizer, [
+        (prompt_ids(tokenizer, chat_messages(d["question"], system_prompt)),
+         tokenizer(d["answer"], add_special_tokens=False)["input_ids"] + [eot]) for d in items])
+
+
+def general_ability(model, tokenizer, spec) -> dict:
+    """The general-ability guard for the model as it is now: perplexity of the held-out neutral text
+    (spec.general_text_path), its bootstrap interval over the answers, and their count; {} when the guard
+    is off (eval.max_general_ppl_increase: null). The caller puts the model in inference mode."""
+    if spec.eval.max_general_ppl_increase is None:
+        return {}
+    items = load_general_text(spec.general_text_path)
+    scored = general_logprobs(model, tokenizer, items, spec.curriculum.system_prompt)
+    return {"general_ppl": m.perplexity(scored), "general_ppl_ci": m.perplexity_interval(scored, seed=spec.seed),
+            "n_general": len(items)}
 
 
 def evaluate_topics_detailed(model, tokenizer, topics: list, persona: dict, spec) -> list[TopicEval]:
     """Every topic's scores and generated answers, with the model's state restored afterwards."""
     with inference_mode(model, tokenizer):
-        return [evaluate_topic(model, tokenizer, t, persona, spec) for t in topics]
+        general = general_ability(model, tokenizer, spec)  # once per call: the same model for every topic
+        results = [evaluate_topic(model, tokenizer, t, persona, spec) for t in topics]
+    for r in results:
+        r.scores.update(general)
+    return results
 
 
 def evaluate_topics(model, tokenizer, topics: list, persona: dict, spec, stage: str) -> dict[str, dict]:
     """Per-topic scores (voice_fidelity, accuracy and their components, each in [0, 1] or None; n)."""
     results = evaluate_topics_detailed(model, tokenizer, topics, persona, spec)
     for r in results:
-        log.info("eval %s %s: voice fidelity %s, accuracy %s (%.1f s)", stage, r.topic,
-                 _fmt(r.scores["voice_fidelity"]), _fmt(r.scores["accuracy"]), r.scores["seconds"])
+        log.info("eval %s %s: voice fidelity %s %s, accuracy %s %s (%.1f s)", stage, r.topic,
+                 _fmt(r.scores["voice_fidelity"]), _fmt_ci(r.scores.get("voice_fidelity_ci")),
+                 _fmt(r.scores["accuracy"]), _fmt_ci(r.scores.get("accuracy_ci")), r.scores["seconds"])
     return {r.topic: r.scores for r in results}
 
 
 def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.3f}"
+
+
+def _fmt_ci(ci: list[float] | None) -> str:
+    return "" if ci is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
 # ---- loading an adapter for the CLI ----------------------------------------------------------------------

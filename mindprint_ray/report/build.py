@@ -191,7 +191,7 @@ def _evaluation(doc: Document, run: RunPlan, run_dir: Path, out: Path) -> None:
     """Per-topic voice fidelity and accuracy before training, after SFT and after DPO."""
     import json
 
-    from .evaluation import eval_chart, eval_rows
+    from .evaluation import eval_chart, eval_rows, eval_table, heldout_lines
 
     summary_file = run_dir / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
@@ -199,18 +199,16 @@ def _evaluation(doc: Document, run: RunPlan, run_dir: Path, out: Path) -> None:
     if not rows:
         return
     doc.heading("Evaluation")
-    cells = [[r["topic"], r["stage"], _score(r.get("voice_fidelity")), _score(r.get("accuracy")),
-              _score(r.get("markers")), _score(r.get("lexicon")), _score(r.get("semantic")),
-              _score(r.get("preference"))] for r in rows]
-    doc.table(["topic", "stage", "voice fidelity", "accuracy", "markers", "lexicon", "semantic", "preference"], cells)
+    doc.table(*eval_table(rows))
+    doc.para("Each score with its bootstrap 95% interval over the items; preference is scored on held-out DPO "
+             "pairs only; general ppl is the perplexity of a neutral held-out text (lower is better).")
+    changes = heldout_lines(summary, run.spec)
+    if changes:
+        doc.bullets(changes)
     targets = {"voice_fidelity": run.spec.eval.voice_fidelity_target, "accuracy": run.spec.eval.accuracy_target}
     doc.image(eval_chart(rows, targets, out / "evaluation.png"), "voice fidelity and accuracy per topic")
     for line in summary.get("targets", {}).get("lines", []):
         doc.para(line)
-
-
-def _score(x) -> str:
-    return "-" if x is None else f"{x:.3f}"
 
 
 def _prices(doc: Document, options: list[dict]) -> None:

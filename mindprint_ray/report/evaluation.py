@@ -41,3 +41,43 @@ def eval_chart(rows: list[dict], targets: dict[str, float], path: Path) -> Path:
     axes[0].set_ylabel("score (0-1)")
     axes[1].legend(fontsize=8, loc="upper right")
     return _save(fig, path)
+
+
+SCORED = ("voice_fidelity", "accuracy", "markers", "lexicon", "semantic", "preference")
+
+
+def with_interval(value: float | None, ci: list[float] | None, digits: int = 3) -> str:
+    """'0.540 [0.490, 0.590]': a score and its bootstrap 95% interval; the bare score without one; '-' without."""
+    if value is None:
+        return "-"
+    text = f"{value:.{digits}f}"
+    return text if ci is None else f"{text} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+def eval_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Headers and cells of the evaluation table: each score with its interval, held-out pairs, general ppl."""
+    headers = ["topic", "stage", *(k.replace("_", " ") for k in SCORED), "pairs held out", "general ppl"]
+    cells = [[r["topic"], r["stage"], *(with_interval(r.get(k), r.get(f"{k}_ci")) for k in SCORED), _heldout(r),
+              with_interval(r.get("general_ppl"), r.get("general_ppl_ci"), 2)] for r in rows]
+    return headers, cells
+
+
+def _heldout(row: dict) -> str:
+    held, train = row.get("n_pairs_heldout"), row.get("n_pairs_train")
+    return "-" if held is None or train is None else f"{held} of {held + train}"
+
+
+def heldout_lines(summary: dict, spec) -> list[str]:
+    """Per topic: its latest stage against base on the same held-out items (paired bootstrap difference)."""
+    from ..evaluation.gates import heldout_gains
+
+    lines = []
+    for topic, g in heldout_gains(summary, spec).items():
+        line = (f"{topic}, {g['stage'].replace('_', ' ')} vs base: voice fidelity {with_interval(g['before'], None)} "
+                f"-> {with_interval(g['after'], g['after_ci'])}")
+        if g.get("diff") is not None:
+            line += (f"; paired difference {g['diff']:+.3f} [{g['diff_ci'][0]:+.3f}, {g['diff_ci'][1]:+.3f}] on "
+                     f"{g['n']['open']} open, {g['n']['mc']} MC, {g['n']['pairs']} held-out pairs"
+                     + (" (differs)" if g["differs"] else " (within noise)"))
+        lines.append(line)
+    return lines

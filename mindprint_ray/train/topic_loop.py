@@ -292,7 +292,7 @@ class Worker:
         metrics = MetricsCallback(self.writer, topic.name, "dpo", self.latest)
         sharded = self.run.deepspeed_stage > 0
         trainer = DPOTrainer(model=self.model, ref_model=None, args=args, processing_class=self.tokenizer,
-                             train_dataset=ds.dpo_dataset(topic.dpo, self.spec.curriculum.system_prompt),
+                             train_dataset=ds.dpo_dataset(topic.dpo_train, self.spec.curriculum.system_prompt),
                              callbacks=[metrics, RayCheckpointCallback(topic.name, "dpo", self.rank, sharded,
                                                                        self.latest)])
         if d.reference == "base":  # without TRL's frozen "ref" copy, TRL scores the reference with adapters off
