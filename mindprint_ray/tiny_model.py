@@ -160,9 +160,15 @@ def ensure_tiny_model(path: str | Path, data_dir: str | Path = "data/curriculum"
 
 
 def ensure_run_model(run) -> None:
-    """A run on the tiny model builds it on first use (from the curriculum's local copy); other models load
-    from their path or hub id as they are."""
-    if run.arch.name == "tiny" and not Path(run.model_path, "config.json").is_file():
+    """A run on the tiny model or the SmolLM2 sample model builds it on first use (the tiny one from the
+    curriculum's local copy); other models load from their path or hub id as they are."""
+    if Path(run.model_path, "config.json").is_file():
+        return
+    if run.arch.name == "tiny":
         from .storage import materialize_data_dir
 
         ensure_tiny_model(run.model_path, materialize_data_dir(run.spec.curriculum.data_dir))
+    elif run.arch.name == "smollm2-135m":
+        from .train.sample_model import ensure_sample_model
+
+        ensure_sample_model(run.model_path)

@@ -134,3 +134,48 @@ def _print_time(console: Console, t: dict) -> None:
     if "cost_previous_list_usd" in t:
         line += f", at the old list price ${p['previous_list_price']}/h: ${t['cost_previous_list_usd']:,.2f}"
     console.print(f"{line} ({t['excludes']})")
+
+
+def before_after_rows(summary: dict) -> list[dict]:
+    """Per trained topic: held-out scores of the base model and after the topic's last stage, with intervals."""
+    from .evaluation.gates import latest_stage
+
+    rows = []
+    gains = summary.get("targets", {}).get("heldout_gain", {})
+    for topic in summary.get("topics_order") or list(summary.get("topics", {})):
+        evals = summary.get("topics", {}).get(topic, {}).get("eval", {})
+        stage = latest_stage(evals)
+        if "base" not in evals or stage is None:
+            continue
+        base, after, gain = evals["base"], evals[stage], gains.get(topic, {})
+        rows.append({"topic": topic, "stage": stage, "base": base, "after": after, "gain": gain})
+    return rows
+
+
+def print_before_after(console: Console, summary: dict) -> None:
+    """The held-out before/after table (95% bootstrap intervals) and one answer from the base and the adapter."""
+    from .report.evaluation import with_interval as _ci
+
+    rows = before_after_rows(summary)
+    if not rows:
+        return
+    table = Table(title="held-out evaluation: base model -> after training (95% bootstrap intervals)")
+    for col in ("topic", "voice fidelity: base", "after", "paired diff", "accuracy: base", "after",
+                "general ppl: base", "after"):
+        table.add_column(col, justify="left" if col == "topic" else "right")
+    for r in rows:
+        b, a, g = r["base"], r["after"], r["gain"]
+        diff = _ci(g.get("diff"), g.get("diff_ci")) if g.get("diff") is not None else "-"
+        table.add_row(r["topic"], _ci(b.get("voice_fidelity"), b.get("voice_fidelity_ci")),
+                      _ci(a.get("voice_fidelity"), a.get("voice_fidelity_ci")), diff,
+                      _ci(b.get("accuracy"), b.get("accuracy_ci")), _ci(a.get("accuracy"), a.get("accuracy_ci")),
+                      _ci(b.get("general_ppl"), None), _ci(a.get("general_ppl"), None))
+    console.print(table)
+    for line in summary.get("targets", {}).get("lines", []):
+        console.print(f"  {line}")
+    first = rows[0]
+    samples = [(label, r.get("sample")) for label, r in (("base model", first["base"]), ("adapter", first["after"]))]
+    if all(s for _, s in samples):
+        console.print(f"[bold]{first['topic']}[/bold] - {samples[0][1]['question']}")
+        for label, sample in samples:
+            console.print(f"  [bold]{label}:[/bold] {sample['answer']}")

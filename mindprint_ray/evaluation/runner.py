@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from ..chat_template import with_system
 from ..curriculum import load_general_text, pair_id
 from . import metrics as m
 
 log = logging.getLogger("mindprint_ray")
-END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>")
 # spec.eval.max_examples caps the items of each kind per topic (configs/tiny-*.yaml set 6); unset: all items
 
 
@@ -68,12 +68,7 @@ def device_of(model):
 # ---- prompts and tokens ----------------------------------------------------------------------------
 
 
-def chat_messages(messages: list[dict] | str, system_prompt: str | None) -> list[dict]:
-    """User text or a message list, with the system prompt first when one is set (as in training)."""
-    msgs = [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)
-    if system_prompt and msgs[0]["role"] != "system":
-        msgs = [{"role": "system", "content": system_prompt}, *msgs]
-    return msgs
+chat_messages = with_system  # user text or messages, with the system prompt first (as in training)
 
 
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
@@ -83,9 +78,16 @@ def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
 
 
 def end_of_turn_ids(tokenizer) -> list[int]:
-    """The template's end-of-turn token(s) (<|im_end|> for Qwen2.5) followed by the tokenizer's EOS."""
-    vocab = tokenizer.get_vocab()
-    ids = [vocab[t] for t in END_OF_TURN if t in vocab]
+    """The token the chat template closes an assistant turn with (<|im_end|>, <|eot_id|>, <end_of_turn>, ...),
+    found by rendering one, followed by the tokenizer's EOS."""
+    from ..chat_template import TemplateError, end_of_turn_token, hf_renderer
+
+    ids = []
+    try:
+        ids.append(tokenizer.convert_tokens_to_ids(end_of_turn_token(hf_renderer(tokenizer),
+                                                                     tokenizer.all_special_tokens)))
+    except (TemplateError, ValueError):
+        pass  # no template, or one whose turns end without a special token: EOS alone
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(tokenizer.eos_token_id)
     if not ids:
@@ -285,6 +287,8 @@ def evaluate_topic(model, tokenizer, topic, persona: dict, spec) -> TopicEval:
     scores.update(n=len(open_items) + len(mc_items), n_open=len(open_items), n_mc=len(mc_items),
                   n_pairs=len(pairs), n_pairs_heldout=len(topic.dpo_heldout), n_pairs_train=len(topic.dpo_train),
                   seconds=round(time.time() - t0, 2), items=items)
+    if answers:  # one generated answer per topic and stage, for the before/after sample in the summary and report
+        scores["sample"] = {k: answers[0][k] for k in ("id", "question", "answer")}
     return TopicEval(topic.name, scores, answers)
 
 

@@ -29,16 +29,21 @@ def write_report(run: RunPlan, out: Path, which: str = "all", run_dir: str | Non
     """Write report.md, report.html and the PNG charts into `out`; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
     options = gather_options(run, which, prices_path, price_override)
-    doc = Document(f"Cost estimate - {run.spec.name}")
+    if run_dir:  # a training report: what the run achieved first, then what it cost against the estimates
+        doc = Document(f"Training report - {run.spec.name}")
+        _results(doc, run, Path(run_dir), out)
+        _step_budget(doc, options)
+        _measured(doc, measured_vs_estimate(run_dir))
+        doc.heading("Estimates")
+    else:
+        doc = Document(f"Cost estimate - {run.spec.name}")
     _intro(doc, run, options[0])
+    if not run_dir:
+        _step_budget(doc, options)
     _memory(doc, options, out)
     _time(doc, options, out)
-    _step_budget(doc, options)
     _corrections(doc, options, prices_path)
     _models(doc, gather_models(run, prices_path), options[0]["profile"])
-    if run_dir:
-        _measured(doc, measured_vs_estimate(run_dir))
-        _evaluation(doc, run, Path(run_dir), out)
     _prices(doc, options)
     paths = {"md": out / "report.md", "html": out / "report.html"}
     paths["md"].write_text(doc.markdown(), encoding="utf-8")
@@ -187,18 +192,39 @@ def _measured(doc: Document, m: dict) -> None:
              "use it instead of the assumption.")
 
 
-def _evaluation(doc: Document, run: RunPlan, run_dir: Path, out: Path) -> None:
-    """Per-topic voice fidelity and accuracy before training, after SFT and after DPO."""
+def _results(doc: Document, run: RunPlan, run_dir: Path, out: Path) -> None:
+    """Loss and DPO reward curves per topic and stage, the held-out evaluation, and generated answers."""
     import json
 
+    from .training import loss_chart, reward_chart, sample_rows
+
+    summary_file, metrics_file = run_dir / "summary.json", run_dir / "metrics.jsonl"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    metrics = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()] \
+        if metrics_file.is_file() else []
+    doc.heading("Training")
+    doc.para(f"Run {run.spec.name}: {run.arch.name} ({run.model_path}), {len(summary.get('topics', {}))} topics, "
+             f"status {summary.get('status', 'unknown')}. Curves are per optimizer step (SFT loss on the assistant "
+             "tokens; DPO loss, reward accuracy and margin on the training batches).")
+    for chart, alt in ((loss_chart(metrics, out / "loss.png"), "loss per topic and stage"),
+                       (reward_chart(metrics, out / "rewards.png"), "DPO reward accuracy and margin")):
+        if chart:
+            doc.image(chart, alt)
+    _evaluation(doc, run, summary, out)
+    samples = sample_rows(summary)
+    if samples:
+        doc.heading("Generated answers (held-out questions, greedy)", 3)
+        doc.table(["topic", "question", "stage", "answer"], samples)
+
+
+def _evaluation(doc: Document, run: RunPlan, summary: dict, out: Path) -> None:
+    """Per-topic voice fidelity and accuracy before training, after SFT and after DPO."""
     from .evaluation import eval_chart, eval_rows, eval_table, heldout_lines
 
-    summary_file = run_dir / "summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     rows = eval_rows(summary)
     if not rows:
         return
-    doc.heading("Evaluation")
+    doc.heading("Held-out evaluation")
     doc.table(*eval_table(rows))
     doc.para("Each score with its bootstrap 95% interval over the items; preference is scored on held-out DPO "
              "pairs only; general ppl is the perplexity of a neutral held-out text (lower is better).")

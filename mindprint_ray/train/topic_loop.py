@@ -5,6 +5,7 @@ latest Ray checkpoint, tagged with topic and stage (sft, sft_done, dpo).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -73,11 +74,12 @@ def restore_checkpoint(local_root: Path) -> Restored | None:
 class Worker:
     """State of one Ray Train worker across the curriculum."""
 
-    def __init__(self, run: RunPlan, folder: RunFolder, rank: int, world: int, local_rank: int) -> None:
+    def __init__(self, run: RunPlan, folder: RunFolder, rank: int, world: int, local_rank: int,
+                 local_world: int = 1) -> None:
         import torch
 
         self.run, self.spec, self.folder = run, run.spec, folder
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.local_world = rank, world, local_world
         self.writer = folder if rank == 0 else None
         gpu = run.profile.use_gpu and torch.cuda.is_available()
         self.device = f"cuda:{local_rank}" if gpu else "cpu"
@@ -119,7 +121,8 @@ class Worker:
         if stage in (None, "sft"):
             sft, trainer = self.run_sft(topic, restored.path if stage == "sft" else None)
             sft_metrics = self.finish_stage(topic, "sft", sft, trainer)
-            self.evaluate(seen, topic.name, "after_sft")
+            # earlier topics (forgetting) are scored once, at the topic's end (after DPO, or SFT without DPO)
+            self.evaluate(seen if not (self.spec.dpo.enabled and topic.dpo) else [topic], topic.name, "after_sft")
         last_trainer, dpo_metrics = None, {}
         if self.spec.dpo.enabled and topic.dpo:
             dpo, last_trainer = self.run_dpo(topic, restored.path if stage == "dpo" else None)
@@ -186,7 +189,8 @@ class Worker:
             return
         from ..evaluation import evaluate_topics, summary_entries
 
-        results = evaluate_topics(self.model, self.tokenizer, topics, self.persona, self.spec, stage)
+        with self.eval_threads():
+            results = evaluate_topics(self.model, self.tokenizer, topics, self.persona, self.spec, stage)
         self.track_eval(results[current])
         for name, fields in summary_entries(results, current, stage).items():
             self.folder.update_topic(name, **fields)
@@ -203,12 +207,25 @@ class Worker:
             return
         from ..evaluation import evaluate_topics
 
-        with self.model.disable_adapter():
+        with self.model.disable_adapter(), self.eval_threads():
             results = evaluate_topics(self.model, self.tokenizer, todo, self.persona, self.spec, "base")
         self.track_eval(results[todo[0].name])
         for name, scores in results.items():
             self.folder.update_topic(name, eval={"base": scores})
             self.folder.log({"event": "eval", "topic": name, "stage": "base", **scores})
+
+    @contextlib.contextmanager
+    def eval_threads(self):
+        """On CPU, rank 0 evaluates while the node's other workers wait at a collective: let it use their cores."""
+        import torch
+
+        saved = torch.get_num_threads()
+        if not self.gpu:
+            torch.set_num_threads(max(saved, min(os.cpu_count() or 1, self.run.profile.cpus_per_worker * self.local_world)))
+        try:
+            yield
+        finally:
+            torch.set_num_threads(saved)
 
     def track_eval(self, scores: dict) -> None:
         for key in ("voice_fidelity", "accuracy"):
@@ -252,7 +269,8 @@ class Worker:
         from trl import SFTConfig, SFTTrainer
 
         s = self.spec.sft
-        settings = {"max_length": s.max_seq_length, "packing": s.packing, "assistant_only_loss": s.assistant_only_loss,
+        settings = {"mask": "template-spans-1", "max_length": s.max_seq_length, "packing": s.packing,
+                    "assistant_only_loss": s.assistant_only_loss,
                     "system": self.spec.curriculum.system_prompt, "overlong": self.spec.curriculum.overlong}
         key = ds.content_hash(topic.sft, self.run.model_path, settings)
         cache_root = self.folder.root.parent / ".cache" / "tokenized"
@@ -261,8 +279,9 @@ class Worker:
             **self.common_args("sft", topic.name, s), num_train_epochs=s.epochs_per_topic,
             max_steps=s.max_steps or -1, lr_scheduler_type=s.scheduler, weight_decay=s.weight_decay,
             packing=s.packing,
-            # a cached dataset already carries the assistant-only mask in its "labels" column
-            assistant_only_loss=s.assistant_only_loss and prepared is None,
+            # our own tokenisation carries the assistant-only mask (`assistant_masks`), for any chat template;
+            # TRL's own would need `{% generation %}` markers in the template
+            assistant_only_loss=False,
             dataset_kwargs={"skip_prepare_dataset": True} if prepared is not None else None,
         )
         if s.packing and self.attention != "flash_attention_2" and s.batch_size > 1:
@@ -272,7 +291,8 @@ class Worker:
             args.per_device_train_batch_size = 1
             log.info("packing with %s: micro-batch 1 x %d accumulation steps", self.attention,
                      args.gradient_accumulation_steps)
-        train_data = prepared if prepared is not None else ds.sft_dataset(topic.sft, self.spec.curriculum.system_prompt)
+        train_data = prepared if prepared is not None else ds.sft_dataset(
+            topic.sft, self.spec.curriculum.system_prompt, self.tokenizer, s.assistant_only_loss)
         metrics = MetricsCallback(self.writer, topic.name, "sft", self.latest)
         sharded = self.run.deepspeed_stage > 0
         trainer = SFTTrainer(model=self.model, args=args, train_dataset=train_data, processing_class=self.tokenizer,
@@ -348,7 +368,7 @@ def train_loop(config: dict) -> None:
     run = build_run(RunSpec.model_validate(config["spec"]))
     folder = RunFolder.for_storage(run.spec.storage.path, run.spec.name)
     topics, _, _ = validate_run(run)
-    worker = Worker(run, folder, rank, world, local_rank)
+    worker = Worker(run, folder, rank, world, local_rank, ctx.get_local_world_size())
     restored = restore_checkpoint(worker.local)
     if rank == 0:
         folder.log({"event": "worker_group_start", "world_size": world,
