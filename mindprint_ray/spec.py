@@ -166,6 +166,9 @@ class EvalSection(Section):
     regression_margin: float = Field(0.05, ge=0, le=1)
     max_new_tokens: int = Field(96, ge=1)
     max_examples: int | None = Field(None, ge=1, description="cap eval questions per topic")
+    after_sft: bool = Field(True, description="also score each topic between SFT and DPO (base and after DPO are "
+                                              "always scored); false saves one evaluation per topic (in-loop "
+                                              "evaluation is the Ray backend's)")
     heldout_pairs: float = Field(
         0.25, ge=0, le=0.9, description="share of each topic's DPO pairs kept out of DPO training and scored for "
                                         "preference (chosen by a hash of the prompt; 0: none held out)")

@@ -159,17 +159,15 @@ def print_before_after(console: Console, summary: dict) -> None:
     rows = before_after_rows(summary)
     if not rows:
         return
-    table = Table(title="held-out evaluation: base model -> after training (95% bootstrap intervals)")
-    for col in ("topic", "voice fidelity: base", "after", "paired diff", "accuracy: base", "after",
-                "general ppl: base", "after"):
-        table.add_column(col, justify="left" if col == "topic" else "right")
+    table = Table(title="held-out evaluation: base model -> after training, 95% bootstrap intervals")
+    for col in ("topic", "voice fidelity: base", "after", "paired difference", "accuracy", "general ppl"):
+        table.add_column(col, justify="left" if col == "topic" else "right", no_wrap=True)
     for r in rows:
         b, a, g = r["base"], r["after"], r["gain"]
-        diff = _ci(g.get("diff"), g.get("diff_ci")) if g.get("diff") is not None else "-"
         table.add_row(r["topic"], _ci(b.get("voice_fidelity"), b.get("voice_fidelity_ci")),
-                      _ci(a.get("voice_fidelity"), a.get("voice_fidelity_ci")), diff,
-                      _ci(b.get("accuracy"), b.get("accuracy_ci")), _ci(a.get("accuracy"), a.get("accuracy_ci")),
-                      _ci(b.get("general_ppl"), None), _ci(a.get("general_ppl"), None))
+                      _ci(a.get("voice_fidelity"), a.get("voice_fidelity_ci")), _ci(g.get("diff"), g.get("diff_ci")),
+                      f"{_ci(b.get('accuracy'), None)} -> {_ci(a.get('accuracy'), None)}",
+                      f"{_ci(b.get('general_ppl'), None, 2)} -> {_ci(a.get('general_ppl'), None, 2)}")
     console.print(table)
     for line in summary.get("targets", {}).get("lines", []):
         console.print(f"  {line}")

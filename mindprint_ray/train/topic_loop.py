@@ -122,7 +122,9 @@ class Worker:
             sft, trainer = self.run_sft(topic, restored.path if stage == "sft" else None)
             sft_metrics = self.finish_stage(topic, "sft", sft, trainer)
             # earlier topics (forgetting) are scored once, at the topic's end (after DPO, or SFT without DPO)
-            self.evaluate(seen if not (self.spec.dpo.enabled and topic.dpo) else [topic], topic.name, "after_sft")
+            dpo_follows = self.spec.dpo.enabled and bool(topic.dpo)
+            if self.spec.eval.after_sft or not dpo_follows:
+                self.evaluate([topic] if dpo_follows else seen, topic.name, "after_sft")
         last_trainer, dpo_metrics = None, {}
         if self.spec.dpo.enabled and topic.dpo:
             dpo, last_trainer = self.run_dpo(topic, restored.path if stage == "dpo" else None)
