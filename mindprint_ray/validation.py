@@ -1,6 +1,7 @@
 """Everything that must hold before any training starts: spec, zones, hardware, data, token lengths."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .chat_template import check_template, training_conversations
@@ -14,9 +15,30 @@ from .tokens import TokenCounter
 def validate_run(run: RunPlan) -> tuple[list[TopicData], list[TopicStats], TokenCounter]:
     topics = load_curriculum(run.spec)
     counter = TokenCounter.for_model(run.model_path)
+    check_model_matches(run)
     check_local_template(run, topics, counter)
     rows = apply_overlong(run.spec, topics, counter)
     return topics, rows, counter
+
+
+ARCH_KEYS = {"num_hidden_layers": "num_layers", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
+             "num_attention_heads": "num_heads", "num_key_value_heads": "num_kv_heads", "vocab_size": "vocab_size"}
+
+
+def check_model_matches(run: RunPlan) -> None:
+    """A local model folder must have the architecture of the registry model the spec names (the zone plan and
+    every estimate come from the registry), or PEFT would wrap other modules than planned inside the workers."""
+    config_file = Path(run.model_path) / "config.json"
+    if not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config = config.get("text_config", config)  # multimodal folders (gemma-3) keep the decoder's in text_config
+    for key, field in ARCH_KEYS.items():
+        if key in config and config[key] != getattr(run.arch, field):
+            raise UserError(f"the model folder's {key} is {config[key]}, but {run.arch.name} has "
+                            f"{getattr(run.arch, field)}", file=config_file, field="model.name",
+                            hint="set model.name to the folder's model (or a name outside the registry, so that "
+                                 "its config.json is used)")
 
 
 def check_local_template(run: RunPlan, topics: list[TopicData], counter: TokenCounter) -> None:

@@ -137,3 +137,4 @@ def test_template_failing_on_one_conversation_names_its_line(tmp_path, tiny_mode
     result = run_cli("validate", str(make_spec(tmp_path / "run.yaml", data)), f"model.path={model}")
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"{sft}:3" in result.stderr and "messages" in result.stderr and "prefix" in result.stderr
+

@@ -90,7 +90,9 @@ def apply_zone_plan(model, run: RunPlan, gradient_checkpointing: bool):
         )
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     if trainable != plan.trainable_params():
-        raise RuntimeError(f"PEFT made {trainable} params trainable, the plan counts {plan.trainable_params()}")
+        raise UserError(f"PEFT made {trainable:,} parameters trainable, the zone plan counts "
+                        f"{plan.trainable_params():,}: the checkpoint's module shapes differ from {run.arch.name}'s",
+                        field="model.name", hint="check model.name matches the checkpoint's architecture")
     return peft_model
 
 

@@ -118,6 +118,17 @@ def write_folder(model, tokenizer, out: Path) -> None:
     model.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    add_flat_rope_keys(out / "config.json")
+
+
+def add_flat_rope_keys(config_file: Path) -> None:
+    """transformers 5 writes rope settings only as `rope_parameters`; mlx-lm (and older loaders such as vLLM's)
+    read a top-level `rope_theta` and would silently use their default (10,000 for Llama) instead of the model's."""
+    config = json.loads(config_file.read_text())
+    rope = config.get("rope_parameters") or {}
+    if "rope_theta" in rope and "rope_theta" not in config:
+        config["rope_theta"] = rope["rope_theta"]
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def logits_difference(reference, folder: Path, tokenizer) -> float:

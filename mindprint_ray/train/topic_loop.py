@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..curriculum import TopicData
+from ..errors import UserError
 from ..deepspeed_config import deepspeed_config
 
 from ..run import RunPlan, build_run
@@ -361,14 +362,25 @@ def oom_message(run: RunPlan) -> str:
 
 
 def train_loop(config: dict) -> None:
-    """Ray Train worker entry point (runs on every worker)."""
+    """Ray Train worker entry point (runs on every worker). A stop (NaN guard, eval gate) or a user error found
+    here is deterministic: it ends every rank cleanly, recorded in the summary, so Ray does not retry it; the
+    driver reports it and exits 2."""
     import ray.train
 
     quiet_worker_logs()
     ctx = ray.train.get_context()
+    spec = RunSpec.model_validate(config["spec"])
+    folder = RunFolder.for_storage(spec.storage.path, spec.name)
+    try:
+        train_curriculum(build_run(spec), folder, ctx)
+    except (TrainingStopped, UserError) as stopped:
+        if ctx.get_world_rank() == 0:
+            folder.update_summary(stopped=str(stopped))
+
+
+def train_curriculum(run: RunPlan, folder: RunFolder, ctx) -> None:
+    """Every topic not finished yet, in order, resuming the current one from the latest checkpoint."""
     rank, world, local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
-    run = build_run(RunSpec.model_validate(config["spec"]))
-    folder = RunFolder.for_storage(run.spec.storage.path, run.spec.name)
     topics, _, _ = validate_run(run)
     worker = Worker(run, folder, rank, world, local_rank, ctx.get_local_world_size())
     restored = restore_checkpoint(worker.local)
@@ -382,18 +394,13 @@ def train_loop(config: dict) -> None:
         folder.update_summary(eval_note=worker.eval_note)
     worker.evaluate_base(topics)
     previous = None
-    try:
-        for index, topic in enumerate(topics):
-            if folder.topic_done(topic.name):
-                previous = topic.name
-                continue
-            current = restored if restored and restored.topic == topic.name else None
-            worker.train_topic(topic, previous, current, seen=topics[: index + 1])
+    for index, topic in enumerate(topics):
+        if folder.topic_done(topic.name):
             previous = topic.name
-    except TrainingStopped as stopped:  # not a crash: end cleanly so Ray does not retry it
-        if rank == 0:
-            folder.update_summary(stopped=str(stopped))
-        return
+            continue
+        current = restored if restored and restored.topic == topic.name else None
+        worker.train_topic(topic, previous, current, seen=topics[: index + 1])
+        previous = topic.name
     if rank == 0 and worker.persona is not None:
         from ..evaluation import final_statement
 
