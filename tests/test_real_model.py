@@ -101,6 +101,7 @@ def mlx_logits(model_dir, adapter=None):
     model, _ = load_model(model_dir)
     if adapter is not None:
         load_adapters(model, str(adapter))
+    model.eval()  # LoRA layers come in training mode: their dropout would be on
     return np.array(model(mx.array([TOKENS]))[0])
 
 
