@@ -1,7 +1,7 @@
 """Shared helpers of the benchmarks: quiet logs, run plans, random-weight models, worker trainer args, step timing.
 
 Everything that shapes a training step comes from the worker's own code (`mindprint_ray.train.model_loading`,
-`mindprint_ray.train.topic_loop.Worker.common_args`); only the model's weights are random instead of loaded.
+`mindprint_ray.train.trainer_args.trainer_args`); only the model's weights are random instead of loaded.
 """
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -192,12 +191,11 @@ def mark_bnb_4bit(model, q) -> None:
 
 
 def worker_args(run: RunPlan, stage: str, out_dir: Path, gpu: bool) -> dict:
-    """The worker's own TrainingArguments fields (`Worker.common_args`), for a worker without a run folder."""
-    from mindprint_ray.train.topic_loop import Worker
+    """The worker's own TrainingArguments fields (`trainer_args`, as `Worker.stage_args` builds them), for a worker
+    without a run folder."""
+    from mindprint_ray.train.trainer_args import trainer_args
 
-    shim = SimpleNamespace(local=out_dir, writer=None, spec=run.spec, gpu=gpu, ds_config=None)
-    section = run.spec.sft if stage == "sft" else run.spec.dpo
-    args = Worker.common_args(shim, stage, "bench", section)
+    args = trainer_args(run.spec, stage, str(out_dir / f"bench-{stage}"), gpu, None)
     args.update(save_strategy="no", report_to=[], logging_steps=1)
     return args
 
@@ -351,7 +349,7 @@ def worker_model(run: RunPlan, device: str = "cpu"):
 
 def sft_trainer(run: RunPlan, model, tokenizer, data, packing: bool, steps: int, out_dir: Path, log: StepLog,
                 gpu: bool = False, assistant_only_loss: bool | None = None):
-    """TRL SFTTrainer with the worker's arguments (`Worker.common_args` + `Worker.run_sft`'s fields), timed."""
+    """TRL SFTTrainer with the worker's arguments (`trainer_args` + `Worker.run_sft`'s fields), timed."""
     from trl import SFTConfig, SFTTrainer
 
     s = run.spec.sft

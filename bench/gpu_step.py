@@ -4,7 +4,7 @@ For each registry model (qwen2.5-0.5b, qwen2.5-7b, and as many layers of qwen2.5
 on this GPU), quantization (BF16 LoRA, QLoRA NF4), attention (SDPA, flash-attn 2 when installed), gradient
 checkpointing (on/off), sequence length (2048/4096) and batch shape (SFT packed padding-free, SFT padded, DPO):
 the model is built with random weights, the zone plan is applied with the worker's `apply_zone_plan`, and TRL's
-`SFTTrainer` / `DPOTrainer` run with the worker's own arguments (`Worker.common_args` plus the fields of
+`SFTTrainer` / `DPOTrainer` run with the worker's own arguments (`trainer_args` plus the fields of
 `Worker.run_sft` / `Worker.run_dpo`). Each optimizer step is timed between device synchronisations
 (`torch.cuda.synchronize`), after `--warmup` steps; the table shows the median of `--repeats` steps.
 

@@ -53,6 +53,8 @@ def dry_run(config: Path = ConfigArg, overrides: Optional[list[str]] = Overrides
 
 @app.command()
 def generate(config: Path = ConfigArg,
+             overrides: Optional[list[str]] = typer.Argument(None, help="dotted overrides (before the prompt)",
+                                                             show_default=False),
              prompt: str = typer.Argument(..., help="the user's message", show_default=False),
              adapter: Optional[Path] = typer.Option(None, "--adapter", help="mlx-lm adapter folder, e.g. "
                                                     "runs/<name>/adapters/<topic>"),
@@ -63,7 +65,7 @@ def generate(config: Path = ConfigArg,
 
     from .generation import load_with_adapter, stream
 
-    run = load_run(config)
+    run = load_run(config, overrides or [])
     model, tokenizer = load_with_adapter(run, adapter)
     for piece in stream(model, tokenizer, prompt, run.spec.curriculum.system_prompt, max_tokens, temperature):
         typer.echo(piece, nl=False)

@@ -13,6 +13,7 @@ from mindprint_ray.hardware import load_profiles
 from mindprint_ray.registry import get_arch
 from mindprint_ray.run import RunPlan, build_run, load_run
 from mindprint_ray.spec import RunSpec
+from mindprint_ray.time_model import Mfu, count_topic_tokens, resolve_mfu, throughput_mfu
 from mindprint_ray.tiny_model import ensure_tiny_model
 from mindprint_ray.validation import validate_run
 
@@ -81,6 +82,13 @@ def step_lines(label: str, results: dict) -> list[str]:
     return lines
 
 
+def hours_mfu(run: RunPlan, tokens: list, measured: dict | None) -> Mfu:
+    """The MFU of the hours estimate: what the configured model's measured tokens/s implies, else plan's."""
+    if measured and "sft" in measured:
+        return throughput_mfu(run, tokens, measured, f"measured on this machine with {run.arch.name}")
+    return resolve_mfu(run)
+
+
 def dry_run(config: Path, overrides: list[str], steps: int = 3) -> int:
     """Print the checks; 0 when the run can start (possibly after the printed sysctl), 1 when it cannot."""
     run = mac_run(load_run(config, overrides))
@@ -100,7 +108,8 @@ def dry_run(config: Path, overrides: list[str], steps: int = 3) -> int:
         results = run_steps(run, local, steps)
         print("\n".join(step_lines(f"{run.arch.name} ({local})", results)))
         measured = {k: r.summary(k)["tokens_per_s"] for k, r in results.items() if not r.bad}
-    print("\n".join(hours_lines(run, rows, measured if measured and "sft" in measured else None)))
+    tokens, _ = count_topic_tokens(run, counter)
+    print("\n".join(hours_lines(run, tokens, hours_mfu(run, tokens, measured))))
     if not local or verdict.status == "no":
         why = "does not fit, so it is not loaded" if local else f"is not on this machine ({run.model_path})"
         standin = standin_run(run)

@@ -82,7 +82,7 @@ def quantize(model) -> None:
     nn.quantize(model, group_size=QUANT_GROUP_SIZE, bits=QUANT_BITS, class_predicate=eligible)
 
 
-def apply_zones(model, plan: ZonePlan, gradient_checkpointing: bool = False) -> None:
+def apply_zones(model, plan: ZonePlan) -> None:
     """Freeze the base, then give each zone its own LoRA modules (full module paths), rank and scale."""
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
@@ -93,10 +93,33 @@ def apply_zones(model, plan: ZonePlan, gradient_checkpointing: bool = False) -> 
     if missing:
         raise UserError(f"the model has no module '{missing[0]}' ({len(missing)} zone modules missing)",
                         field="lora.zones", hint="the model folder does not match model.name's architecture")
-    if gradient_checkpointing:
-        from mlx_lm.tuner.trainer import grad_checkpoint
 
-        grad_checkpoint(model.layers[0])
+
+def set_checkpointing(model, enabled: bool) -> None:
+    """Layer checkpointing on or off for the model's transformer blocks. mlx-lm's `grad_checkpoint` patches the
+    block class's __call__; the original is kept so that a later stage can switch it off again. Each stage calls
+    this with its own section's setting (RunSpec.stage), as the Ray path does."""
+    from mlx_lm.tuner.trainer import grad_checkpoint
+
+    layers = getattr(model, "layers", None)
+    if not layers:  # not a transformer stack (a bare module): nothing to checkpoint
+        if enabled:
+            raise ValueError("layer checkpointing needs a model with transformer layers")
+        return
+    block = type(layers[0])
+    plain = block.__dict__.get("_mindprint_plain_call")
+    if enabled and plain is None:
+        block._mindprint_plain_call = block.__call__
+        grad_checkpoint(layers[0])
+    elif not enabled and plain is not None:
+        block.__call__ = plain
+        del block._mindprint_plain_call
+
+
+def is_checkpointing(model) -> bool:
+    """Whether set_checkpointing has layer checkpointing on for this model's blocks."""
+    layers = getattr(model, "layers", None)
+    return bool(layers) and "_mindprint_plain_call" in type(layers[0]).__dict__
 
 
 def lora_modules(model) -> dict:
@@ -130,6 +153,5 @@ def load_for_training(run: RunPlan, folder: Path | None = None):
     """(model, tokenizer) with the run's quantization and zone plan applied."""
     folder = folder or model_dir(run)
     model, tokenizer, _ = load_base(folder, run.quant)
-    gc = run.spec.sft.gradient_checkpointing or run.spec.dpo.gradient_checkpointing
-    apply_zones(model, run.zones, gc)
+    apply_zones(model, run.zones)  # gradient checkpointing is per stage (stage.run_stage -> set_checkpointing)
     return model, tokenizer

@@ -1,18 +1,17 @@
-"""What a Mac run needs before it starts: memory vs the GPU wired limit, the sysctl that raises it, hours per topic."""
+"""What a Mac run needs before it starts: memory vs the GPU wired limit, the sysctl that raises it, hours per topic.
+
+Formatting only: the wired-limit value comes from mindprint_ray.estimates and the hours from mindprint_ray.time_model,
+the computations `mindprint-ray plan` prints.
+"""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from mindprint_ray.data_stats import TopicStats
-from mindprint_ray.estimates import memory_for_run, remedies
+from mindprint_ray.estimates import (RESERVED_FOR_MACOS_GB, memory_for_run, remedies, sysctl_command,
+                                     wired_ceiling_gb, wired_limit_mb)
 from mindprint_ray.memory import MemoryBudget
 from mindprint_ray.run import RunPlan
-
-# macOS wires ~75% of RAM for the GPU by default (the profile's capacity). `sudo sysctl iogpu.wired_limit_mb=N`
-# raises it; we leave this much to macOS and everything else (an assumption, stated in the output).
-RESERVED_FOR_MACOS_GB = 8.0
-MIB = 2 ** 20
+from mindprint_ray.time_model import Mfu, TopicTokens, topic_times
 
 
 @dataclass(frozen=True)
@@ -38,20 +37,19 @@ class MemoryVerdict:
 
     @property
     def wired_limit_mb(self) -> int:
-        """The limit to set: the need plus 1 GB of headroom, rounded up to 1 GiB, within the ceiling."""
-        wanted = math.ceil((self.need_gb + 1.0) * 1e9 / MIB / 1024) * 1024
-        return min(wanted, int(self.ceiling_gb * 1e9 / MIB))
+        """The limit to set (estimates.wired_limit_mb: the need plus headroom, in MiB, within the ceiling)."""
+        return wired_limit_mb(self.need_gb, self.ceiling_gb)
 
     @property
     def sysctl(self) -> str:
-        return f"sudo sysctl iogpu.wired_limit_mb={self.wired_limit_mb}"
+        return sysctl_command(self.need_gb, self.ceiling_gb)
 
 
 def memory_verdict(run: RunPlan) -> MemoryVerdict:
     phases = {"sft": memory_for_run(run, "sft")}
     if run.spec.dpo.enabled:
         phases["dpo"] = memory_for_run(run, "dpo")
-    return MemoryVerdict(phases, run.profile.capacity_gb, run.profile.memory_gb - RESERVED_FOR_MACOS_GB)
+    return MemoryVerdict(phases, run.profile.capacity_gb, wired_ceiling_gb(run))
 
 
 def memory_lines(run: RunPlan, v: MemoryVerdict) -> list[str]:
@@ -81,45 +79,17 @@ def memory_lines(run: RunPlan, v: MemoryVerdict) -> list[str]:
 # ---- time ------------------------------------------------------------------------------------------------
 
 
-def profile_flops(run: RunPlan) -> float:
-    """Sustained FLOP/s: the profile's peak times the assumed MFU (spec hardware.mfu overrides)."""
-    mfu = run.spec.hardware.mfu or run.profile.mfu.get(run.quant) or run.profile.mfu.get("bf16", 0.2)
-    return run.profile.peak_tflops * 1e12 * mfu
-
-
-def topic_tokens(run: RunPlan, row: TopicStats) -> dict[str, float]:
-    """Tokens one topic processes: SFT (epochs or max_steps), DPO training (chosen + rejected) and reference."""
-    s, d = run.spec.sft, run.spec.dpo
-    mean_sft = row.sft_tokens / max(row.sft, 1)
-    sft = s.max_steps * s.batch_size * s.gradient_accumulation * mean_sft if s.max_steps else s.epochs_per_topic * row.sft_tokens
-    pair = 2 * row.dpo_tokens / max(row.dpo, 1)  # dpo_tokens counts the longer response of each pair
-    dpo = d.steps_per_topic * d.batch_size * d.gradient_accumulation * pair if d.enabled and row.dpo else 0.0
-    reference = 2 * row.dpo_tokens if dpo else 0.0
-    return {"sft": sft, "dpo": dpo, "reference": reference}
-
-
-def topic_hours(run: RunPlan, row: TopicStats, measured: dict[str, float] | None = None) -> dict[str, float]:
-    """Hours for SFT and DPO of one topic: 4N FLOPs per trained token and 2N per reference token at the
-    profile's FLOP/s, or the tokens over the measured tokens/s when the configured model itself ran."""
-    tokens = topic_tokens(run, row)
-    if measured:
-        return {"sft": tokens["sft"] / measured["sft"] / 3600,
-                "dpo": (tokens["dpo"] + tokens["reference"] / 2) / measured.get("dpo", measured["sft"]) / 3600}
-    n, rate = run.arch.total_params(), profile_flops(run)
-    return {"sft": tokens["sft"] * 4 * n / rate / 3600,
-            "dpo": (tokens["dpo"] * 4 * n + tokens["reference"] * 2 * n) / rate / 3600}
-
-
-def hours_lines(run: RunPlan, rows: list[TopicStats], measured: dict[str, float] | None) -> list[str]:
-    source = ("measured tokens/s of this model" if measured else
-              f"{run.profile.peak_tflops:g} TFLOP/s x MFU {profile_flops(run) / run.profile.peak_tflops / 1e12:.2f}, "
-              f"4N FLOPs/trained token, N = {run.arch.total_params():,}")
+def hours_lines(run: RunPlan, tokens: list[TopicTokens], mfu: Mfu) -> list[str]:
+    """Hours per topic from the core time model (time_model.topic_times, as `plan` prints them) at `mfu`: the
+    profile's, a calibration's, or the one the configured model's measured tokens/s implies."""
+    source = ("measured tokens/s of this model" if mfu.source == "measured" else
+              f"{run.profile.peak_tflops:g} TFLOP/s x MFU {mfu.sft:.2f} SFT / {mfu.dpo:.2f} DPO ({mfu.source})")
     lines = [f"  hours per topic ({source}):"]
-    total = 0.0
-    for row in rows:
-        h = topic_hours(run, row, measured)
-        total += h["sft"] + h["dpo"]
-        lines.append(f"    {row.topic:<20} SFT {h['sft']:7.2f} h   DPO {h['dpo']:7.2f} h   "
-                     f"({row.sft} SFT examples, {row.dpo} DPO pairs)")
-    lines.append(f"    all {len(rows)} topics: {total:.1f} h ({total / 24:.1f} days)")
+    times = topic_times(run, tokens, mfu)
+    for t, row in zip(times, tokens):
+        dpo = t.dpo.seconds / 3600 if t.dpo else 0.0
+        lines.append(f"    {t.topic:<20} SFT {t.sft.seconds / 3600:7.2f} h   DPO {dpo:7.2f} h   "
+                     f"({row.sft_examples} SFT examples, {row.dpo_pairs} DPO pairs)")
+    total = sum(t.hours for t in times)
+    lines.append(f"    all {len(times)} topics: {total:.2f} h ({total / 24:.1f} days)")
     return lines

@@ -21,6 +21,8 @@ class StageConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     dropout: bool = True  # LoRA dropout on; off for DPO (as TRL's disable_dropout), so step 1 starts at log 2
+    gradient_checkpointing: bool = False  # the stage's own section's setting (RunSpec.stage)
+    logging_steps: int = 1  # steps between records written to the log (the NaN guard checks every step)
 
 
 class StageResult(StageHistory):
@@ -54,6 +56,9 @@ def run_stage(model, cfg: StageConfig, batches: Iterator[tuple[tuple, int]], los
     import mlx.optimizers as optim
     from mlx.utils import tree_map
 
+    from .model import set_checkpointing
+
+    set_checkpointing(model, cfg.gradient_checkpointing)
     value_and_grad = nn.value_and_grad(model, loss_fn)
     optimizer = optim.AdamW(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay)
     mx.reset_peak_memory()
@@ -88,7 +93,8 @@ def run_stage(model, cfg: StageConfig, batches: Iterator[tuple[tuple, int]], los
         record.update(num_tokens=total_tokens, tokens_per_s=tokens / max(time.perf_counter() - start, 1e-9),
                       peak_memory_gb=peak_memory_gb())
         result.history.append(record)
-        log(record)
+        if step % cfg.logging_steps == 0 or step == cfg.steps:
+            log(record)
         if task is not None:
             info = f"loss {loss:.3f}" + (f"  reward acc {record['rewards/accuracies']:.2f}"
                                          if "rewards/accuracies" in record else "")

@@ -15,7 +15,7 @@ from typing import Callable
 from mindprint_ray.curriculum import TopicData
 from mindprint_ray.errors import UserError
 from mindprint_ray.run import RunPlan
-from mindprint_ray.run_folder import RunFolder
+from mindprint_ray.run_folder import RunFolder, claim_run_folder
 from mindprint_ray.tiny_model import ensure_run_model
 from mindprint_ray.validation import validate_run
 
@@ -43,10 +43,11 @@ class Trainer:
 
     # ---- SFT ------------------------------------------------------------------------------------
     def sft_config(self, topic: str, examples: int, max_steps: int | None = None) -> StageConfig:
-        s = self.run.spec.sft
+        s = self.run.spec.stage("sft")
         steps = max_steps or s.max_steps or math.ceil(s.epochs_per_topic * examples / (s.batch_size * s.gradient_accumulation))
         return StageConfig(topic, "sft", max(1, steps), s.gradient_accumulation, s.learning_rate,
-                           s.warmup_steps, s.scheduler, s.weight_decay, s.max_grad_norm)
+                           s.warmup_steps, s.scheduler, s.weight_decay, s.max_grad_norm,
+                           gradient_checkpointing=s.gradient_checkpointing, logging_steps=s.logging_steps)
 
     def train_sft(self, topic: TopicData, max_steps: int | None = None) -> StageResult:
         s, system = self.run.spec.sft, self.run.spec.curriculum.system_prompt
@@ -65,9 +66,10 @@ class Trainer:
 
     # ---- DPO ------------------------------------------------------------------------------------
     def dpo_config(self, topic: str, max_steps: int | None = None) -> StageConfig:
-        d = self.run.spec.dpo
+        d = self.run.spec.stage("dpo")
         return StageConfig(topic, "dpo", max_steps or d.steps_per_topic, d.gradient_accumulation, d.learning_rate,
-                           d.warmup_steps, "linear", 0.0, d.max_grad_norm, dropout=False)
+                           d.warmup_steps, "linear", 0.0, d.max_grad_norm, dropout=False,
+                           gradient_checkpointing=d.gradient_checkpointing)
 
     def reference_logprobs(self, pairs: list[Pair]) -> None:
         """Precompute each response's summed log-prob under the reference: the model as DPO starts (after SFT,
@@ -144,11 +146,7 @@ def train_topic(trainer: Trainer, folder: RunFolder, topic: TopicData) -> None:
                 "zones": [z.name for z in run.zones.zones], "trainable_params": run.zones.trainable_params(),
                 "format": "mlx", "quantization": run.quant, "created": time.time()}
     folder.publish_adapter(topic.name, staging, manifest)
-    wall = time.time() - t0
-    folder.update_topic(topic.name, status="done", wall_s=round(wall, 2),
-                        tokens=(sft.get("tokens") or 0) + (dpo.get("tokens") or 0),
-                        adapter=str(folder.adapter_dir(topic.name)))
-    folder.log({"event": "topic_done", "topic": topic.name, "wall_s": wall})
+    folder.finish_topic(topic.name, time.time() - t0, (sft.get("tokens") or 0) + (dpo.get("tokens") or 0))
 
 
 def progress_bar(enabled: bool):
@@ -161,18 +159,21 @@ def progress_bar(enabled: bool):
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=Console(stderr=True))
 
 
+def check_reference(reference: str) -> None:
+    """The DPO reference (`--dpo-reference` or dpo.reference): sft or base."""
+    if reference not in ("sft", "base"):
+        raise UserError(f"unknown DPO reference '{reference}'", field="--dpo-reference", hint="use sft or base")
+
+
 def train_run(run: RunPlan, force: bool = False, progress: bool = True, reference: str = "sft") -> RunFolder:
     """Train every pending topic; rerunning with the same name resumes. Returns the run folder."""
     import mlx.core as mx
 
+    check_reference(reference)  # every user error before the run folder is claimed
     ensure_run_model(run)
     topics, _, _ = validate_run(run)
-    folder = RunFolder.for_storage(run.spec.storage.path, run.spec.name)
-    folder.pull()
-    resumed = folder.claim(run.spec.dump(), force)
+    folder, resumed = claim_run_folder(run.spec, force)
     pending = [t.name for t in topics if not folder.topic_done(t.name)]
-    if reference not in ("sft", "base"):
-        raise UserError(f"unknown DPO reference '{reference}'", field="--dpo-reference", hint="use sft or base")
     folder.update_summary(run=run.spec.name, model=run.model_path, profile=run.profile.name, backend="mlx",
                           dpo_reference=reference, topics_order=[t.name for t in topics])
     if not pending:
@@ -193,6 +194,5 @@ def train_run(run: RunPlan, force: bool = False, progress: bool = True, referenc
             loaded = True
             train_topic(trainer, folder, topic)
             previous = topic.name
-    folder.update_summary(status="done", wall_s=round(time.time() - t0, 2))
-    folder.log({"event": "run_done", "wall_s": time.time() - t0})
+    folder.finish_run(time.time() - t0)
     return folder

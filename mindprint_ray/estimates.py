@@ -1,15 +1,22 @@
 """Estimates for a run plan: memory per device for SFT and DPO, and what would make a plan fit."""
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
-from .memory import MemoryBudget, MemoryInputs, estimate_memory
+from .memory import GB, MemoryBudget, MemoryInputs, estimate_memory
 from .run import RunPlan
-from .zones import build_plan
+from .zones import ZonePlan, build_plan
+
+# macOS wires ~75% of RAM for the GPU by default (the profile's capacity). `sudo sysctl iogpu.wired_limit_mb=N`
+# raises it; we leave this much to macOS and everything else (an assumption, stated in the output).
+RESERVED_FOR_MACOS_GB = 8.0
+WIRED_HEADROOM_GB = 1.0
+MIB = 2 ** 20  # iogpu.wired_limit_mb counts MiB; every other figure here is decimal GB
 
 
 def memory_inputs(run: RunPlan, phase: str = "sft") -> MemoryInputs:
-    section = run.spec.sft if phase == "sft" else run.spec.dpo
+    section = run.spec.stage(phase)
     gpu_like = run.profile.is_gpu or run.profile.backend == "mlx"
     return MemoryInputs(
         quant=run.quant,
@@ -70,9 +77,8 @@ def remedies(run: RunPlan) -> list[dict]:
         if max(p.seq_len for p in phases.values()) > seq:
             add(f"max_seq_length {seq} (sft and dpo)", {k: replace(p, seq_len=min(p.seq_len, seq))
                                                          for k, p in phases.items()})
-    if run.zones.rank > 4:
-        low = build_plan(run.arch, run.zones.strategy, None, 4, 8, run.zones.dropout)
-        add("LoRA rank 4", every(trainable_params=low.trainable_params()))
+    if max(z.rank for z in run.zones.zones) > 4:
+        add("LoRA rank 4", every(trainable_params=rank_plan(run, 4).trainable_params()))
     if not all(p.gradient_checkpointing for p in phases.values()):
         add("gradient checkpointing on", every(gradient_checkpointing=True))
     if m.quant == "bf16":
@@ -86,12 +92,37 @@ def remedies(run: RunPlan) -> list[dict]:
     return options
 
 
+def rank_plan(run: RunPlan, rank: int) -> ZonePlan:
+    """The run's own zone plan (the user's `lora.zones`, modules and spans) with every zone at `rank`."""
+    lora = run.spec.lora
+    zones = [{**z.model_dump(), "rank": None} for z in lora.zones] if lora.zones else None
+    return build_plan(run.arch, lora.strategy, zones, rank, lora.alpha, lora.dropout, lora.use_rslora)
+
+
+def wired_ceiling_gb(run: RunPlan) -> float:
+    """The most a raised GPU wired limit should give on a Mac: the RAM less RESERVED_FOR_MACOS_GB."""
+    return run.profile.memory_gb - RESERVED_FOR_MACOS_GB
+
+
+def wired_limit_mb(need_gb: float, ceiling_gb: float) -> int:
+    """The `iogpu.wired_limit_mb` value (MiB, as macOS reads it) for a need in decimal GB: the need plus
+    WIRED_HEADROOM_GB, rounded up to a whole GiB, at most the ceiling. `plan` and `dry-run` both print this."""
+    wanted = math.ceil((need_gb + WIRED_HEADROOM_GB) * GB / MIB / 1024) * 1024
+    return min(wanted, int(ceiling_gb * GB / MIB))
+
+
+def sysctl_command(need_gb: float, ceiling_gb: float) -> str:
+    return f"sudo sysctl iogpu.wired_limit_mb={wired_limit_mb(need_gb, ceiling_gb)}"
+
+
 def _wired_limit_remedies(run: RunPlan, phases: dict[str, MemoryInputs], add) -> None:
-    """On a Mac: raise the GPU wired-memory limit (leaving 8 GB to macOS), alone and with shorter sequences."""
-    ram_mb = run.profile.memory_gb * 1000
-    limit_mb = int(ram_mb - 8000)
-    what = f"sudo sysctl iogpu.wired_limit_mb={limit_mb} (GPU may wire {limit_mb / 1000:.0f} of {ram_mb / 1000:.0f} GB)"
-    add(what, phases, limit_mb / 1000)
-    for seq in (2048, 1024):
-        add(f"{what} + max_seq_length {seq}", {k: replace(p, seq_len=min(p.seq_len, seq)) for k, p in phases.items()},
-            limit_mb / 1000)
+    """On a Mac: raise the GPU wired-memory limit to what the option needs (at most the ceiling), alone and with
+    shorter sequences."""
+    ceiling = wired_ceiling_gb(run)
+    options = [("", phases)] + [(f" + max_seq_length {seq}", {k: replace(p, seq_len=min(p.seq_len, seq))
+                                                              for k, p in phases.items()}) for seq in (2048, 1024)]
+    for suffix, changed in options:
+        need = _peak_total(run, changed, run.spec.quantization.double_quant)
+        limit = wired_limit_mb(need, ceiling)
+        add(f"sudo sysctl iogpu.wired_limit_mb={limit} (GPU may wire {limit * MIB / GB:.1f} of "
+            f"{run.profile.memory_gb:.0f} GB){suffix}", changed, ceiling)

@@ -126,6 +126,15 @@ class PipelineConfig:
     extra: dict = field(default_factory=dict)  # any other run-spec sections, e.g. {"eval": {"enabled": False}}
 
 
+def spec_file(output_dir: str, name: str) -> Path:
+    """Where train_topics writes the run's spec: in output_dir, or for `s3://` storage in the local cache (never a
+    local folder named `s3:`); the run folder's own spec.yaml is mirrored to S3 either way."""
+    from .storage import is_s3, local_cache_root
+
+    folder = local_cache_root() / "specs" if is_s3(output_dir) else Path(output_dir)
+    return folder / f"{name}.spec.yaml"
+
+
 class DPOPipeline:
     """SFT then DPO per topic with the model config's zone plan, on Ray (pytorch) or MLX."""
 
@@ -162,7 +171,7 @@ class DPOPipeline:
         from .run import load_run
 
         name = name or f"{self.model_config.name}-pipeline"
-        spec_path = Path(output_dir) / f"{name}.spec.yaml"
+        spec_path = spec_file(output_dir, name)
         spec_path.parent.mkdir(parents=True, exist_ok=True)
         spec_path.write_text(yaml.safe_dump(self.spec_dict(topics, data_dir, output_dir, name), sort_keys=False))
         run = load_run(spec_path)

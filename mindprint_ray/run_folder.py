@@ -1,7 +1,7 @@
 """The run folder: the contract between training, eval, report and resume. Pure Python, atomic writes.
 
 <storage>/<run name>/
-  spec.yaml            resolved spec, as run
+  spec.yaml            the spec as written (relative paths kept: a rerun resumes from any directory)
   adapters/<topic>/    final adapter per topic (written to a temp name, then renamed)
   checkpoints/         Ray Train checkpoints (resume within a topic)
   metrics.jsonl        one line per logged step/eval
@@ -169,6 +169,32 @@ class RunFolder:
         atomic_write(self.summary_file, json.dumps(summary, indent=2, default=_jsonable))
         self.push("summary.json")
         return summary
+
+    # ---- finishing (both backends) -------------------------------------------------------------------
+    def finish_topic(self, topic: str, wall_s: float, tokens: int) -> None:
+        """A topic's adapter is published: record it as done and push the metrics (and TensorBoard logs) to the
+        remote, so `calibrate` and `report` work on a pulled run folder whichever backend trained it."""
+        self.update_topic(topic, status="done", wall_s=round(wall_s, 2), tokens=tokens,
+                          adapter=str(self.adapter_dir(topic)))
+        self.log({"event": "topic_done", "topic": topic, "wall_s": wall_s})
+        self.push("metrics.jsonl")
+        if (self.root / "tensorboard").is_dir():
+            self.push("tensorboard")
+
+    def finish_run(self, wall_s: float) -> None:
+        """Every topic is done: record the run's wall time and push the last metrics."""
+        self.update_summary(status="done", wall_s=round(wall_s, 2))
+        self.log({"event": "run_done", "wall_s": wall_s})
+        self.push("metrics.jsonl")
+
+
+def claim_run_folder(spec, force: bool = False) -> tuple[RunFolder, bool]:
+    """The run folder of `spec` (a RunSpec), pulled from the remote and claimed with the spec as the user wrote it:
+    relative paths stay relative in spec.yaml, so the same command from another working directory (a new Ray job's
+    working_dir, another checkout) resumes instead of being refused as a different spec. Returns (folder, resumed)."""
+    folder = RunFolder.for_storage(spec.storage.path, spec.name)
+    folder.pull()  # resuming an s3:// run on a fresh machine
+    return folder, folder.claim(spec.dump(), force)
 
 
 def atomic_write(path: Path, text: str) -> None:

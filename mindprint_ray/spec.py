@@ -96,10 +96,13 @@ class SFTSection(Section):
     scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     gradient_checkpointing: bool = True
     max_grad_norm: float = Field(0.3, gt=0)
-    bf16: bool = True
+    bf16: bool = Field(True, description="bf16 mixed precision on GPUs for both stages, SFT and DPO (and DeepSpeed);"
+                                         " CPUs train in fp32")
     packing: bool = True
     assistant_only_loss: bool = True
-    logging_steps: int = Field(1, ge=1)
+    logging_steps: int = Field(1, ge=1, description="SFT optimizer steps between logged records (loss, grad norm,"
+                                                    " metrics.jsonl, TensorBoard; the NaN/inf guard sees the "
+                                                    "logged values); DPO logs every step")
 
 
 class DPOSection(Section):
@@ -262,6 +265,14 @@ class RunSpec(Section):
         if self.eval.general_text:
             return Path(self.eval.general_text)
         return Path(__file__).parent / "data" / "general_qa.yaml"
+
+    def stage(self, name: str) -> SFTSection | DPOSection:
+        """The section that configures training stage `name` ("sft" or "dpo"). The one rule for every per-stage
+        setting (gradient checkpointing, lengths, batch, learning rate, ...): the estimates and both backends
+        read a stage's settings from its own section, never from the other stage's."""
+        if name not in ("sft", "dpo"):
+            raise ValueError(f"unknown stage {name!r}")
+        return self.sft if name == "sft" else self.dpo
 
     def dump(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -119,7 +119,7 @@ class StepBudget:
 
 
 def _section(run: RunPlan, stage: str):
-    return run.spec.sft if stage == "sft" else run.spec.dpo
+    return run.spec.stage(stage)
 
 
 def _mlx(run: RunPlan) -> bool:

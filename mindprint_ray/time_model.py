@@ -15,7 +15,7 @@ from .run import RunPlan
 from .step_budget import global_batch, stage_budget
 from .tokens import CHARS_PER_TOKEN, TokenCounter
 
-MFU_SOURCES = ("spec", "calibration", "profile")
+MFU_SOURCES = ("spec", "calibration", "profile", "measured")
 
 
 @dataclass(frozen=True)
@@ -122,14 +122,15 @@ def stage_flops(run: RunPlan, t: TopicTokens, stage: str) -> tuple[float, float]
     arch, trainable = run.arch, run.zones.trainable_params()
     if stage == "sft":
         tokens = sft_stage_tokens(run, t)
-        per = train_flops_per_token(arch, trainable, t.mean_sft_length, run.spec.sft.gradient_checkpointing)
+        per = train_flops_per_token(arch, trainable, t.mean_sft_length, run.spec.stage("sft").gradient_checkpointing)
         return tokens, tokens * per
     d = run.spec.dpo
     if not t.dpo_pairs:
         return 0.0, 0.0
     seen = dpo_pairs_seen(run)
     padded = seen * t.dpo_padded_tokens / t.dpo_pairs
-    policy = padded * train_flops_per_token(arch, trainable, t.mean_dpo_length, d.gradient_checkpointing)
+    checkpointing = run.spec.stage("dpo").gradient_checkpointing
+    policy = padded * train_flops_per_token(arch, trainable, t.mean_dpo_length, checkpointing)
     ref_tokens = (min(seen, t.dpo_pairs) / t.dpo_pairs * t.dpo_padded_tokens) if d.precompute_ref_log_probs \
         else padded
     flops = policy + ref_tokens * forward_flops_per_token(arch, trainable, t.mean_dpo_length)
@@ -152,6 +153,19 @@ def resolve_mfu(run: RunPlan, calibration: dict | None = None) -> Mfu:
     table = run.profile.mfu
     value = table.get(run.quant) or table.get("bf16") or min(table.values())
     return Mfu(value, value, "profile", f"assumed for {run.profile.name} with {run.quant} (hardware.yaml)")
+
+
+def throughput_mfu(run: RunPlan, tokens: list[TopicTokens], tokens_per_s: dict[str, float], note: str) -> Mfu:
+    """The MFU at which topic_times reproduces a measured throughput (real tokens trained per second, per stage;
+    DPO falls back to SFT's): hours for a run whose own model was timed on this machine, from the same model."""
+    mfu = {}
+    for stage in ("sft", "dpo"):
+        rate = tokens_per_s.get(stage) or tokens_per_s["sft"]
+        per_topic = [stage_flops(run, t, stage) for t in tokens]
+        trained, flops = sum(n for n, _ in per_topic), sum(f for _, f in per_topic)
+        mfu[stage] = rate * flops / trained / peak_flops(run) if trained else None
+    sft = mfu["sft"] or mfu["dpo"] or 0.0
+    return Mfu(sft, mfu["dpo"] or sft, "measured", note)
 
 
 def peak_flops(run: RunPlan) -> float:

@@ -26,7 +26,7 @@ def tiny(tiny_model_dir):
 
 
 def spec_with_model(tmp_path, tiny):
-    """configs/tiny-mlx.yaml pointing at the session's tiny model (generate takes no overrides)."""
+    """configs/tiny-mlx.yaml pointing at the session's tiny model, as a file."""
     import yaml
 
     spec = yaml.safe_load((ROOT / "configs" / "tiny-mlx.yaml").read_text())

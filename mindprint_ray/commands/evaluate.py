@@ -25,13 +25,15 @@ def _adapter(path: Optional[Path]) -> Optional[Path]:
 def _topics(spec, names: Optional[str]) -> list:
     """The topics to score: --topics (any folder in data_dir) or the spec's curriculum."""
     from ..curriculum import load_topic, needed_files
+    from ..storage import materialize_data_dir
     from ..errors import UserError
 
     wanted = [t.strip() for t in names.split(",") if t.strip()] if names else list(spec.curriculum.topics)
     if not wanted:
         raise UserError("--topics names no topic", field="--topics", hint="e.g. --topics cycle_basics,accumulation")
     kinds = [k for k in needed_files(spec) if k != "sft"] + ["eval"]
-    return [load_topic(Path(spec.curriculum.data_dir), t, sorted(set(kinds)), spec.eval.heldout_pairs) for t in wanted]
+    data_dir = Path(materialize_data_dir(spec.curriculum.data_dir))  # an s3:// curriculum: its cached copy
+    return [load_topic(data_dir, t, sorted(set(kinds)), spec.eval.heldout_pairs) for t in wanted]
 
 
 def _fmt(x) -> str:
@@ -78,6 +80,8 @@ def eval_command(config: Path = typer.Argument(..., help="run spec YAML", show_d
 
 
 def generate_command(config: Path = typer.Argument(..., help="run spec YAML", show_default=False),
+                     overrides: Optional[list[str]] = typer.Argument(None, help="dotted overrides (before the prompt)",
+                                                                     show_default=False),
                      prompt: str = typer.Argument(..., help="the question to ask", show_default=False),
                      adapter: Optional[Path] = AdapterOpt,
                      max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1,
@@ -86,7 +90,7 @@ def generate_command(config: Path = typer.Argument(..., help="run spec YAML", sh
     from ..evaluation.runner import load_model, stream_answer
     from ..run import load_run
 
-    run = load_run(config)
+    run = load_run(config, overrides or [])
     model, tokenizer = load_model(run, _adapter(adapter))
     stream_answer(model, tokenizer, prompt, run.spec.curriculum.system_prompt,
                   max_new_tokens or run.spec.eval.max_new_tokens)

@@ -5,11 +5,12 @@ import logging
 import os
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from ..errors import UserError
 from ..run import RunPlan
-from ..run_folder import RunFolder
+from ..run_folder import RunFolder, claim_run_folder
 from ..tiny_model import ensure_run_model
 from ..validation import validate_run
 
@@ -37,9 +38,10 @@ def check_trackers(report_to: list[str]) -> None:
                                  "or remove it from report_to")
 
 
-def absolutize(run: RunPlan) -> None:
-    """Workers run in other folders: make the spec's local paths absolute before it travels."""
-    spec = run.spec
+def for_workers(run: RunPlan) -> RunPlan:
+    """Workers run in other folders: a copy of the run whose spec's local paths are absolute, for the spec that
+    travels to them. The caller's run keeps the paths as written (they are what spec.yaml stores and compares)."""
+    spec = run.spec.model_copy(deep=True)
     cur = spec.curriculum
     if "://" not in cur.data_dir:
         cur.data_dir = str(Path(cur.data_dir).absolute())
@@ -49,6 +51,9 @@ def absolutize(run: RunPlan) -> None:
         spec.model.path = str(Path(spec.model.path).absolute())
     if "://" not in spec.storage.path:
         spec.storage.path = str(Path(spec.storage.path).absolute())
+    if spec.eval.general_text:
+        spec.eval.general_text = str(Path(spec.eval.general_text).absolute())
+    return replace(run, spec=spec)
 
 
 def check_run_template(run: RunPlan, topics: list) -> None:
@@ -118,14 +123,11 @@ def train(run: RunPlan, force: bool = False, progress: bool = True) -> RunFolder
 
     check_trackers(run.spec.report_to)
     ensure_run_model(run)
-    absolutize(run)
     topics, _, _ = validate_run(run)  # everything is validated before Ray starts
     check_run_template(run, topics)
     check_storage(run)
     check_gpus(run)
-    folder = RunFolder.for_storage(run.spec.storage.path, run.spec.name)
-    folder.pull()  # resuming an s3:// run on a fresh machine
-    resumed = folder.claim(run.spec.dump(), force)
+    folder, resumed = claim_run_folder(run.spec, force)  # the spec as written, from any working directory
     pending = [t.name for t in topics if not folder.topic_done(t.name)]
     folder.update_summary(run=run.spec.name, model=run.model_path, profile=run.profile.name,
                           topics_order=[t.name for t in topics], stopped=None)
@@ -134,7 +136,7 @@ def train(run: RunPlan, force: bool = False, progress: bool = True) -> RunFolder
         return folder
     folder.log({"event": "run_start", "resumed": resumed, "pending": pending, "workers": run.num_workers})
     init_ray(run)
-    trainer = build_trainer(run, folder)
+    trainer = build_trainer(for_workers(run), folder)
     watcher = ProgressWatcher(folder, pending) if progress else None
     t0 = time.time()
     try:
@@ -156,9 +158,7 @@ def train(run: RunPlan, force: bool = False, progress: bool = True) -> RunFolder
         folder.update_summary(status="stopped")
         raise UserError(f"training stopped: {stopped}", hint="finished topics are kept; fix the cause and rerun "
                         "the same command (add --force if you change the spec)")
-    folder.update_summary(status="done", wall_s=round(time.time() - t0, 2))
-    folder.log({"event": "run_done", "wall_s": time.time() - t0})
-    folder.push("metrics.jsonl")
+    folder.finish_run(time.time() - t0)
     write_run_report(run, folder)
     return folder
 

@@ -68,9 +68,7 @@ def apply_zone_plan(model, run: RunPlan, gradient_checkpointing: bool):
     from peft import LoraConfig, get_peft_model
 
     plan = run.zones
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    set_checkpointing(model, gradient_checkpointing)
     config = LoraConfig(**plan.peft_kwargs(explicit_list=run.spec.lora.target == "list"))
     peft_model = get_peft_model(model, config)
     dropouts = plan.zone_dropouts()
@@ -94,6 +92,21 @@ def apply_zone_plan(model, run: RunPlan, gradient_checkpointing: bool):
                         f"{plan.trainable_params():,}: the checkpoint's module shapes differ from {run.arch.name}'s",
                         field="model.name", hint="check model.name matches the checkpoint's architecture")
     return peft_model
+
+
+def set_checkpointing(model, enabled: bool) -> None:
+    """Switch gradient checkpointing on or off on the (PEFT-wrapped) model: each stage calls it with its own
+    section's setting (RunSpec.stage), so DPO never inherits SFT's. On, the input embeddings' outputs require
+    grad (frozen embeddings would otherwise cut the graph at the first checkpointed layer)."""
+    from .trainer_args import CHECKPOINTING_KWARGS
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.disable_input_require_grads()
+    if enabled:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(CHECKPOINTING_KWARGS))
+        base.enable_input_require_grads()
+    else:
+        base.gradient_checkpointing_disable()
 
 
 def load_adapter_weights(peft_model, adapter_dir) -> None:

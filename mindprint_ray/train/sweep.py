@@ -18,7 +18,7 @@ from ..run_folder import RunFolder
 from ..sweep_space import SearchSpace, apply_params, best_spec, check_space
 from ..validation import validate_run
 from ..tiny_model import ensure_run_model
-from .driver import absolutize, build_trainer, init_ray
+from .driver import build_trainer, for_workers, init_ray
 
 
 def distributions(space: SearchSpace, search: str) -> dict:
@@ -75,7 +75,7 @@ def run_sweep(run: RunPlan) -> Path:
 
     space = check_space(run)  # everything is checked before any trial starts
     ensure_run_model(run)
-    absolutize(run)
+    run = for_workers(run)  # trials run on workers: absolute paths (best.yaml too)
     validate_run(run)
     t = run.spec.tune
     sweep_folder = RunFolder.for_storage(run.spec.storage.path, run.spec.name)  # local, or an s3:// mirror

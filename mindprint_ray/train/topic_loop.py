@@ -25,7 +25,8 @@ from ..spec import RunSpec
 from ..validation import validate_run
 from . import datasets as ds
 from .callbacks import STATE_FILE, MetricsCallback, RayCheckpointCallback, report_checkpoint
-from .model_loading import apply_zone_plan, load_adapter_weights, load_base_model, load_tokenizer
+from .model_loading import apply_zone_plan, load_adapter_weights, load_base_model, load_tokenizer, set_checkpointing
+from .trainer_args import trainer_args
 
 log = logging.getLogger("mindprint_ray")
 
@@ -91,7 +92,7 @@ class Worker:
         self.ds_config = deepspeed_config(run.deepspeed_stage, bf16=gpu and self.spec.sft.bf16)
         self.tokenizer = load_tokenizer(run)
         base, self.attention = load_base_model(run, self.device, local_rank)
-        self.model = apply_zone_plan(base, run, self.spec.sft.gradient_checkpointing)
+        self.model = apply_zone_plan(base, run, False)  # each stage switches its own on (stage_args)
         self._last_trainer = None
         # the latest value of every metric a sweep may optimise, sent with each report to Ray (and Tune)
         self.latest: dict[str, float] = {"sft_loss": float("inf"), "dpo_loss": float("inf"), "reward_accuracy": 0.0,
@@ -163,13 +164,7 @@ class Worker:
                         "trainable_params": self.run.zones.trainable_params(), "format": "peft",
                         "created": time.time()}
             self.folder.publish_adapter(topic.name, staging, manifest)
-            tokens = (sft.get("tokens") or 0) + (dpo.get("tokens") or 0)
-            self.folder.update_topic(topic.name, status="done", wall_s=round(wall_s, 2), tokens=tokens,
-                                     adapter=str(self.folder.adapter_dir(topic.name)))
-            self.folder.log({"event": "topic_done", "topic": topic.name, "wall_s": wall_s})
-            self.folder.push("metrics.jsonl")
-            if (self.folder.root / "tensorboard").is_dir():
-                self.folder.push("tensorboard")
+            self.folder.finish_topic(topic.name, wall_s, (sft.get("tokens") or 0) + (dpo.get("tokens") or 0))
         report_checkpoint(None, topic.name, "done", 0, self.rank, sharded=False,
                           metrics={**self.latest, "wall_s": wall_s, "topics_done": self.topics_done()})
 
@@ -253,20 +248,13 @@ class Worker:
                                   + (": " + "; ".join(result.messages) if result else ""))
 
     # ---- trainers ---------------------------------------------------------------------------------
-    def common_args(self, stage: str, topic: str, section) -> dict:
-        out_dir = self.local / f"{topic}-{stage}"
+    def stage_args(self, stage: str, topic: str) -> dict:
+        """Start `stage` of `topic`: the model's gradient checkpointing set from the stage's own section, and the
+        trainer arguments (trainer_args: every value from the spec)."""
         if self.writer and "tensorboard" in self.spec.report_to:
             os.environ["TENSORBOARD_LOGGING_DIR"] = str(self.folder.root / "tensorboard" / f"{topic}-{stage}")
-        return dict(
-            output_dir=str(out_dir), learning_rate=section.learning_rate,
-            per_device_train_batch_size=section.batch_size, gradient_accumulation_steps=section.gradient_accumulation,
-            warmup_steps=section.warmup_steps, max_grad_norm=section.max_grad_norm, logging_steps=1,
-            save_strategy="steps", save_steps=self.spec.storage.checkpoint_every_steps, save_total_limit=2,
-            bf16=self.gpu and self.spec.sft.bf16, use_cpu=not self.gpu, seed=self.spec.seed,
-            report_to=[r for r in self.spec.report_to if r != "none"], disable_tqdm=True,
-            gradient_checkpointing=False, deepspeed=self.ds_config, ddp_find_unused_parameters=False,
-            dataloader_num_workers=0, max_length=section.max_seq_length,
-        )
+        set_checkpointing(self.model, self.spec.stage(stage).gradient_checkpointing)
+        return trainer_args(self.spec, stage, str(self.local / f"{topic}-{stage}"), self.gpu, self.ds_config)
 
     def run_sft(self, topic: TopicData, resume: Path | None):
         from trl import SFTConfig, SFTTrainer
@@ -279,7 +267,7 @@ class Worker:
         cache_root = self.folder.root.parent / ".cache" / "tokenized"
         prepared = ds.cached(cache_root, key)
         args = SFTConfig(
-            **self.common_args("sft", topic.name, s), num_train_epochs=s.epochs_per_topic,
+            **self.stage_args("sft", topic.name), num_train_epochs=s.epochs_per_topic,
             max_steps=s.max_steps or -1, lr_scheduler_type=s.scheduler, weight_decay=s.weight_decay,
             packing=s.packing,
             # our own tokenisation carries the assistant-only mask (`assistant_masks`), for any chat template;
@@ -310,7 +298,7 @@ class Worker:
         from trl import DPOConfig, DPOTrainer
 
         d = self.spec.dpo
-        args = DPOConfig(**self.common_args("dpo", topic.name, d), max_steps=d.steps_per_topic, beta=d.beta,
+        args = DPOConfig(**self.stage_args("dpo", topic.name), max_steps=d.steps_per_topic, beta=d.beta,
                          precompute_ref_log_probs=d.precompute_ref_log_probs)
         metrics = MetricsCallback(self.writer, topic.name, "dpo", self.latest)
         sharded = self.run.deepspeed_stage > 0
