@@ -94,7 +94,7 @@ def test_prompt_masking_targets_only_assistant_turns(tiny):
                 {"role": "assistant", "content": "I think it is the lowest point."}]
     seq = sft_sequence(tok, messages, 512)
     target = tok.decode([t for t, m in zip(seq.tokens, seq.target) if m])
-    assert target == "I think it is the lowest point.<|im_end|>\n"
+    assert target == "I think it is the lowest point.<|im_end|>"  # the template's trailing newline is not trained
 
 
 def test_nan_guard_stops_without_updating(tmp_path):
