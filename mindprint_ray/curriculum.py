@@ -9,10 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import yaml
-
 from .errors import UserError
 from .spec import EvalSection, RunSpec
+from .yaml_lines import load_yaml
 
 ROLES = ("system", "user", "assistant")
 FILES = {"sft": "sft.jsonl", "dpo": "dpo.jsonl", "eval": "eval.jsonl"}
@@ -96,27 +95,53 @@ def split_pairs(pairs: list, fraction: float,
 # ---- reading --------------------------------------------------------------------------------------
 
 
+MAX_LINE_BYTES = 8 * 1024**2  # one example; far above any context length the registry models have
+
+
+def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of a file read line by line, a line over MAX_LINE_BYTES refused without reading it all."""
+    with path.open("rb") as f:
+        number = 0
+        while line := f.readline(MAX_LINE_BYTES + 1):
+            number += 1
+            if len(line) > MAX_LINE_BYTES:
+                raise UserError(f"the line is longer than {MAX_LINE_BYTES // 1024**2} MiB", file=path, line=number,
+                                hint="one JSON object per line; an example this long cannot fit any context")
+            yield number, line
+
+
+def parse_json_line(text: str, path: Path, number: int) -> Any:
+    """One JSON value; malformed, too deeply nested, or holding a number Python refuses is a UserError."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"invalid JSON: {e.msg} at column {e.colno}", file=path, line=number,
+                        hint="each line must be one complete JSON object") from None
+    except RecursionError:
+        raise UserError("the JSON is nested too deeply", file=path, line=number,
+                        hint="an example is a flat object of messages") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise UserError(f"invalid JSON value: {e}", file=path, line=number) from None
+
+
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     """Yield (line number, object) for each non-blank line; encoding and JSON errors name the line."""
-    raw = path.read_bytes()
-    if not raw.strip():
-        raise UserError("the file is empty", file=path, hint="add one JSON object per line, or remove the topic")
-    for number, line in enumerate(raw.split(b"\n"), start=1):
+    seen = False
+    for number, line in _lines(path):
         if not line.strip():
             continue
+        seen = True
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as e:
             raise UserError(f"not UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1})", file=path,
                             line=number, hint="save the file as UTF-8") from None
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"invalid JSON: {e.msg} at column {e.colno}", file=path, line=number,
-                            hint="each line must be one complete JSON object") from None
+        obj = parse_json_line(text, path, number)
         if not isinstance(obj, dict):
             raise UserError(f"expected a JSON object, got {type(obj).__name__}", file=path, line=number)
         yield number, obj
+    if not seen:
+        raise UserError("the file is empty", file=path, hint="add one JSON object per line, or remove the topic")
 
 
 # ---- record checks --------------------------------------------------------------------------------
@@ -274,21 +299,24 @@ def load_persona(path: Path) -> dict:
     if not path.is_file():
         raise UserError("persona profile not found", file=path, field="curriculum.persona",
                         hint="add persona.yaml beside the data (lexicon + voice_markers), or set eval.enabled: false")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot parse persona profile: {e}", file=path) from None
+    data = load_yaml(path)
     if not isinstance(data, dict):
-        raise UserError("persona profile must be a mapping", file=path)
+        raise UserError("persona profile must be a mapping (lexicon: [...], voice_markers: {...})", file=path,
+                        hint="see data/curriculum/persona.yaml")
     lexicon, markers = data.get("lexicon"), data.get("voice_markers")
-    if not isinstance(lexicon, list) or not lexicon or not all(isinstance(t, str) for t in lexicon):
-        raise UserError("needs a non-empty list of terms", file=path, field="lexicon")
+    if not isinstance(lexicon, list) or not lexicon or not all(_phrase(t) for t in lexicon):
+        raise UserError("needs a non-empty list of non-empty terms", file=path, field="lexicon")
     if not isinstance(markers, dict) or not markers or not all(
-        isinstance(v, list) and v and all(isinstance(x, str) for x in v) for v in markers.values()
+        isinstance(k, str) and isinstance(v, list) and v and all(_phrase(x) for x in v) for k, v in markers.items()
     ):
         raise UserError("needs groups of marker phrases (hedges, confidence, teaching)", file=path,
                         field="voice_markers")
     return data
+
+
+def _phrase(value: Any) -> bool:
+    """A persona term or marker: a string with text in it (an empty one would match every answer)."""
+    return isinstance(value, str) and bool(value.strip())
 
 
 def load_general_text(path: Path) -> list[dict]:
@@ -300,10 +328,7 @@ def load_general_text(path: Path) -> list[dict]:
     if path.suffix == ".jsonl":
         rows = [({"file": str(path), "line": n}, "", obj) for n, obj in read_jsonl(path)]
     else:
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot parse the general-ability text: {e}", file=path) from None
+        data = load_yaml(path)
         items = data.get("items") if isinstance(data, dict) else data
         if not isinstance(items, list) or not items:
             raise UserError("needs a non-empty list of {question, answer} items", file=path, field="items")

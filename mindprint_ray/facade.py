@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
+from .inputs import check_run_name
 from .model_config import ModelConfig
 
 
@@ -170,7 +171,7 @@ class DPOPipeline:
 
         from .run import load_run
 
-        name = name or f"{self.model_config.name}-pipeline"
+        name = check_run_name(name or f"{self.model_config.name}-pipeline", "name")
         spec_path = spec_file(output_dir, name)
         spec_path.parent.mkdir(parents=True, exist_ok=True)
         spec_path.write_text(yaml.safe_dump(self.spec_dict(topics, data_dir, output_dir, name), sort_keys=False))

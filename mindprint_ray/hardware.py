@@ -1,13 +1,13 @@
 """Hardware profiles and hourly prices, read from the data files shipped with the package."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-import yaml
-
 from .errors import UserError
+from .yaml_lines import load_yaml
 
 DATA = Path(__file__).parent / "data"
 PRICE_FIELDS = ("on_demand", "spot", "source", "date")
@@ -54,17 +54,19 @@ class Profile:
 
 
 def _read_yaml(path: Path, top: str) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read: {e}", file=path) from None
-    except yaml.YAMLError as e:
-        line = getattr(getattr(e, "problem_mark", None), "line", None)
-        raise UserError(f"YAML syntax error: {getattr(e, 'problem', e)}", file=path,
-                        line=line + 1 if line is not None else None) from None
+    data = load_yaml(path, hint="check the path given to --prices")
     if not isinstance(data, dict) or not isinstance(data.get(top), dict):
         raise UserError(f"expected a top-level mapping '{top}:'", file=path)
     return data[top]
+
+
+def _price_number(entry: dict, name: str, file: Path, key: str, optional: bool = False) -> None:
+    """A price: a finite number >= 0 (not a boolean, not .nan or .inf)."""
+    value = entry.get(name)
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise UserError(f"'{name}' must be a finite number >= 0", file=file, field=f"prices.{key}.{name}")
 
 
 @lru_cache(maxsize=None)
@@ -79,9 +81,11 @@ def load_prices(path: str | None = None) -> dict[str, Price]:
             if f not in entry:
                 raise UserError(f"missing field '{f}'", file=file, field=f"prices.{key}.{f}",
                                 hint=f"every price needs: {', '.join(PRICE_FIELDS)}")
-        for f in ("on_demand", "spot"):
-            if not isinstance(entry[f], (int, float)) or entry[f] < 0:
-                raise UserError(f"'{f}' must be a number >= 0", file=file, field=f"prices.{key}.{f}")
+        for f in ("on_demand", "spot", "previous_list_price"):
+            _price_number(entry, f, file, key, optional=f == "previous_list_price")
+        for f in ("source", "date", "spot_source", "previous_list_note"):
+            if f in entry and not isinstance(entry[f], str):
+                entry[f] = str(entry[f])  # YAML reads 2025-01-31 as a date
         prices[key] = Price(key=key, **{k: entry[k] for k in entry if k in Price.__dataclass_fields__})
     return prices
 

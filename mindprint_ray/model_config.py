@@ -9,10 +9,11 @@ from pydantic import ValidationError
 from .errors import UserError
 from .registry import MODELS, ALIASES, ModelArch, get_arch
 from .spec import LoraSection, _validation_error
-from .yaml_lines import load_yaml_with_lines
+from .yaml_lines import line_for, load_yaml_with_lines
 from .zones import ZonePlan, build_plan
 
 ARCH_FIELDS = [f.name for f in fields(ModelArch) if f.name not in ("name", "aliases")]
+ARCH_TYPES = {f.name: str(f.type) for f in fields(ModelArch) if f.name in ARCH_FIELDS}  # "int", "bool" or "str"
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,20 @@ def get_model_config(name: str, strategy: str = "conservative") -> ModelConfig:
     return ModelConfig(arch, build_plan(arch, strategy))
 
 
+def _check_arch_types(arch_fields: dict, path: str | Path, lines: dict) -> None:
+    """Each architecture field of the type ModelArch declares: counts positive integers, flags booleans, text."""
+    for key, value in arch_fields.items():
+        kind = ARCH_TYPES[key]
+        if kind == "int":
+            ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 1 or key == "norms_per_layer")
+        else:
+            ok = isinstance(value, {"bool": bool, "str": str}[kind])
+        if not ok:
+            want = {"int": "a positive integer", "bool": "true or false", "str": "a string"}[kind]
+            raise UserError(f"must be {want} (got {value!r})", file=path, line=line_for(lines, ("architecture", key)),
+                            field=f"architecture.{key}")
+
+
 def load_model_config(path: str | Path) -> ModelConfig:
     """Read a model YAML: a registry `name` (architecture fields may override) or a full `architecture`."""
     data, lines = load_yaml_with_lines(path)
@@ -64,10 +79,14 @@ def load_model_config(path: str | Path) -> ModelConfig:
         raise UserError(f"unknown key '{sorted(unknown)[0]}'", file=path, field=sorted(unknown)[0],
                         hint="keys are: name, hf_path, architecture, lora")
     arch_fields = data.get("architecture") or {}
+    if not isinstance(arch_fields, dict):
+        raise UserError("must be a mapping of architecture fields", file=path, line=line_for(lines, ("architecture",)),
+                        field="architecture", hint=f"fields are: {', '.join(ARCH_FIELDS)}")
     bad = set(arch_fields) - set(ARCH_FIELDS)
     if bad:
         raise UserError(f"unknown architecture field '{sorted(bad)[0]}'", file=path,
                         field=f"architecture.{sorted(bad)[0]}", hint=f"fields are: {', '.join(ARCH_FIELDS)}")
+    _check_arch_types(arch_fields, path, lines)
     name = str(data["name"])
     if name.lower() in MODELS or name.lower() in ALIASES:
         arch = replace(get_arch(name), **arch_fields)

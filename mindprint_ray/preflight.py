@@ -6,11 +6,10 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from .errors import UserError
 from .run import RunPlan
 from .storage import check_access, is_s3, parse_s3
+from .yaml_lines import load_yaml
 
 MIB = 1024 * 1024
 RAY_UPLOAD_LIMIT = int(os.environ.get("RAY_max_grpc_message_size", 512 * MIB))  # Ray's GCS package limit
@@ -44,10 +43,18 @@ def check_storage(run: RunPlan) -> str:
 
 
 def runtime_env_excludes(path: Path) -> list[str]:
+    """The `excludes` of a Ray runtime env file (none when the file is absent)."""
     if not path.is_file():
         return []
-    data = yaml.safe_load(path.read_text()) or {}
-    return list(data.get("excludes", []))
+    data = load_yaml(path, hint="check --runtime-env") or {}
+    if not isinstance(data, dict):
+        raise UserError("a runtime env must be a YAML mapping", file=path, field="--runtime-env",
+                        hint="see cluster/runtime_env.yaml")
+    excludes = data.get("excludes") or []
+    if not isinstance(excludes, list) or not all(isinstance(e, str) and e.strip() for e in excludes):
+        raise UserError("must be a list of path patterns", file=path, field="excludes",
+                        hint="e.g. excludes: [runs/, models/]")
+    return excludes
 
 
 def working_dir_files(root: Path, excludes: list[str]) -> list[Path]:
@@ -69,6 +76,9 @@ def working_dir_files(root: Path, excludes: list[str]) -> list[Path]:
 
 
 def check_working_dir(root: Path, runtime_env: Path) -> str:
+    if not root.is_dir():
+        raise UserError("the working dir is not a folder", file=root, field="--working-dir",
+                        hint="pass the folder `ray job submit --working-dir` uploads (the repository root)")
     files = working_dir_files(root, runtime_env_excludes(runtime_env))
     size = sum(f.stat().st_size for f in files)
     if size >= RAY_UPLOAD_LIMIT:

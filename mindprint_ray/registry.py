@@ -145,6 +145,11 @@ def arch_from_hf_config(cfg: dict, name: str, hf_path: str) -> ModelArch:
             f"model_type '{cfg.get('model_type')}' is not supported from config.json",
             field="model.name", hint="use a registry model (qwen2.5-*, gemma-3-12b, smollm2-135m, tiny) or a Qwen2/Llama/Mistral folder",
         )
+    needed = ("num_attention_heads", "hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
+    bad = [k for k in needed if isinstance(cfg.get(k), bool) or not isinstance(cfg.get(k), int) or cfg[k] < 1]
+    if bad:
+        raise UserError(f"config.json needs a positive integer '{bad[0]}'", field="model.path",
+                        hint="the model folder's config.json is incomplete; download or convert it again")
     heads = cfg["num_attention_heads"]
     return ModelArch(
         name=name, hf_path=hf_path, family="qwen2", hidden_size=cfg["hidden_size"],

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .errors import UserError
 from .hardware import Profile, get_profile
+from .inputs import looks_like_local_path
 from .registry import ModelArch, arch_from_hf_config, get_arch, MODELS, ALIASES
 from .spec import RunSpec, load_spec
 from .zones import ZonePlan, build_plan
@@ -47,12 +48,46 @@ def resolve_arch(spec: RunSpec) -> ModelArch:
         return get_arch(name)
     config = Path(spec.model.path or name) / "config.json"
     if config.is_file():
-        return arch_from_hf_config(json.loads(config.read_text()), name, str(config.parent))
-    return get_arch(name)  # raises the unknown-model error with the list of known models
+        return arch_from_hf_config(read_hf_config(config), name, str(config.parent))
+    return get_arch(name)
+
+
+def read_hf_config(path: Path) -> dict:
+    """A model folder's config.json as a JSON object; anything else is a UserError naming the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise UserError(f"not a readable JSON file ({type(e).__name__})", file=path, field="model.path",
+                        hint="the model folder is damaged; download or convert it again") from None
+    if not isinstance(data, dict):
+        raise UserError("must be a JSON object", file=path, field="model.path")
+    return data  # raises the unknown-model error with the list of known models
+
+
+def check_model_path(spec: RunSpec) -> None:
+    """A `model.path` that looks local (see inputs.looks_like_local_path) must be a model folder, except for the
+    registry models that `train` builds on first use; a hub id such as `Qwen/Qwen2.5-7B-Instruct` passes."""
+    from .tiny_model import BUILT_ON_FIRST_USE
+
+    path = spec.model.path
+    if path is None or not looks_like_local_path(path):
+        return
+    name = spec.model.name.lower()
+    if ALIASES.get(name, name) in BUILT_ON_FIRST_USE:
+        return
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise UserError(f"model folder '{path}' does not exist", field="model.path",
+                        hint="point model.path at a local model folder (with config.json), or at a hub id "
+                             "such as Qwen/Qwen2.5-7B-Instruct")
+    if not folder.is_dir() or not (folder / "config.json").is_file():
+        raise UserError(f"'{path}' is not a model folder (no config.json in it)", field="model.path",
+                        hint="point model.path at the folder holding config.json and the weights")
 
 
 def build_run(spec: RunSpec, prices_path: str | None = None) -> RunPlan:
     """Resolve and cross-check a spec: zones against the architecture, lengths against its context."""
+    check_model_path(spec)
     arch = resolve_arch(spec)
     lora = spec.lora
     zones = build_plan(
@@ -71,8 +106,10 @@ def build_run(spec: RunSpec, prices_path: str | None = None) -> RunPlan:
     return RunPlan(spec, arch, zones, profile)
 
 
-def load_run(path: str | Path, overrides: list[str] | None = None, prices_path: str | None = None) -> RunPlan:
-    spec = load_spec(path, overrides)
+def load_run(path: str | Path, overrides: list[str] | None = None, prices_path: str | None = None,
+             name: str | None = None) -> RunPlan:
+    """The spec at `path` with its overrides (and `--name`), resolved into a run plan."""
+    spec = load_spec(path, overrides, name)
     try:
         return build_run(spec, prices_path)
     except UserError as e:

@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from .errors import UserError
+from .yaml_lines import load_yaml
 
 ADAPTER_MANIFEST = "mindprint_manifest.json"
 
@@ -33,9 +34,13 @@ class RunFolder:
 
     @classmethod
     def for_storage(cls, storage_path: str, name: str) -> "RunFolder":
-        """`<storage>/<name>`; for `s3://` storage, a local mirror in the cache plus the remote URI."""
+        """`<storage>/<name>`; for `s3://` storage, a local mirror in the cache plus the remote URI.
+
+        The name is checked here too (`inputs.check_run_name`), so no caller can place a run outside storage."""
+        from .inputs import check_run_name
         from .storage import is_s3, local_cache_root, parse_s3
 
+        check_run_name(name)
         if not is_s3(storage_path):
             return cls(Path(storage_path) / name)
         loc = parse_s3(storage_path).child(name)
@@ -103,7 +108,7 @@ class RunFolder:
         Returns True when this is a resume of an existing run."""
         self.root.mkdir(parents=True, exist_ok=True)
         if self.spec_file.is_file():
-            old = yaml.safe_load(self.spec_file.read_text())
+            old = load_yaml(self.spec_file)
             new = yaml.safe_load(spec_yaml)
             if old != new and not force:
                 diff = sorted(_diff(old, new))
@@ -146,14 +151,28 @@ class RunFolder:
             f.flush()
 
     def read_metrics(self) -> list[dict]:
+        """metrics.jsonl, one record per line; a line that is not a JSON object is a UserError naming it."""
         if not self.metrics_file.is_file():
             return []
-        return [json.loads(l) for l in self.metrics_file.read_text().splitlines() if l.strip()]
+        from .curriculum import read_jsonl
+
+        if not self.metrics_file.read_bytes().strip():
+            return []
+        return [record for _, record in read_jsonl(self.metrics_file)]
 
     def summary(self) -> dict:
-        if self.summary_file.is_file():
-            return json.loads(self.summary_file.read_text())
-        return {"run": self.root.name, "topics": {}}
+        """summary.json (an empty summary when the run has none yet); a malformed one is a UserError naming it."""
+        if not self.summary_file.is_file():
+            return {"run": self.root.name, "topics": {}}
+        try:
+            data = json.loads(self.summary_file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise UserError(f"not a readable summary: {e}", file=self.summary_file,
+                            hint="the run folder was changed by hand; restore summary.json or start a new run") from None
+        if not isinstance(data, dict) or not isinstance(data.get("topics", {}), dict):
+            raise UserError("not a run summary (a JSON object with `topics`)", file=self.summary_file,
+                            hint="pass the folder `train` wrote: <storage>/<run name>")
+        return data
 
     def update_topic(self, topic: str, **fields) -> dict:
         summary = self.summary()

@@ -10,7 +10,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
-from .yaml_lines import line_for, load_yaml_with_lines
+from .inputs import check_run_name, find_bad_string, name_problem, path_problem
+from .yaml_lines import line_for, load_yaml_with_lines, yaml_value
 
 SECRET_KEY = re.compile(
     r"^(?:.*[_-])?(?:secret|secret[_-]?key|secret[_-]access[_-]key|password|passwd|token|auth[_-]?token|"
@@ -19,8 +20,11 @@ SECRET_KEY = re.compile(
 )
 
 
+COUNT_MAX = 1_000_000_000  # an upper bound for counts and sizes that keeps every estimate finite
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSection(Section):
@@ -85,13 +89,13 @@ WARMUP_DOC = ("optimizer steps of linear warmup from 0 (the first step applies 0
 
 class SFTSection(Section):
     learning_rate: float = Field(2e-4, gt=0, le=1)
-    batch_size: int = Field(1, ge=1, description=BATCH_DOC)
-    gradient_accumulation: int = Field(4, ge=1, description=ACCUMULATION_DOC)
-    epochs_per_topic: float = Field(3, gt=0)
-    max_steps: int | None = Field(None, ge=1, description="optimizer steps per topic of the whole worker group "
+    batch_size: int = Field(1, ge=1, le=COUNT_MAX, description=BATCH_DOC)
+    gradient_accumulation: int = Field(4, ge=1, le=COUNT_MAX, description=ACCUMULATION_DOC)
+    epochs_per_topic: float = Field(3, gt=0, le=COUNT_MAX)
+    max_steps: int | None = Field(None, ge=1, le=COUNT_MAX, description="optimizer steps per topic of the whole worker group "
                                                           "(not per device); overrides epochs_per_topic")
-    max_seq_length: int = Field(4096, ge=16)
-    warmup_steps: int = Field(50, ge=0, description=WARMUP_DOC)
+    max_seq_length: int = Field(4096, ge=16, le=COUNT_MAX)
+    warmup_steps: int = Field(50, ge=0, le=COUNT_MAX, description=WARMUP_DOC)
     weight_decay: float = Field(0.01, ge=0)
     scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     gradient_checkpointing: bool = True
@@ -108,13 +112,13 @@ class SFTSection(Section):
 class DPOSection(Section):
     enabled: bool = True
     learning_rate: float = Field(1e-7, gt=0, le=1)
-    batch_size: int = Field(1, ge=1, description=BATCH_DOC)
-    gradient_accumulation: int = Field(2, ge=1, description=ACCUMULATION_DOC)
-    steps_per_topic: int = Field(100, ge=1, description="optimizer steps per topic of the whole worker group "
+    batch_size: int = Field(1, ge=1, le=COUNT_MAX, description=BATCH_DOC)
+    gradient_accumulation: int = Field(2, ge=1, le=COUNT_MAX, description=ACCUMULATION_DOC)
+    steps_per_topic: int = Field(100, ge=1, le=COUNT_MAX, description="optimizer steps per topic of the whole worker group "
                                                        "(not per device), each of one global batch of pairs")
     beta: float = Field(0.1, gt=0)
-    max_seq_length: int = Field(4096, ge=16)
-    warmup_steps: int = Field(0, ge=0, description=WARMUP_DOC)
+    max_seq_length: int = Field(4096, ge=16, le=COUNT_MAX)
+    warmup_steps: int = Field(0, ge=0, le=COUNT_MAX, description=WARMUP_DOC)
     gradient_checkpointing: bool = True
     precompute_ref_log_probs: bool = False
     reference: Literal["sft", "base"] = Field(
@@ -136,15 +140,16 @@ class CurriculumSection(Section):
         if dupes:
             raise ValueError(f"topic listed twice: {', '.join(dupes)}")
         for t in topics:
-            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", t):
-                raise ValueError(f"topic '{t}' must be a folder name (letters, digits, _ . -)")
+            problem = name_problem(t)
+            if problem:
+                raise ValueError(f"topic {t!r} {problem} (a topic is one folder of data_dir)")
         return topics
 
 
 class HardwareSection(Section):
     profile: str = "cpu-2"
     deepspeed: Literal["auto", "none", "zero2", "zero3"] = "auto"
-    num_workers: int | None = Field(None, ge=1, description="default: the profile's device count")
+    num_workers: int | None = Field(None, ge=1, le=COUNT_MAX, description="default: the profile's device count")
     mfu: float | None = Field(None, gt=0, le=1, description="override the profile's assumed MFU")
     price_per_hour: float | None = Field(None, ge=0)
     spot: bool = False
@@ -152,13 +157,13 @@ class HardwareSection(Section):
 
 class StorageSection(Section):
     path: str = "runs"
-    checkpoint_every_steps: int = Field(50, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
+    checkpoint_every_steps: int = Field(50, ge=1, le=COUNT_MAX)
+    keep_checkpoints: int = Field(2, ge=1, le=COUNT_MAX)
 
 
 class RaySection(Section):
     address: str | None = Field(None, description="default: RAY_ADDRESS, else a local cluster")
-    max_failures: int = Field(2, ge=-1)
+    max_failures: int = Field(2, ge=-1, le=COUNT_MAX)
 
 
 class EvalSection(Section):
@@ -167,8 +172,8 @@ class EvalSection(Section):
     accuracy_target: float = Field(0.85, ge=0, le=1)
     on_miss: Literal["warn", "stop"] = "warn"
     regression_margin: float = Field(0.05, ge=0, le=1)
-    max_new_tokens: int = Field(96, ge=1)
-    max_examples: int | None = Field(None, ge=1, description="cap eval questions per topic")
+    max_new_tokens: int = Field(96, ge=1, le=COUNT_MAX)
+    max_examples: int | None = Field(None, ge=1, le=COUNT_MAX, description="cap eval questions per topic")
     after_sft: bool = Field(True, description="also score each topic between SFT and DPO (base and after DPO are "
                                               "always scored); false saves one evaluation per topic (in-loop "
                                               "evaluation is the Ray backend's)")
@@ -225,19 +230,19 @@ class ParamRange(Section):
 class TuneSection(Section):
     space: dict[str, ParamRange] = Field(..., min_length=1)
     search: Literal["grid", "random", "optuna"] = "grid"
-    num_samples: int = Field(1, ge=1, description="grid: repeats of the grid; random/optuna: trials")
+    num_samples: int = Field(1, ge=1, le=COUNT_MAX, description="grid: repeats of the grid; random/optuna: trials")
     metric: str | None = Field(None, description="default: voice_fidelity with eval on, else sft_loss")
     mode: Literal["max", "min"] | None = None
     scheduler: Literal["asha", "none"] = "asha"
-    grace_period: int = Field(2, ge=1, description="ASHA: reports before a trial may be stopped")
+    grace_period: int = Field(2, ge=1, le=COUNT_MAX, description="ASHA: reports before a trial may be stopped")
     topics: list[str] | None = Field(None, description="default: the first topic of the curriculum")
-    workers_per_trial: int | None = Field(None, ge=1)
-    max_concurrent: int | None = Field(None, ge=1)
+    workers_per_trial: int | None = Field(None, ge=1, le=COUNT_MAX)
+    max_concurrent: int | None = Field(None, ge=1, le=COUNT_MAX)
 
 
 class RunSpec(Section):
-    name: str | None = None
-    seed: int = 42
+    name: str | None = Field(None, description="the run folder's name; default: the spec file's name")
+    seed: int = Field(42, ge=0, le=2**32 - 1)
     model: ModelSection = Field(default_factory=ModelSection)
     lora: LoraSection = Field(default_factory=LoraSection)
     quantization: QuantizationSection = Field(default_factory=QuantizationSection)
@@ -250,6 +255,14 @@ class RunSpec(Section):
     eval: EvalSection = Field(default_factory=EvalSection)
     report_to: list[Literal["tensorboard", "mlflow", "wandb", "none"]] = Field(default_factory=lambda: ["tensorboard"])
     tune: TuneSection | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str | None) -> str | None:
+        problem = name_problem(name) if name is not None else None
+        if problem:
+            raise ValueError(f"run name {problem}")
+        return name
 
     @property
     def persona_path(self) -> Path:
@@ -311,22 +324,24 @@ def apply_override(data: dict, override: str) -> None:
         raise UserError(f"override '{override}' is not of the form key.path=value", field="override",
                         hint="e.g. sft.learning_rate=1e-4")
     key, _, raw = override.partition("=")
-    parts = [p for p in key.strip().split(".")]
+    key = key.strip()
+    parts = key.split(".")
     if not all(parts):
-        raise UserError(f"override '{override}' has an empty key part", field="override")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
+        raise UserError(f"override key '{key.strip()}' has an empty part", field="override",
+                        hint="e.g. sft.learning_rate=1e-4")
+    value = yaml_value(raw, key) if raw.strip() else None
     node = data
     while len(parts) > 1:
         rest = ".".join(parts)
-        if rest in node or any("." in k for k in node):  # a mapping keyed by dotted paths (tune.space)
+        if rest in node or any(isinstance(k, str) and "." in k for k in node):  # keyed by dotted paths (tune.space)
             break
         part = parts.pop(0)
-        if not isinstance(node.get(part, {}), dict):
-            raise UserError(f"override '{override}': '{part}' is not a section", field=key)
-        node = node.setdefault(part, {})
+        if node.get(part) is None:  # a missing or empty (`sft:`) section
+            node[part] = {}
+        if not isinstance(node[part], dict):
+            raise UserError(f"override key '{key}': '{part}' is not a section", field=key,
+                            hint="set the whole value (e.g. lora.zones=[...]) or a field of a section")
+        node = node[part]
     node[".".join(parts)] = value
 
 
@@ -369,13 +384,54 @@ def _validation_error(err: ValidationError, file: str, lines: dict) -> UserError
                      hint="fix the value; `mindprint-ray validate CFG` checks the whole spec")
 
 
-def load_spec(path: str | Path, overrides: list[str] | None = None) -> RunSpec:
-    """Read, override and validate a run spec. Every problem is a UserError naming file, line and field."""
+def _check_strings(data: Any, path: str | Path | None, lines: dict) -> None:
+    """No credentials in URLs and no NUL characters in any value (the message never quotes the value)."""
+    bad = find_bad_string(data)
+    if bad:
+        where, problem = bad
+        raise UserError(problem, file=path, line=line_for(lines, where), field=dotted(where) or None,
+                        hint="remove it; credentials come from the environment or an instance role "
+                             "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, RAY_AUTH_TOKEN, ...)")
+
+
+LOCATIONS = (("storage", "path"), ("curriculum", "data_dir"), ("curriculum", "persona"), ("model", "path"),
+             ("eval", "general_text"))
+
+
+def _check_locations(spec: RunSpec, path: str | Path, lines: dict) -> None:
+    """Every place the spec names: an s3:// URI S3 would accept (before any network call), a local path that
+    a file system can hold. (Whether a local model folder exists is checked against the registry in run.py.)"""
+    from .storage import is_s3, parse_s3
+
+    for loc in LOCATIONS:
+        value = getattr(getattr(spec, loc[0]), loc[1])
+        if value is None:
+            continue
+        try:
+            if is_s3(value):
+                if loc == ("model", "path") or loc == ("eval", "general_text"):
+                    raise UserError("must be a local path or hub id, not s3://", field=dotted(loc),
+                                    hint="download it first, or point at a local copy")
+                parse_s3(value, dotted(loc))
+            elif path_problem(value):
+                raise UserError(f"the path {path_problem(value)}", field=dotted(loc), hint="shorten the path")
+        except UserError as e:
+            e.file, e.line = str(path), line_for(lines, loc)
+            raise
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None, name: str | None = None) -> RunSpec:
+    """Read, override and validate a run spec. Every problem is a UserError naming file, line and field.
+
+    `name` (the command line's --name) replaces the spec's name; without either, the file's stem is the name."""
+    if name is not None:
+        check_run_name(name, "--name")
     data, lines = load_yaml_with_lines(path)
     if data is None:
         raise UserError("the config file is empty", file=path, hint="start from configs/tiny-cpu.yaml")
     if not isinstance(data, dict):
-        raise UserError("the config must be a YAML mapping of sections", file=path, line=1)
+        raise UserError("the config must be a YAML mapping of sections", file=path, line=1,
+                        hint="start from configs/tiny-cpu.yaml")
     secret = find_secret_keys(data)
     if secret:
         raise UserError(
@@ -384,16 +440,33 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> RunSpec:
             hint="remove it and provide credentials through the environment or an instance role "
                  "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, RAY_AUTH_TOKEN, WANDB_API_KEY, ...)",
         )
+    _check_strings(data, path, lines)
     for override in overrides or []:
         apply_override(data, override)
         secret = find_secret_keys(data)
         if secret:
             raise UserError(f"'{secret[-1]}' looks like a secret; pass it through the environment",
                             field=dotted(secret))
+        _check_strings(data, None, {})
+    if name is not None:
+        data["name"] = name
+    elif data.get("name") is None:
+        data["name"] = _default_name(path)
+    elif isinstance(data["name"], str):
+        check_run_name(data["name"], "name", path, line_for(lines, ("name",)))
     try:
         spec = RunSpec.model_validate(data)
     except ValidationError as err:
         raise _validation_error(err, str(path), lines) from None
-    if spec.name is None:
-        spec.name = Path(path).stem
+    _check_locations(spec, path, lines)
     return spec
+
+
+def _default_name(path: str | Path) -> str:
+    """A spec without `name` is named after its file, when the file's name is a valid run name."""
+    stem = Path(path).stem
+    problem = name_problem(stem)
+    if problem:
+        raise UserError(f"the spec has no `name`, and its file name {problem} (so it cannot name the run)",
+                        file=path, field="name", hint="add `name: my-run` to the spec, or pass --name my-run")
+    return stem

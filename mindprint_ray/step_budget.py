@@ -275,9 +275,15 @@ def _few_steps_fix(run: RunPlan, hits: list[StageBudget]) -> str:
         return f"raise dpo.steps_per_topic to {MIN_STEPS}"
     if s.max_steps:
         return f"raise sft.max_steps to {MIN_STEPS}"
-    for a in range(s.gradient_accumulation - 1, 0, -1):
-        if all(stage_steps(run, stage, h.rows, a) >= MIN_STEPS for h in hits):
-            return f"lower sft.gradient_accumulation to {a}"
+    def enough(accumulation: int) -> bool:
+        return all(stage_steps(run, stage, h.rows, accumulation) >= MIN_STEPS for h in hits)
+
+    low, high = 0, s.gradient_accumulation - 1  # steps fall as accumulation grows: bisect for the largest that works
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if enough(mid) else (low, mid - 1)
+    if low:
+        return f"lower sft.gradient_accumulation to {low}"
     epochs = max(math.ceil(MIN_STEPS / h.steps_per_epoch) for h in hits)
     return (f"raise sft.epochs_per_topic to {epochs} ({epochs} passes over the data) or set sft.max_steps: "
             f"{MIN_STEPS}; more examples per topic give more steps per epoch")

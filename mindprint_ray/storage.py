@@ -10,11 +10,13 @@ import base64
 import hashlib
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .inputs import check_url_credentials
 
 log = logging.getLogger("mindprint_ray")
 SINGLE_PUT_LIMIT = 4 * 1024**3
@@ -41,11 +43,44 @@ def is_s3(path: str) -> bool:
     return path.startswith("s3://")
 
 
+BUCKET_CHARS = re.compile(r"[a-z0-9.-]+")
+BUCKET_RESERVED_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
+BUCKET_RESERVED_SUFFIXES = ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3")
+
+
+def bucket_problem(bucket: str) -> str | None:
+    """Why S3 would reject this bucket name (its general-purpose naming rules), or None."""
+    if not 3 <= len(bucket) <= 63:
+        return f"is {len(bucket)} characters long (S3 bucket names have 3 to 63)"
+    if not BUCKET_CHARS.fullmatch(bucket):
+        return "may only hold lower-case letters, digits, '.' and '-'"
+    if not (bucket[0].isalnum() and bucket[-1].isalnum()):
+        return "must begin and end with a letter or digit"
+    if ".." in bucket:
+        return "may not hold two adjacent periods"
+    if re.fullmatch(r"\d+\.\d+\.\d+\.\d+", bucket):
+        return "may not be formatted as an IP address"
+    if bucket.startswith(BUCKET_RESERVED_PREFIXES) or bucket.endswith(BUCKET_RESERVED_SUFFIXES):
+        return "uses a prefix or suffix that S3 reserves"
+    return None
+
+
 def parse_s3(uri: str, field: str = "storage.path") -> S3Location:
+    """`s3://bucket/prefix`, checked before any network call: no credentials in it, a bucket S3 accepts, and a
+    prefix without '.'/'..' parts (the local mirror in the cache would leave its folder)."""
+    check_url_credentials(uri, field)
     rest = uri[len("s3://"):]
     bucket, _, prefix = rest.partition("/")
     if not bucket:
         raise UserError(f"'{uri}' names no bucket", field=field, hint="write s3://BUCKET/optional/prefix")
+    problem = bucket_problem(bucket)
+    if problem:
+        raise UserError(f"bucket name '{bucket}' {problem}", field=field,
+                        hint="S3 bucket names are 3-63 lower-case letters, digits, '.' and '-' "
+                             "(see the S3 bucket naming rules)")
+    if any(part in (".", "..") for part in prefix.split("/")) or "\0" in prefix:
+        raise UserError(f"the prefix of '{uri}' has a '.' or '..' part", field=field,
+                        hint="write s3://BUCKET/plain/prefix")
     return S3Location(bucket, prefix.strip("/"))
 
 

@@ -7,6 +7,7 @@ import copy
 from dataclasses import dataclass
 
 from .errors import UserError
+from .inputs import NAME_MAX
 from .run import RunPlan, build_run
 from .spec import ParamRange, RunSpec
 
@@ -66,6 +67,10 @@ def check_space(run: RunPlan) -> SearchSpace:
     unknown = [t for t in topics if t not in spec.curriculum.topics]
     if unknown:
         raise UserError(f"tune topic '{unknown[0]}' is not in curriculum.topics", field="tune.topics")
+    if len(best_name(spec.name)) > NAME_MAX:
+        raise UserError(f"the sweep name is too long for its best run '{best_name(spec.name)[:20]}...' "
+                        f"(at most {NAME_MAX - len(best_name(''))} characters)", field="name",
+                        hint="pass a shorter --name")
     space = SearchSpace(dict(tune.space), metric, tune.mode or default_mode, list(topics))
     for params in corner_points(space):  # every corner of the space must make a valid run
         trial_run(run, params, "check")
@@ -110,4 +115,9 @@ def trial_run(run: RunPlan, params: dict, name: str, topics: list[str] | None = 
 
 def best_spec(run: RunPlan, params: dict) -> RunSpec:
     """The full curriculum with the best trial's values: a ready-to-run config."""
-    return apply_params(run.spec, params, f"{run.spec.name}-best", run.spec.curriculum.topics)
+    return apply_params(run.spec, params, best_name(run.spec.name), run.spec.curriculum.topics)
+
+
+def best_name(sweep: str) -> str:
+    """The run name in best.yaml: the sweep's name and `-best`."""
+    return f"{sweep}-best"

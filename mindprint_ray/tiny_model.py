@@ -13,6 +13,7 @@ from .errors import UserError
 from .registry import get_arch
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+BUILT_ON_FIRST_USE = ("tiny", "smollm2-135m")  # registry models `ensure_run_model` writes when their folder is missing
 
 
 def corpus_texts(data_dir: Path) -> list[str]:

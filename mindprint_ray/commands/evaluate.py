@@ -14,11 +14,11 @@ AdapterOpt = typer.Option(None, "--adapter", help="PEFT adapter folder, e.g. run
 
 
 def _adapter(path: Optional[Path]) -> Optional[Path]:
-    from ..errors import UserError
+    """--adapter checked before any model loads: a folder with a readable config and weights."""
+    from ..adapter_convert import check_adapter_folder
 
-    if path is not None and not path.is_dir():
-        raise UserError("adapter folder not found", file=path, field="--adapter",
-                        hint="point --adapter at <storage>/<run>/adapters/<topic>")
+    if path is not None:
+        check_adapter_folder(path, "--adapter")
     return path
 
 
@@ -27,10 +27,13 @@ def _topics(spec, names: Optional[str]) -> list:
     from ..curriculum import load_topic, needed_files
     from ..storage import materialize_data_dir
     from ..errors import UserError
+    from ..inputs import check_topic_name
 
-    wanted = [t.strip() for t in names.split(",") if t.strip()] if names else list(spec.curriculum.topics)
+    wanted = [t.strip() for t in names.split(",") if t.strip()] if names is not None else list(spec.curriculum.topics)
     if not wanted:
         raise UserError("--topics names no topic", field="--topics", hint="e.g. --topics cycle_basics,accumulation")
+    for t in wanted:
+        check_topic_name(t, "--topics")
     kinds = [k for k in needed_files(spec) if k != "sft"] + ["eval"]
     data_dir = Path(materialize_data_dir(spec.curriculum.data_dir))  # an s3:// curriculum: its cached copy
     return [load_topic(data_dir, t, sorted(set(kinds)), spec.eval.heldout_pairs) for t in wanted]
@@ -63,16 +66,17 @@ def eval_command(config: Path = typer.Argument(..., help="run spec YAML", show_d
     from ..cli import _console
     from ..curriculum import load_persona
     from ..evaluation.runner import evaluate_topics_detailed, load_model
+    from ..inputs import check_output_file
     from ..run import load_run
 
     run = load_run(config, overrides or [])
     adapter = _adapter(adapter)
+    out = check_output_file(out or Path(f"eval-{adapter.name if adapter else 'base'}.json"), "--out")
     topic_data, persona = _topics(run.spec, topics), load_persona(run.spec.persona_path)
     model, tokenizer = load_model(run, adapter)
     results = evaluate_topics_detailed(model, tokenizer, topic_data, persona, run.spec)
     console = _console()
     console.print(_table(results, run.spec))
-    out = out or Path(f"eval-{adapter.name if adapter else 'base'}.json")
     payload = {"config": str(config), "adapter": str(adapter) if adapter else None, "model": run.model_path,
                "topics": {r.topic: {"scores": r.scores, "answers": r.answers} for r in results}}
     out.write_text(json.dumps(payload, indent=2), encoding="utf-8")

@@ -16,12 +16,14 @@ def report(config: Path = typer.Argument(..., help="run spec YAML", show_default
            price_per_hour: Optional[float] = typer.Option(None, "--price-per-hour", min=0,
                                                           help="$/h for the first hardware option")) -> None:
     """Memory, time and cost per hardware option, the seed's figures checked, measured vs estimated."""
+    from ..inputs import check_finite, check_output_dir
     from ..report import write_report
     from ..run import load_run
 
+    check_finite(price_per_hour, "--price-per-hour")
     prices_path = str(prices) if prices else None
     run = load_run(config, overrides or [], prices_path)
-    folder = out or Path("reports") / run.spec.name
+    folder = check_output_dir(out or Path("reports") / run.spec.name, "--out")
     paths = write_report(run, folder, hardware, str(run_dir) if run_dir else None, prices_path, price_per_hour)
     typer.echo(f"wrote {paths['md']}\nwrote {paths['html']}")
 

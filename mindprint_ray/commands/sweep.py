@@ -16,9 +16,7 @@ def register(app: typer.Typer) -> None:
         from ..run import load_run
         from ..sweep_space import check_space
 
-        run = load_run(config, overrides or [])
-        if name:
-            run.spec.name = name
+        run = load_run(config, overrides or [], name=name)
         space = check_space(run)
         from ..train.sweep import run_sweep
 

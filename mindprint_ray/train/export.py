@@ -8,28 +8,33 @@ import shutil
 from pathlib import Path
 
 from ..errors import UserError
-from ..run import RunPlan, build_run
-from ..run_folder import RunFolder
-from ..spec import RunSpec
+from ..inputs import check_output_dir, check_topic_name
+from ..run import RunPlan, load_run
+from ..run_folder import ADAPTER_MANIFEST, RunFolder
 
 
 def run_from_folder(folder: RunFolder) -> RunPlan:
-    import yaml
-
+    """The run plan of a run folder's spec.yaml (read and checked like any spec)."""
     if not folder.spec_file.is_file():
         raise UserError("not a run folder (no spec.yaml)", file=folder.root,
                         hint="pass <storage.path>/<run name>, the folder `train` printed")
-    return build_run(RunSpec.model_validate(yaml.safe_load(folder.spec_file.read_text())))
+    return load_run(folder.spec_file)
 
 
 def export_adapter(run_dir: str | Path, topic: str, out: str | Path, merge: bool = False) -> Path:
+    """Copy a finished topic's adapter to `out`, or merge it; `out` is new, empty, or an earlier export."""
+    check_topic_name(topic, "--topic")
+    check_output_dir(out, "--out", ADAPTER_MANIFEST)
     folder = RunFolder(run_dir)
     run = run_from_folder(folder)
     if not folder.topic_done(topic):
         done = [t for t in run.spec.curriculum.topics if folder.topic_done(t)]
         raise UserError(f"topic '{topic}' has no finished adapter in {folder.root}", field="--topic",
                         hint=f"finished topics: {', '.join(done) or 'none yet'}")
-    out = Path(out)
+    out, source = Path(out), folder.adapter_dir(topic).resolve()
+    if out.resolve() == source or out.resolve() in source.parents:
+        raise UserError("is the adapter folder itself or holds it; exporting there would delete the adapter",
+                        file=out, field="--out", hint="export to a new folder, e.g. RUN/export/TOPIC")
     if not merge:
         if out.exists():
             shutil.rmtree(out)
@@ -65,4 +70,5 @@ def merge_adapter(run: RunPlan, adapter_dir: Path, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out, safe_serialization=True)
     load_tokenizer(run).save_pretrained(out)
+    shutil.copy2(adapter_dir / ADAPTER_MANIFEST, out / ADAPTER_MANIFEST)  # marks the folder as an export
     return out
