@@ -334,8 +334,11 @@ def curriculum_sft_data(run: RunPlan):
     from mindprint_ray.train import datasets as ds
     from mindprint_ray.validation import validate_run
 
+    from mindprint_ray.train.model_loading import load_tokenizer
+
     topics, _, _ = validate_run(run)
-    return ds.sft_dataset([r for t in topics for r in t.sft], run.spec.curriculum.system_prompt)
+    return ds.sft_dataset([r for t in topics for r in t.sft], run.spec.curriculum.system_prompt, load_tokenizer(run),
+                          run.spec.sft.assistant_only_loss)
 
 
 def worker_model(run: RunPlan, device: str = "cpu"):
@@ -348,16 +351,16 @@ def worker_model(run: RunPlan, device: str = "cpu"):
 
 
 def sft_trainer(run: RunPlan, model, tokenizer, data, packing: bool, steps: int, out_dir: Path, log: StepLog,
-                gpu: bool = False, assistant_only_loss: bool | None = None):
+                gpu: bool = False):
     """TRL SFTTrainer with the worker's arguments (`trainer_args` + `Worker.run_sft`'s fields), timed."""
     from trl import SFTConfig, SFTTrainer
 
     s = run.spec.sft
     common = worker_args(run, "sft", out_dir, gpu)
     common.update(max_steps=steps)
-    only = s.assistant_only_loss if assistant_only_loss is None else assistant_only_loss
+    # as in the worker: the assistant-only mask comes with the data (`assistant_masks`), not from TRL
     args = SFTConfig(**common, num_train_epochs=1, lr_scheduler_type=s.scheduler, weight_decay=s.weight_decay,
-                     packing=packing, assistant_only_loss=only)
+                     packing=packing, assistant_only_loss=False)
     trainer = timed_trainer(SFTTrainer)(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                                         callbacks=[step_timer(log)])
     trainer.step_log = log

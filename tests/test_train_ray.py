@@ -121,7 +121,7 @@ def test_eval_before_and_after_each_stage(resumed_run):
     assert summary["targets"]["lines"] and "stability" in summary["targets"]["checks"]
     assert any(e.get("event") == "eval" for e in events(run_dir))
     report = (run_dir / "report" / "report.md").read_text()
-    assert "## Evaluation" in report and "Measured vs estimated" in report
+    assert "## Held-out evaluation" in report and "Measured vs estimated" in report
     assert (run_dir / "report" / "evaluation.png").stat().st_size > 10_000
 
 
