@@ -208,9 +208,8 @@ def make_trainer(model, run: RunPlan, case: Case, tokenizer, steps: int, out_dir
 
     if case.stage == "sft":
         data = sft_data(case.seq, examples_needed(case, steps, run.spec.sft.batch_size), case.arch.vocab_size, steps)
-        # pre-tokenized data carry the assistant mask, as the worker's cached datasets do
-        return c.sft_trainer(run, model, tokenizer, data, case.packing, steps, out_dir, log, gpu,
-                             assistant_only_loss=False)
+        # pre-tokenized data carry the assistant mask, as the worker's datasets do
+        return c.sft_trainer(run, model, tokenizer, data, case.packing, steps, out_dir, log, gpu)
     d = run.spec.dpo
     common = c.worker_args(run, "dpo", out_dir, gpu)
     common.update(max_steps=steps)
