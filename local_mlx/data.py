@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
-from mindprint_ray.chat_template import assistant_spans, hf_renderer, token_mask, with_system
+from mindprint_ray.chat_template import conversation_tokens, with_system
 from mindprint_ray.curriculum import Record
 
 
@@ -37,14 +37,11 @@ class Batch:
 
 def masked_sequence(tokenizer, messages: list[dict], max_len: int, assistant_only: bool = True,
                     skip_turns: int = 0) -> Sequence:
-    """The conversation with its assistant turns (content and end-of-turn token; the first `skip_turns` of them
-    excepted) as targets, located for any chat template by the core's rule (`chat_template.assistant_spans`),
-    as on the Ray path."""
+    """The conversation with its trained tokens marked by the core's rule (`chat_template.conversation_tokens`,
+    as on the Ray path), cut to `max_len`."""
     hf = getattr(tokenizer, "_tokenizer", tokenizer)  # mlx-lm's TokenizerWrapper around the HF tokenizer
-    text, spans = assistant_spans(hf_renderer(hf), messages)
-    enc = hf(text, add_special_tokens=False, return_offsets_mapping=True)
-    target = token_mask(enc["offset_mapping"], spans[skip_turns:]) if assistant_only else [1] * len(enc["input_ids"])
-    return Sequence(list(enc["input_ids"])[:max_len], [bool(t) for t in target][:max_len])
+    ids, mask = conversation_tokens(hf, messages, assistant_only, skip_turns)
+    return Sequence(ids[:max_len], [bool(t) for t in mask][:max_len])
 
 
 def sft_sequence(tokenizer, messages: list[dict], max_len: int, assistant_only: bool = True) -> Sequence:

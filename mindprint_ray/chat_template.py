@@ -73,6 +73,17 @@ def token_mask(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, in
     return mask
 
 
+def conversation_tokens(tokenizer, messages: list[dict], assistant_only: bool = True,
+                        skip_turns: int = 0) -> tuple[list[int], list[int]]:
+    """Token ids of a conversation through a Hugging Face tokenizer's chat template and, per token, 1 where it
+    is trained: the assistant turns (content and end-of-turn token; the first `skip_turns` of them excepted),
+    or every token when not `assistant_only`. One rule for the Ray and MLX backends."""
+    text, spans = assistant_spans(hf_renderer(tokenizer), messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    return ids, token_mask(enc["offset_mapping"], spans[skip_turns:]) if assistant_only else [1] * len(ids)
+
+
 def hf_renderer(tokenizer) -> Render:
     """`render(messages, add_generation_prompt)` through a Hugging Face tokenizer's own chat template."""
     def render(messages: list[dict], add_generation_prompt: bool) -> str:

@@ -5,17 +5,15 @@ import hashlib
 import json
 from pathlib import Path
 
-from ..chat_template import assistant_spans, hf_renderer, token_mask, with_system
+from ..chat_template import conversation_tokens, with_system
 from ..curriculum import Record
 
 
 def tokenize_conversation(tokenizer, messages: list[dict], assistant_only: bool) -> dict:
-    """input_ids and assistant_masks (1 = trained: assistant content and its end-of-turn token) of a conversation,
-    located by rendering prefixes, so any chat template works, with or without `{% generation %}` markers."""
-    text, spans = assistant_spans(hf_renderer(tokenizer), messages)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    mask = token_mask(enc["offset_mapping"], spans) if assistant_only else [1] * len(enc["input_ids"])
-    return {"input_ids": enc["input_ids"], "assistant_masks": mask}
+    """input_ids and assistant_masks (1 = trained) of a conversation, for any chat template (with or without
+    `{% generation %}` markers): `chat_template.conversation_tokens`."""
+    ids, mask = conversation_tokens(tokenizer, messages, assistant_only)
+    return {"input_ids": ids, "assistant_masks": mask}
 
 
 def sft_dataset(records: list[Record], system_prompt: str | None, tokenizer, assistant_only: bool):
