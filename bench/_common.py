@@ -1,7 +1,7 @@
 """Shared helpers of the benchmarks: quiet logs, run plans, random-weight models, worker trainer args, step timing.
 
-Everything that shapes a training step comes from the worker's own code (`mindprint_ray.train.model_loading`,
-`mindprint_ray.train.trainer_args.trainer_args`); only the model's weights are random instead of loaded.
+Everything that shapes a training step comes from the worker's own code (`mindprint_ray.backends.ray_torch.model_loading`,
+`mindprint_ray.backends.ray_torch.trainer_args.trainer_args`); only the model's weights are random instead of loaded.
 """
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from mindprint_ray.registry import ModelArch  # noqa: E402
-from mindprint_ray.run import RunPlan, build_run  # noqa: E402
-from mindprint_ray.spec import RunSpec  # noqa: E402
-from mindprint_ray.zones import build_plan  # noqa: E402
+from mindprint_ray.planning.registry import ModelArch  # noqa: E402
+from mindprint_ray.planning.run_plan import RunPlan, build_run  # noqa: E402
+from mindprint_ray.spec.run_spec import RunSpec  # noqa: E402
+from mindprint_ray.planning.zones import build_plan  # noqa: E402
 
 
 def quiet() -> None:
@@ -30,7 +30,7 @@ def quiet() -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
-    from mindprint_ray.train.topic_loop import quiet_worker_logs
+    from mindprint_ray.backends.ray_torch.topic_loop import quiet_worker_logs
 
     quiet_worker_logs()
     import logging
@@ -43,7 +43,7 @@ def quiet() -> None:
 
 def tiny_model_dir() -> Path:
     """The project's tiny model (built from the sample curriculum on first use)."""
-    from mindprint_ray.tiny_model import ensure_tiny_model
+    from mindprint_ray.models.tiny import ensure_tiny_model
 
     return ensure_tiny_model(ROOT / "models" / "tiny", ROOT / "data" / "curriculum")
 
@@ -94,7 +94,7 @@ def qwen2_config(arch: ModelArch):
 
 
 def weight_dtype(run: RunPlan):
-    from mindprint_ray.train.model_loading import torch_dtype
+    from mindprint_ray.backends.ray_torch.model_loading import torch_dtype
 
     q = run.spec.quantization
     if q.mode == "nf4":
@@ -154,7 +154,7 @@ def quantize_nf4(module, q, device: str) -> None:
     import torch
     from torch import nn
 
-    from mindprint_ray.train.model_loading import torch_dtype
+    from mindprint_ray.backends.ray_torch.model_loading import torch_dtype
 
     compute, storage = torch_dtype(q.compute_dtype), torch_dtype(q.quant_storage)
     for name, child in list(module.named_modules()):
@@ -178,7 +178,7 @@ def mark_bnb_4bit(model, q) -> None:
     from transformers.quantizers.auto import AutoHfQuantizer
     from transformers.utils.quantization_config import QuantizationMethod
 
-    from mindprint_ray.train.model_loading import torch_dtype
+    from mindprint_ray.backends.ray_torch.model_loading import torch_dtype
 
     config = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=q.double_quant,
@@ -193,7 +193,7 @@ def mark_bnb_4bit(model, q) -> None:
 def worker_args(run: RunPlan, stage: str, out_dir: Path, gpu: bool) -> dict:
     """The worker's own TrainingArguments fields (`trainer_args`, as `Worker.stage_args` builds them), for a worker
     without a run folder."""
-    from mindprint_ray.train.trainer_args import trainer_args
+    from mindprint_ray.backends.ray_torch.trainer_args import trainer_args
 
     args = trainer_args(run.spec, stage, str(out_dir / f"bench-{stage}"), gpu, None)
     args.update(save_strategy="no", report_to=[], logging_steps=1)
@@ -321,7 +321,7 @@ def sample_topics() -> list[str]:
 
 def tiny_run(overrides: list[str] | None = None) -> RunPlan:
     """configs/tiny-cpu.yaml on the tiny model and every sample topic (plus `overrides`)."""
-    from mindprint_ray.run import load_run
+    from mindprint_ray.planning.run_plan import load_run
 
     topics = "[" + ",".join(sample_topics()) + "]"
     return load_run(ROOT / "configs" / "tiny-cpu.yaml", [
@@ -331,10 +331,10 @@ def tiny_run(overrides: list[str] | None = None) -> RunPlan:
 
 def curriculum_sft_data(run: RunPlan):
     """The SFT records of every topic (after the over-long policy) as the worker's conversational dataset."""
-    from mindprint_ray.train import datasets as ds
-    from mindprint_ray.validation import validate_run
+    from mindprint_ray.backends.ray_torch import datasets as ds
+    from mindprint_ray.curriculum.validation import validate_run
 
-    from mindprint_ray.train.model_loading import load_tokenizer
+    from mindprint_ray.backends.ray_torch.model_loading import load_tokenizer
 
     topics, _, _ = validate_run(run)
     return ds.sft_dataset([r for t in topics for r in t.sft], run.spec.curriculum.system_prompt, load_tokenizer(run),
@@ -343,7 +343,7 @@ def curriculum_sft_data(run: RunPlan):
 
 def worker_model(run: RunPlan, device: str = "cpu"):
     """(tokenizer, zone-LoRA model) loaded exactly as the worker loads them."""
-    from mindprint_ray.train.model_loading import apply_zone_plan, load_base_model, load_tokenizer
+    from mindprint_ray.backends.ray_torch.model_loading import apply_zone_plan, load_base_model, load_tokenizer
 
     tokenizer = load_tokenizer(run)
     base, _ = load_base_model(run, device)

@@ -36,8 +36,8 @@ def measure(seq: int, batch: int, checkpointing: bool) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from mindprint_ray.registry import arch_from_hf_config
-    from mindprint_ray.zones import build_plan
+    from mindprint_ray.planning.registry import arch_from_hf_config
+    from mindprint_ray.planning.zones import build_plan
 
     gpu = torch.cuda.is_available()
     torch.manual_seed(0)
@@ -79,10 +79,10 @@ def measure(seq: int, batch: int, checkpointing: bool) -> dict:
 
 def estimate(seq: int, batch: int, checkpointing: bool, gpu: bool) -> dict:
     """The memory model's training-step terms (LoRA weights excluded: loaded before the baseline) and FLOPs."""
-    from mindprint_ray.memory import MemoryInputs, estimate_memory
-    from mindprint_ray.registry import arch_from_hf_config
-    from mindprint_ray.time_model import train_flops_per_token
-    from mindprint_ray.zones import build_plan
+    from mindprint_ray.planning.memory import MemoryInputs, estimate_memory
+    from mindprint_ray.planning.registry import arch_from_hf_config
+    from mindprint_ray.planning.time_model import train_flops_per_token
+    from mindprint_ray.planning.zones import build_plan
 
     arch = arch_from_hf_config(CONFIG, "bench", "bench")
     trainable = build_plan(arch, "conservative", None, 8, 16, 0.0).trainable_params()
@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="first three cases only")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on")
     args = parser.parse_args()
-    from mindprint_ray.hardware import get_profile
+    from mindprint_ray.planning.hardware import get_profile
 
     cases = CASES[:3] if args.quick else CASES
     rows, first_rate = [], None

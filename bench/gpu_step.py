@@ -19,12 +19,12 @@ FLOPs accounting (model FLOPs of real tokens; padding is not counted):
   DPO token = the SFT token's FLOPs on chosen and rejected, + 2N + A(l) for the reference forward (TRL's "ref"
          adapter) unless reference log-probs are precomputed.
   l is the length of each packed document (padding-free packing attends within documents), of each padded row's
-  real tokens, or of each DPO sequence. This is `mindprint_ray.time_model.train_flops_per_token` (the estimates'
+  real tokens, or of each DPO sequence. This is `mindprint_ray.planning.time_model.train_flops_per_token` (the estimates'
   accounting); `--smoke` checks that both agree and compares them with torch's FlopCounterMode on a tiny model.
   Achieved TFLOP/s = accounted FLOPs of a step / step time; MFU = achieved / the GPU's dense BF16 peak.
 
 Step time includes everything in the trainer's step: data collation, forward, backward, clipping, AdamW, logging.
-Peak memory is torch.cuda.max_memory_allocated during the case; the estimate is `mindprint_ray.memory`'s total
+Peak memory is torch.cuda.max_memory_allocated during the case; the estimate is `mindprint_ray.planning.memory`'s total
 (which also counts ~1.5 GB of CUDA context and 5% fragmentation that the allocator does not see).
 
     python bench/gpu_step.py --smoke                         # CPU, tiny shapes, accounting checks (< 1 min)
@@ -49,11 +49,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c  # noqa: E402
 
-from mindprint_ray.memory import MemoryInputs, estimate_memory  # noqa: E402
-from mindprint_ray.registry import ModelArch, get_arch  # noqa: E402
-from mindprint_ray.run import RunPlan  # noqa: E402
-from mindprint_ray.time_model import forward_flops_per_token, matmul_params, train_flops_per_token  # noqa: E402
-from mindprint_ray.zones import build_plan  # noqa: E402
+from mindprint_ray.planning.memory import MemoryInputs, estimate_memory  # noqa: E402
+from mindprint_ray.planning.registry import ModelArch, get_arch  # noqa: E402
+from mindprint_ray.planning.run_plan import RunPlan  # noqa: E402
+from mindprint_ray.planning.time_model import forward_flops_per_token, matmul_params, train_flops_per_token  # noqa: E402
+from mindprint_ray.planning.zones import build_plan  # noqa: E402
 
 # Dense BF16 peak per device, TFLOP/s (vendor data sheets; H200 has H100 SXM's compute). Longest match first.
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0), ("A100", 312.0))
@@ -100,7 +100,7 @@ def step_flops(n_matmul: int, arch: ModelArch, docs: list[int], gc: bool, stage:
 
 def project_flops_per_token(arch: ModelArch, trainable: int, length: float, gc: bool, stage: str,
                             reference: bool) -> float:
-    """The same quantity from the estimates' time model (`mindprint_ray.time_model`)."""
+    """The same quantity from the estimates' time model (`mindprint_ray.planning.time_model`)."""
     total = train_flops_per_token(arch, trainable, length, gc)
     if stage == "dpo" and reference:
         total += forward_flops_per_token(arch, trainable, length)
@@ -123,7 +123,7 @@ def live_matmul_params(model) -> int:
 
 def memory_estimate(arch: ModelArch, quant: str, trainable: int, seq: int, batch: int, gc: bool, stage: str,
                     gpu: bool) -> float:
-    """Estimated peak GB of one device (mindprint_ray.memory) for this case."""
+    """Estimated peak GB of one device (mindprint_ray.planning.memory) for this case."""
     m = MemoryInputs(quant=quant, backend="ray", trainable_params=trainable, seq_len=seq, micro_batch=batch,
                      gradient_checkpointing=gc, zero_stage=0, devices=1, is_gpu=gpu,
                      sequences_per_example=2 if stage == "dpo" else 1, activation_bytes=2 if gpu else 4)
@@ -225,7 +225,7 @@ def run_case(model, run: RunPlan, case: Case, tokenizer, opts, dev: dict) -> dic
     """Train warmup + repeats steps of one case and summarise the timed ones (or record the failure)."""
     import torch
 
-    from mindprint_ray.train.topic_loop import drop_reference_adapter
+    from mindprint_ray.backends.ray_torch.topic_loop import drop_reference_adapter
 
     gpu = dev["device"] == "cuda"
     batch = run.spec.sft.batch_size if case.stage == "sft" else run.spec.dpo.batch_size
@@ -302,7 +302,7 @@ def attentions(opts, gpu: bool) -> list[str]:
 
 
 def run_matrix(opts, dev: dict) -> list[dict]:
-    from mindprint_ray.train.model_loading import apply_zone_plan
+    from mindprint_ray.backends.ray_torch.model_loading import apply_zone_plan
 
     gpu = dev["device"] == "cuda"
     tokenizer = load_tokenizer()
@@ -363,7 +363,7 @@ def check_accounting() -> list[str]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from mindprint_ray.train.model_loading import apply_zone_plan
+    from mindprint_ray.backends.ray_torch.model_loading import apply_zone_plan
 
     lines = []
     arch = get_arch("tiny")

@@ -77,7 +77,7 @@ def start_ray() -> None:
     """A local cluster (never a stale one), with the environment the project's driver gives its workers."""
     import ray
 
-    from mindprint_ray.train.driver import WORKER_ENV
+    from mindprint_ray.backends.ray_torch.driver import WORKER_ENV
 
     ray.init(address="local", include_dashboard=False, num_cpus=os.cpu_count(), log_to_driver=False,
              runtime_env={"env_vars": WORKER_ENV})

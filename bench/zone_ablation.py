@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT))
 from mindprint_ray.evaluation.metrics import (DEFAULT_WEIGHTS, ITEM_KINDS, bootstrap, composite,  # noqa: E402
                                                item_lists)
 from mindprint_ray.evaluation.gates import recheck_key  # noqa: E402
-from mindprint_ray.run import build_run  # noqa: E402
-from mindprint_ray.spec import RunSpec  # noqa: E402
+from mindprint_ray.planning.run_plan import build_run  # noqa: E402
+from mindprint_ray.spec.run_spec import RunSpec  # noqa: E402
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SAME5 = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from mindprint_ray.cli_runner import run_app
+from mindprint_ray.cli.runner import run_app
 from mindprint_ray.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -25,7 +25,7 @@ def train(config: Path = ConfigArg, overrides: Optional[list[str]] = OverridesAr
                                             "(the model after SFT, as the Ray path) or base (adapter disabled); "
                                             "default: the spec's dpo.reference")) -> None:
     """Train every topic (SFT then DPO), one mlx-lm adapter per topic. Rerun with the same name to resume."""
-    from mindprint_ray.run import load_run
+    from mindprint_ray.planning.run_plan import load_run
 
     run = load_run(config, overrides or [], name=name)  # every user error before mlx is imported
     from .training import train_run
@@ -60,9 +60,9 @@ def generate(config: Path = ConfigArg,
              max_tokens: int = typer.Option(200, "--max-tokens", min=1),
              temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy")) -> None:
     """Answer one prompt with the spec's model (4-bit for nf4) and an adapter; stops at <|im_end|>."""
-    from mindprint_ray.adapter_convert import check_adapter_folder
-    from mindprint_ray.inputs import check_finite
-    from mindprint_ray.run import load_run
+    from mindprint_ray.runs.adapter_format import check_adapter_folder
+    from mindprint_ray.spec.inputs import check_finite
+    from mindprint_ray.planning.run_plan import load_run
 
     from .generation import load_with_adapter, stream
 

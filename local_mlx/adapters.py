@@ -1,11 +1,11 @@
-"""A trained model's zone LoRA weights to and from mlx-lm adapter folders (via mindprint_ray.adapter_convert)."""
+"""A trained model's zone LoRA weights to and from mlx-lm adapter folders (via mindprint_ray.runs.adapter_format)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from mindprint_ray.adapter_convert import Adapter, Group, read_mlx, write_mlx
+from mindprint_ray.runs.adapter_format import Adapter, Group, read_mlx, write_mlx
 from mindprint_ray.errors import UserError
-from mindprint_ray.zones import ZonePlan
+from mindprint_ray.planning.zones import ZonePlan
 
 from .model import lora_modules
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
-from mindprint_ray.chat_template import conversation_tokens, with_system
-from mindprint_ray.curriculum import Record
+from mindprint_ray.curriculum.chat_template import conversation_tokens, with_system
+from mindprint_ray.curriculum.topics import Record
 
 
 @dataclass

@@ -9,13 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from mindprint_ray.errors import UserError
-from mindprint_ray.hardware import load_profiles
-from mindprint_ray.registry import get_arch
-from mindprint_ray.run import RunPlan, build_run, load_run
-from mindprint_ray.spec import RunSpec
-from mindprint_ray.time_model import Mfu, count_topic_tokens, resolve_mfu, throughput_mfu
-from mindprint_ray.tiny_model import ensure_tiny_model
-from mindprint_ray.validation import validate_run
+from mindprint_ray.planning.hardware import load_profiles
+from mindprint_ray.planning.registry import get_arch
+from mindprint_ray.planning.run_plan import RunPlan, build_run, load_run
+from mindprint_ray.spec.run_spec import RunSpec
+from mindprint_ray.planning.time_model import Mfu, count_topic_tokens, resolve_mfu, throughput_mfu
+from mindprint_ray.models.tiny import ensure_tiny_model
+from mindprint_ray.curriculum.validation import validate_run
 
 from .model import cached_model_dir, load_for_training
 from .plan_check import hours_lines, memory_lines, memory_verdict

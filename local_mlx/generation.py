@@ -5,9 +5,9 @@ from pathlib import Path
 from typing import Iterator
 
 from mindprint_ray.errors import UserError
-from mindprint_ray.run import RunPlan
+from mindprint_ray.planning.run_plan import RunPlan
 
-from mindprint_ray.chat_template import with_system
+from mindprint_ray.curriculum.chat_template import with_system
 from .model import load_base, model_dir
 
 

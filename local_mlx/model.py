@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Iterator
 
 from mindprint_ray.errors import UserError
-from mindprint_ray.run import RunPlan
-from mindprint_ray.zones import ZonePlan
+from mindprint_ray.planning.run_plan import RunPlan
+from mindprint_ray.planning.zones import ZonePlan
 
 QUANT_GROUP_SIZE = 64
 QUANT_BITS = 4

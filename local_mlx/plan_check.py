@@ -1,17 +1,17 @@
 """What a Mac run needs before it starts: memory vs the GPU wired limit, the sysctl that raises it, hours per topic.
 
-Formatting only: the wired-limit value comes from mindprint_ray.estimates and the hours from mindprint_ray.time_model,
+Formatting only: the wired-limit value comes from mindprint_ray.planning.estimates and the hours from mindprint_ray.planning.time_model,
 the computations `mindprint-ray plan` prints.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mindprint_ray.estimates import (RESERVED_FOR_MACOS_GB, memory_for_run, remedies, sysctl_command,
+from mindprint_ray.planning.estimates import (RESERVED_FOR_MACOS_GB, memory_for_run, remedies, sysctl_command,
                                      wired_ceiling_gb, wired_limit_mb)
-from mindprint_ray.memory import MemoryBudget
-from mindprint_ray.run import RunPlan
-from mindprint_ray.time_model import Mfu, TopicTokens, topic_times
+from mindprint_ray.planning.memory import MemoryBudget
+from mindprint_ray.planning.run_plan import RunPlan
+from mindprint_ray.planning.time_model import Mfu, TopicTokens, topic_times
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-from mindprint_ray.stage_history import StageHistory
+from mindprint_ray.runs.stage_history import StageHistory
 
 
 @dataclass(frozen=True)

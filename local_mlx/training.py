@@ -12,12 +12,12 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
-from mindprint_ray.curriculum import TopicData
+from mindprint_ray.curriculum.topics import TopicData
 from mindprint_ray.errors import UserError
-from mindprint_ray.run import RunPlan
-from mindprint_ray.run_folder import RunFolder, claim_run_folder
-from mindprint_ray.tiny_model import ensure_run_model
-from mindprint_ray.validation import validate_run
+from mindprint_ray.planning.run_plan import RunPlan
+from mindprint_ray.runs.run_folder import RunFolder, claim_run_folder
+from mindprint_ray.models.tiny import ensure_run_model
+from mindprint_ray.curriculum.validation import validate_run
 
 from .adapters import load_adapter, save_adapter
 from .data import Pair, dpo_pairs, pad, sft_sequences, shuffled_batches

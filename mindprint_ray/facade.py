@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UserError
-from .inputs import check_run_name
-from .model_config import ModelConfig
+from mindprint_ray.errors import UserError
+from mindprint_ray.spec.inputs import check_run_name
+from mindprint_ray.planning.model_config import ModelConfig
 
 
 @dataclass
@@ -130,7 +130,7 @@ class PipelineConfig:
 def spec_file(output_dir: str, name: str) -> Path:
     """Where train_topics writes the run's spec: in output_dir, or for `s3://` storage in the local cache (never a
     local folder named `s3:`); the run folder's own spec.yaml is mirrored to S3 either way."""
-    from .storage import is_s3, local_cache_root
+    from mindprint_ray.runs.storage import is_s3, local_cache_root
 
     folder = local_cache_root() / "specs" if is_s3(output_dir) else Path(output_dir)
     return folder / f"{name}.spec.yaml"
@@ -169,7 +169,7 @@ class DPOPipeline:
         """Train the topics in order; returns the run's summary.json as a dict."""
         import yaml
 
-        from .run import load_run
+        from mindprint_ray.planning.run_plan import load_run
 
         name = check_run_name(name or f"{self.model_config.name}-pipeline", "name")
         spec_path = spec_file(output_dir, name)
@@ -181,7 +181,7 @@ class DPOPipeline:
 
             folder = train_run(run)
         else:
-            from .train.driver import train
+            from mindprint_ray.backends.ray_torch.driver import train
 
             folder = train(run, progress=False)
         return folder.summary()

@@ -78,7 +78,7 @@ def spec_file(tmp_path: Path, data_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """The tiny model built once per session from the sample corpus (a few seconds)."""
-    from mindprint_ray.tiny_model import write_tiny_model
+    from mindprint_ray.models.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny", SAMPLE_DATA)
 
@@ -133,6 +133,6 @@ def moto_s3(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The real sample model (SmolLM2-135M-Instruct), converted once into models/smollm2 and reused."""
-    from mindprint_ray.train.sample_model import ensure_sample_model
+    from mindprint_ray.models.sample import ensure_sample_model
 
     return ensure_sample_model(ROOT / "models" / "smollm2")

@@ -217,7 +217,7 @@ def test_persona_of_the_wrong_shape(spec_file, data_dir, persona, needle):
 
 def test_model_config_uses_the_bounded_loader(tmp_path):
     from mindprint_ray.errors import UserError
-    from mindprint_ray.model_config import load_model_config
+    from mindprint_ray.planning.model_config import load_model_config
 
     f = tmp_path / "model.yaml"
     f.write_text(billion_laughs() + "name: qwen-7b\nlora: {zones: *a8}\n")
@@ -298,8 +298,8 @@ def test_spec_file_whose_name_cannot_name_the_run(tmp_path, data_dir):
 def test_run_name_rule_holds_for_the_facade_and_the_run_folder(tmp_path):
     from mindprint_ray.errors import UserError
     from mindprint_ray.facade import DPOPipeline
-    from mindprint_ray.model_config import get_model_config
-    from mindprint_ray.run_folder import RunFolder
+    from mindprint_ray.planning.model_config import get_model_config
+    from mindprint_ray.runs.run_folder import RunFolder
 
     with pytest.raises(UserError, match="run name"):
         DPOPipeline(get_model_config("tiny")).train_topics(["alpha"], str(tmp_path), str(tmp_path / "out"), "../../x")
@@ -537,7 +537,7 @@ def test_convert_out_that_is_a_file_or_a_foreign_folder(tmp_path):
 
 def finished_run(root: Path, data_dir: Path) -> Path:
     """A run folder with spec.yaml and one finished (manifested) adapter, as `train` leaves it."""
-    from mindprint_ray.run_folder import ADAPTER_MANIFEST
+    from mindprint_ray.runs.run_folder import ADAPTER_MANIFEST
 
     spec = make_spec(root.parent / "spec-src.yaml", data_dir)
     root.mkdir(parents=True)

@@ -68,8 +68,8 @@ def test_flops_accounting_by_hand():
     """72B, 4096 tokens, checkpointing on: 6N + 4 x attention, with N from the registry's exact shapes."""
     sys.path.insert(0, str(ROOT / "bench"))
     import gpu_step
-    from mindprint_ray.registry import get_arch
-    from mindprint_ray.zones import build_plan
+    from mindprint_ray.planning.registry import get_arch
+    from mindprint_ray.planning.zones import build_plan
 
     arch = get_arch("qwen2.5-72b")
     trainable = build_plan(arch, "conservative").trainable_params()
@@ -87,7 +87,7 @@ def test_flops_accounting_by_hand():
 def test_layers_that_fit_follow_the_memory_estimate():
     sys.path.insert(0, str(ROOT / "bench"))
     import gpu_step
-    from mindprint_ray.registry import get_arch
+    from mindprint_ray.planning.registry import get_arch
 
     arch = get_arch("qwen2.5-72b")
     k_bf16 = gpu_step.layers_that_fit(arch, "bf16", 4096, 1, True, 85.52)

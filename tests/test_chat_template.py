@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli, make_spec, make_data
-from mindprint_ray.chat_template import TemplateError, assistant_spans, end_of_turn_token, token_mask
-from mindprint_ray.tokens import compile_template
+from mindprint_ray.curriculum.chat_template import TemplateError, assistant_spans, end_of_turn_token, token_mask
+from mindprint_ray.curriculum.tokens import compile_template
 
 CHATML_NO_MARKERS = (  # SmolLM2-135M-Instruct's template: a default system prompt, no {% generation %}
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
@@ -85,7 +85,7 @@ def smollm2_tokenizer(smollm2_dir):
 
 def test_which_smollm2_tokens_carry_loss(smollm2_tokenizer):
     """The real SmolLM2 template (no generation markers): only assistant content and <|im_end|> are trained."""
-    from mindprint_ray.train.datasets import tokenize_conversation
+    from mindprint_ray.backends.ray_torch.datasets import tokenize_conversation
 
     tok = smollm2_tokenizer
     out = tokenize_conversation(tok, CONVERSATION, assistant_only=True)
@@ -100,7 +100,7 @@ def test_which_smollm2_tokens_carry_loss(smollm2_tokenizer):
 
 
 def test_generation_stops_at_the_templates_end_of_turn(smollm2_tokenizer):
-    from mindprint_ray.evaluation.runner import end_of_turn_ids
+    from mindprint_ray.backends.ray_torch.eval_runner import end_of_turn_ids
 
     assert end_of_turn_ids(smollm2_tokenizer)[0] == smollm2_tokenizer.convert_tokens_to_ids("<|im_end|>")
 

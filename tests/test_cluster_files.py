@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from conftest import ROOT
-from mindprint_ray.spec import find_secret_keys
+from mindprint_ray.spec.run_spec import find_secret_keys
 
 CLUSTER = ROOT / "cluster"
 LAUNCHERS = {"aws-8xh100.yaml": "p5.48xlarge", "aws-4xa100.yaml": "p4de.24xlarge"}

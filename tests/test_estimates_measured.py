@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from mindprint_ray.memory import MemoryInputs, base_weight_bytes, estimate_memory
-from mindprint_ray.registry import arch_from_hf_config
-from mindprint_ray.zones import build_plan
+from mindprint_ray.planning.memory import MemoryInputs, base_weight_bytes, estimate_memory
+from mindprint_ray.planning.registry import arch_from_hf_config
+from mindprint_ray.planning.zones import build_plan
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from mindprint_ray.cli import main
+from mindprint_ray.cli.app import main
 
 from conftest import make_data, make_spec
 

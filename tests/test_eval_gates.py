@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from mindprint_ray.evaluation import check_gates, final_statement, summary_entries
-from mindprint_ray.run_folder import _deep_update
-from mindprint_ray.spec import RunSpec
+from mindprint_ray.runs.run_folder import _deep_update
+from mindprint_ray.spec.run_spec import RunSpec
 
 
 def spec(**eval_section) -> RunSpec:

@@ -6,10 +6,10 @@ import time
 import pytest
 import torch
 
-from mindprint_ray.curriculum import load_general_text, load_persona, load_topic, pair_id
-from mindprint_ray.evaluation import evaluate_topics
-from mindprint_ray.evaluation import runner as r
-from mindprint_ray.spec import RunSpec
+from mindprint_ray.curriculum.topics import load_general_text, load_persona, load_topic, pair_id
+from mindprint_ray.backends.ray_torch.eval_runner import evaluate_topics
+from mindprint_ray.backends.ray_torch import eval_runner as r
+from mindprint_ray.spec.run_spec import RunSpec
 
 from conftest import SAMPLE_DATA
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from mindprint_ray.evaluation import semantic
+from mindprint_ray.backends.ray_torch import semantic
 
 
 def test_identical_text_is_one_and_unrelated_is_lower(monkeypatch):

@@ -3,8 +3,8 @@
 import pytest
 
 from conftest import run_cli
-from mindprint_ray.run import load_run
-from mindprint_ray.run_folder import RunFolder
+from mindprint_ray.planning.run_plan import load_run
+from mindprint_ray.runs.run_folder import RunFolder
 
 
 def fake_run(tmp_path, tiny_model_dir, quant: str):
@@ -12,7 +12,7 @@ def fake_run(tmp_path, tiny_model_dir, quant: str):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from mindprint_ray.train.model_loading import load_base_model
+    from mindprint_ray.backends.ray_torch.model_loading import load_base_model
 
     run = load_run("configs/tiny-cpu.yaml", [f"model.path={tiny_model_dir}", f"quantization.mode={quant}"])
     folder = RunFolder(tmp_path / "run")

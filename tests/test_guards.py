@@ -1,7 +1,7 @@
 """The NaN/inf guard stops a real TRL trainer at the bad step; the driver turns it into one clear message."""
 import math
 
-from mindprint_ray.train.driver import _stopped_message
+from mindprint_ray.backends.ray_torch.driver import _stopped_message
 
 
 def test_nan_loss_stops_the_trainer_at_the_bad_step(tmp_path, tiny_model_dir):
@@ -11,9 +11,9 @@ def test_nan_loss_stops_the_trainer_at_the_bad_step(tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from mindprint_ray.run import load_run
-    from mindprint_ray.run_folder import RunFolder
-    from mindprint_ray.train.callbacks import MetricsCallback
+    from mindprint_ray.planning.run_plan import load_run
+    from mindprint_ray.runs.run_folder import RunFolder
+    from mindprint_ray.backends.ray_torch.callbacks import MetricsCallback
 
     run = load_run("configs/tiny-cpu.yaml", [f"model.path={tiny_model_dir}"])
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)

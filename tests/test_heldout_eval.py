@@ -11,12 +11,12 @@ import pytest
 import yaml
 
 from conftest import SAMPLE_DATA, dpo_row, make_spec, run_cli, write_jsonl
-from mindprint_ray.curriculum import (Record, eval_overlaps, heldout_count, load_curriculum, load_general_text,
+from mindprint_ray.curriculum.topics import (Record, eval_overlaps, heldout_count, load_curriculum, load_general_text,
                                       load_topic, pair_id, split_pairs)
 from mindprint_ray.evaluation import check_gates, final_statement
 from mindprint_ray.evaluation import metrics as m
-from mindprint_ray.evaluation.runner import eval_selection
-from mindprint_ray.spec import EvalSection, RunSpec
+from mindprint_ray.backends.ray_torch.eval_runner import eval_selection
+from mindprint_ray.spec.run_spec import EvalSection, RunSpec
 
 TOPICS = sorted(p.name for p in SAMPLE_DATA.iterdir() if p.is_dir())
 
@@ -67,7 +67,7 @@ def test_pairs_sharing_a_prompt_stay_on_one_side_and_ids_ignore_case_and_punctua
 def test_topic_data_takes_the_fraction_from_the_spec(tmp_path):
     spec_file = make_spec(tmp_path / "run.yaml", copy_curriculum(tmp_path), topics=["cycle_basics"],
                           eval={"heldout_pairs": 0.5})
-    from mindprint_ray.spec import load_spec
+    from mindprint_ray.spec.run_spec import load_spec
 
     topic = load_curriculum(load_spec(spec_file))[0]
     assert topic.heldout_fraction == 0.5 and len(topic.dpo_heldout) == heldout_count(len(topic.dpo), 0.5)
@@ -88,7 +88,7 @@ def test_evaluation_scores_only_held_out_pairs():
 
 
 def test_tiny_model_warm_up_never_sees_held_out_pairs():
-    from mindprint_ray.tiny_model import neutral_conversations
+    from mindprint_ray.models.tiny import neutral_conversations
 
     seen = {c[0]["content"] for c in neutral_conversations(SAMPLE_DATA)}
     for name in TOPICS:
@@ -98,8 +98,8 @@ def test_tiny_model_warm_up_never_sees_held_out_pairs():
 
 
 def test_time_model_counts_only_the_train_pairs():
-    from mindprint_ray.run import load_run
-    from mindprint_ray.time_model import count_topic_tokens
+    from mindprint_ray.planning.run_plan import load_run
+    from mindprint_ray.planning.time_model import count_topic_tokens
 
     root = Path(__file__).resolve().parents[1]
     run = load_run(root / "configs" / "tiny-cpu.yaml", [f"model.path={root / 'no-such-model'}",

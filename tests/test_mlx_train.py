@@ -103,7 +103,7 @@ def test_nan_guard_stops_without_updating(tmp_path):
 
     from local_mlx.stage import StageConfig, no_metrics, run_stage
     from local_mlx.training import finish_stage
-    from mindprint_ray.run_folder import RunFolder
+    from mindprint_ray.runs.run_folder import RunFolder
 
     model = nn.Linear(4, 2)
     before = mx.array(model.weight)
@@ -126,4 +126,4 @@ def test_local_mlx_never_imports_torch_itself():
     for path in (ROOT / "local_mlx").glob("*.py"):
         text = path.read_text()
         assert "import torch" not in text and "from torch" not in text, path
-    assert "torch" not in (ROOT / "mindprint_ray" / "adapter_convert.py").read_text().replace("no torch", "")
+    assert "torch" not in (ROOT / "mindprint_ray" / "runs" / "adapter_format.py").read_text().replace("no torch", "")

@@ -33,8 +33,8 @@ def test_packed_sequences_do_not_see_each_other(tiny_model_dir, attn):
 
 
 def test_worker_loads_models_with_cache_off(tiny_model_dir):
-    from mindprint_ray.run import load_run
-    from mindprint_ray.train.model_loading import load_base_model
+    from mindprint_ray.planning.run_plan import load_run
+    from mindprint_ray.backends.ray_torch.model_loading import load_base_model
 
     run = load_run("configs/tiny-cpu.yaml", [f"model.path={tiny_model_dir}"])
     model, attn = load_base_model(run, "cpu")

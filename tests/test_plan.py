@@ -60,7 +60,7 @@ def test_plan_text_output_shows_zone_table():
 
 
 def test_plan_does_not_import_torch():
-    code = ("import sys; from mindprint_ray.cli import main\n"
+    code = ("import sys; from mindprint_ray.cli.app import main\n"
             "try:\n    main(['plan', 'configs/qwen72b-qlora-8xh100.yaml', '--json'])\n"
             "except SystemExit: pass\n"
             "heavy = [m for m in ('torch', 'ray', 'mlx', 'transformers') if m in sys.modules]\n"

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, run_cli
-from mindprint_ray.registry import ALL_MODULES, get_arch
-from mindprint_ray.run import load_run
+from mindprint_ray.planning.registry import ALL_MODULES, get_arch
+from mindprint_ray.planning.run_plan import load_run
 
 TOPIC = "cycle_basics"
 QUICK = [f"curriculum.topics=[{TOPIC}]", "sft.max_steps=3", "dpo.steps_per_topic=2", "eval.max_examples=3",
@@ -22,7 +22,7 @@ def test_converted_folder_matches_the_registry_and_the_plan(smollm2_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from mindprint_ray.train.model_loading import apply_zone_plan
+    from mindprint_ray.backends.ray_torch.model_loading import apply_zone_plan
 
     record = json.loads((smollm2_dir / "conversion.json").read_text())
     assert record["max_abs_logit_difference"] <= 1e-4 and record["parameters"] == 134_515_008

@@ -1,7 +1,7 @@
 import pytest
 
 from mindprint_ray.errors import UserError
-from mindprint_ray.registry import get_arch
+from mindprint_ray.planning.registry import get_arch
 
 
 @pytest.mark.parametrize("name,total", [

@@ -15,7 +15,7 @@ from conftest import ROOT, make_data, make_spec
 
 def tiny_spec(data_dir: Path, **sections):
     """A RunSpec for the tiny model (no model folder needed: nothing here loads it)."""
-    from mindprint_ray.spec import RunSpec
+    from mindprint_ray.spec.run_spec import RunSpec
 
     spec = {"name": "t", "model": {"name": "tiny"}, "curriculum": {"data_dir": str(data_dir), "topics": ["alpha"]},
             "hardware": {"profile": "cpu-2"}}
@@ -63,7 +63,7 @@ def names_the_code_reads() -> set[str]:
 
 
 def test_every_spec_field_is_read_by_the_code():
-    from mindprint_ray.spec import RunSpec
+    from mindprint_ray.spec.run_spec import RunSpec
 
     fields = schema_fields(RunSpec)
     assert "sft.logging_steps" in fields and "tune.space.log" in fields  # the walk reaches nested sections
@@ -77,7 +77,7 @@ def test_every_spec_field_is_read_by_the_code():
 
 @pytest.mark.parametrize("stage", ["sft", "dpo"])
 def test_trainer_args_carry_the_stage_and_storage_settings(tmp_path, stage):
-    from mindprint_ray.train.trainer_args import trainer_args
+    from mindprint_ray.backends.ray_torch.trainer_args import trainer_args
 
     spec = tiny_spec(tmp_path, sft={"logging_steps": 5, "gradient_checkpointing": stage == "sft", "learning_rate": 3e-4,
                                     "max_grad_norm": 0.7, "warmup_steps": 3, "max_seq_length": 256},
@@ -97,7 +97,7 @@ def test_trainer_args_carry_the_stage_and_storage_settings(tmp_path, stage):
 def test_trl_configs_take_the_trainer_args_as_they_are(tmp_path):
     from trl import DPOConfig, SFTConfig
 
-    from mindprint_ray.train.trainer_args import trainer_args
+    from mindprint_ray.backends.ray_torch.trainer_args import trainer_args
 
     spec = tiny_spec(tmp_path, sft={"logging_steps": 3, "gradient_checkpointing": False},
                      dpo={"gradient_checkpointing": True}, storage={"keep_checkpoints": 5})
@@ -131,8 +131,8 @@ class FakeHFModel:
 
 
 def test_the_worker_switches_checkpointing_at_each_stage_and_uses_trainer_args(tmp_path):
-    from mindprint_ray.train.topic_loop import Worker
-    from mindprint_ray.train.trainer_args import trainer_args
+    from mindprint_ray.backends.ray_torch.topic_loop import Worker
+    from mindprint_ray.backends.ray_torch.trainer_args import trainer_args
 
     worker = Worker.__new__(Worker)  # no model load: only what stage_args touches
     worker.spec = tiny_spec(tmp_path, sft={"gradient_checkpointing": False}, dpo={"gradient_checkpointing": True},
@@ -150,7 +150,7 @@ def test_set_checkpointing_turns_a_real_peft_model_on_and_off():
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from mindprint_ray.train.model_loading import set_checkpointing
+    from mindprint_ray.backends.ray_torch.model_loading import set_checkpointing
 
     config = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                          num_key_value_heads=1, vocab_size=64)
@@ -165,9 +165,9 @@ def test_set_checkpointing_turns_a_real_peft_model_on_and_off():
 @pytest.mark.parametrize("sft_gc,dpo_gc", [(True, False), (False, True)])
 def test_one_checkpointing_rule_in_the_estimate_and_both_backends(tmp_path, sft_gc, dpo_gc):
     from local_mlx.training import Trainer
-    from mindprint_ray.estimates import memory_inputs
-    from mindprint_ray.run import build_run
-    from mindprint_ray.train.trainer_args import trainer_args
+    from mindprint_ray.planning.estimates import memory_inputs
+    from mindprint_ray.planning.run_plan import build_run
+    from mindprint_ray.backends.ray_torch.trainer_args import trainer_args
 
     run = build_run(tiny_spec(tmp_path, sft={"gradient_checkpointing": sft_gc},
                               dpo={"gradient_checkpointing": dpo_gc}))
@@ -223,14 +223,14 @@ def test_mlx_stage_sets_its_checkpointing_and_logs_every_logging_steps():
 
 
 def mac_run(*overrides: str):
-    from mindprint_ray.run import load_run
+    from mindprint_ray.planning.run_plan import load_run
 
     return load_run(ROOT / "configs" / "qwen72b-mac-studio.yaml", list(overrides))
 
 
 def test_wired_limit_is_mib_and_plan_and_dry_run_print_the_same_value():
     from local_mlx.plan_check import memory_verdict
-    from mindprint_ray.estimates import MIB, remedies, wired_limit_mb
+    from mindprint_ray.planning.estimates import MIB, remedies, wired_limit_mb
 
     assert wired_limit_mb(10.0, 56.0) == 11 * 1024  # 11e9 bytes need 10.24 GiB: 11 GiB, in MiB
     assert wired_limit_mb(60.0, 56.0) == int(56e9 / MIB)
@@ -244,8 +244,8 @@ def test_wired_limit_is_mib_and_plan_and_dry_run_print_the_same_value():
 
 def test_dry_run_hours_are_plan_hours():
     from local_mlx.plan_check import hours_lines
-    from mindprint_ray.plan_summary import plan_summary
-    from mindprint_ray.time_model import count_topic_tokens, resolve_mfu
+    from mindprint_ray.planning.plan_summary import plan_summary
+    from mindprint_ray.planning.time_model import count_topic_tokens, resolve_mfu
 
     run = mac_run()
     tokens, _ = count_topic_tokens(run)
@@ -254,7 +254,7 @@ def test_dry_run_hours_are_plan_hours():
 
 
 def test_measured_throughput_gives_hours_at_that_throughput():
-    from mindprint_ray.time_model import count_topic_tokens, throughput_mfu, topic_times
+    from mindprint_ray.planning.time_model import count_topic_tokens, throughput_mfu, topic_times
 
     run = mac_run()
     tokens, _ = count_topic_tokens(run)
@@ -267,10 +267,10 @@ def test_measured_throughput_gives_hours_at_that_throughput():
 def test_rank_4_remedy_keeps_the_users_zones():
     from dataclasses import replace
 
-    from mindprint_ray.estimates import peak_memory, remedies
-    from mindprint_ray.run import build_run
-    from mindprint_ray.spec import RunSpec
-    from mindprint_ray.zones import build_plan
+    from mindprint_ray.planning.estimates import peak_memory, remedies
+    from mindprint_ray.planning.run_plan import build_run
+    from mindprint_ray.spec.run_spec import RunSpec
+    from mindprint_ray.planning.zones import build_plan
 
     def run(rank: int, mlp_rank: int | None):
         return build_run(RunSpec.model_validate({
@@ -293,7 +293,7 @@ def fake_s3(monkeypatch, tmp_path: Path, source: Path) -> None:
     """storage's S3 calls answered from a local folder (`source` is the bucket's prefix)."""
     import shutil
 
-    from mindprint_ray import storage
+    from mindprint_ray.runs import storage
 
     monkeypatch.setenv("MINDPRINT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(storage, "check_read", lambda loc, field: None)
@@ -302,7 +302,7 @@ def fake_s3(monkeypatch, tmp_path: Path, source: Path) -> None:
 
 
 def test_eval_reads_an_s3_curriculum_from_its_downloaded_copy(tmp_path, monkeypatch):
-    from mindprint_ray.commands.evaluate import _topics
+    from mindprint_ray.cli.commands.evaluate import _topics
 
     fake_s3(monkeypatch, tmp_path, make_data(tmp_path / "bucket"))
     spec = tiny_spec(tmp_path, curriculum={"data_dir": "s3://my-bucket/curriculum", "topics": ["alpha", "beta"]})
@@ -313,7 +313,7 @@ def test_eval_reads_an_s3_curriculum_from_its_downloaded_copy(tmp_path, monkeypa
 
 def test_facade_with_s3_output_writes_no_local_s3_folder(tmp_path, monkeypatch):
     from mindprint_ray import DPOPipeline, get_model_config
-    from mindprint_ray.train import driver
+    from mindprint_ray.backends.ray_torch import driver
 
     class Done:
         def summary(self):
@@ -332,9 +332,9 @@ def test_facade_with_s3_output_writes_no_local_s3_folder(tmp_path, monkeypatch):
 def test_mlx_topic_pushes_metrics_like_the_ray_path(tmp_path, monkeypatch):
     from local_mlx import training
     from local_mlx.stage import StageResult
-    from mindprint_ray.curriculum import TopicData
-    from mindprint_ray.run import build_run
-    from mindprint_ray.run_folder import RunFolder
+    from mindprint_ray.curriculum.topics import TopicData
+    from mindprint_ray.planning.run_plan import build_run
+    from mindprint_ray.runs.run_folder import RunFolder
 
     run = build_run(tiny_spec(tmp_path, dpo={"enabled": False}))
     folder = RunFolder(tmp_path / "run", remote="s3://my-bucket/runs/t")
@@ -362,8 +362,8 @@ def test_generate_commands_take_dotted_overrides(tmp_path, monkeypatch):
 
     import local_mlx.__main__ as mlx_cli
     from local_mlx import generation
-    from mindprint_ray.cli import app
-    from mindprint_ray.evaluation import runner
+    from mindprint_ray.cli.app import app
+    from mindprint_ray.backends.ray_torch import eval_runner as runner
 
     spec = make_spec(tmp_path / "run.yaml", make_data(tmp_path / "data"))
     seen = []
@@ -383,9 +383,9 @@ def test_generate_commands_take_dotted_overrides(tmp_path, monkeypatch):
 def test_resume_from_another_working_directory(tmp_path, monkeypatch):
     """The same command from two checkouts (or two Ray job working_dirs): the second resumes, and spec.yaml
     keeps the relative paths while the workers' spec has absolute ones."""
-    from mindprint_ray.run import load_run
-    from mindprint_ray.run_folder import claim_run_folder
-    from mindprint_ray.train.driver import for_workers
+    from mindprint_ray.planning.run_plan import load_run
+    from mindprint_ray.runs.run_folder import claim_run_folder
+    from mindprint_ray.backends.ray_torch.driver import for_workers
 
     storage = tmp_path / "runs"
     resumed = []
@@ -407,8 +407,8 @@ def test_resume_from_another_working_directory(tmp_path, monkeypatch):
 def test_mlx_dpo_reference_is_checked_before_the_run_folder_is_claimed(tmp_path):
     from local_mlx.training import train_run
     from mindprint_ray.errors import UserError
-    from mindprint_ray.run import build_run
-    from mindprint_ray.run_folder import RunFolder
+    from mindprint_ray.planning.run_plan import build_run
+    from mindprint_ray.runs.run_folder import RunFolder
 
     run = build_run(tiny_spec(make_data(tmp_path / "data"), storage={"path": str(tmp_path / "runs")}))
     with pytest.raises(UserError, match="unknown DPO reference"):

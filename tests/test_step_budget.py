@@ -7,10 +7,10 @@ import math
 import pytest
 
 from conftest import ROOT, run_cli
-from mindprint_ray.run import load_run
-from mindprint_ray.spec import DPOSection, SFTSection
-from mindprint_ray.step_budget import packed_rows, step_budget
-from mindprint_ray.time_model import TopicTokens, count_topic_tokens, stage_flops
+from mindprint_ray.planning.run_plan import load_run
+from mindprint_ray.spec.run_spec import DPOSection, SFTSection
+from mindprint_ray.planning.step_budget import packed_rows, step_budget
+from mindprint_ray.planning.time_model import TopicTokens, count_topic_tokens, stage_flops
 
 QLORA = "configs/qwen72b-qlora-8xh100.yaml"
 WIDE = {"COLUMNS": "220"}  # rich wraps at the terminal width; keep table cells on one line

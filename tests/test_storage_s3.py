@@ -5,7 +5,7 @@ import boto3
 import pytest
 
 from conftest import SAMPLE_DATA, free_port, make_spec, run_cli
-from mindprint_ray import storage
+from mindprint_ray.runs import storage
 
 
 @pytest.fixture(scope="module")

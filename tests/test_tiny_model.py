@@ -3,7 +3,7 @@ import hashlib
 from pathlib import Path
 
 from conftest import SAMPLE_DATA
-from mindprint_ray.registry import get_arch
+from mindprint_ray.planning.registry import get_arch
 
 
 def test_loads_in_transformers_with_registry_param_count(tiny_model_dir):
@@ -60,7 +60,7 @@ def test_loads_in_mlx(tiny_model_dir):
 
 
 def test_build_is_deterministic(tmp_path, tiny_model_dir):
-    from mindprint_ray.tiny_model import write_tiny_model
+    from mindprint_ray.models.tiny import write_tiny_model
 
     again = write_tiny_model(tmp_path / "again", SAMPLE_DATA)
     for name in ("model.safetensors", "tokenizer.json", "config.json"):

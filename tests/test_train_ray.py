@@ -68,7 +68,7 @@ def test_every_topic_has_an_adapter_with_exactly_the_zone_modules(resumed_run, t
     import torch
     from safetensors.torch import load_file
 
-    from mindprint_ray.run import load_run
+    from mindprint_ray.planning.run_plan import load_run
 
     run_dir, _, _ = resumed_run
     plan = load_run("configs/tiny-cpu.yaml").zones
@@ -176,7 +176,7 @@ def test_qlora_nf4_path_on_cpu(tmp_path, tiny_model_dir):
 def test_deepspeed_zero3_path_on_cpu_saves_a_full_adapter(tmp_path, tiny_model_dir):
     from safetensors.torch import load_file
 
-    from mindprint_ray.run import load_run
+    from mindprint_ray.planning.run_plan import load_run
 
     adapter = quick_run(tmp_path, tiny_model_dir, "zero3", "hardware.deepspeed=zero3")
     tensors = load_file(adapter / "adapter_model.safetensors")

@@ -3,9 +3,9 @@ import re
 import pytest
 
 from mindprint_ray.errors import UserError
-from mindprint_ray.model_config import get_model_config, load_model_config
-from mindprint_ray.registry import get_arch
-from mindprint_ray.zones import build_plan
+from mindprint_ray.planning.model_config import get_model_config, load_model_config
+from mindprint_ray.planning.registry import get_arch
+from mindprint_ray.planning.zones import build_plan
 
 
 def spans(plan):

@@ -1,12 +1,12 @@
-"""Evaluation: voice fidelity and accuracy per topic, stability, gates. See docs/evaluation.md.
+"""Evaluation, the pure part: voice-fidelity and accuracy metrics with bootstrap intervals, stability, gates, and
+the general-ability text (general_qa.yaml). See docs/evaluation.md.
 
-Importing this package loads no torch: the runner imports it inside its functions."""
+The model-side runner (generation, log-probs, sentence embeddings) lives with its backend:
+`mindprint_ray.backends.ray_torch.eval_runner`."""
 from __future__ import annotations
 
-from .gates import GateResult, check_gates, final_statement, recheck_key, summary_entries
-from .metrics import DEFAULT_WEIGHTS, stability
-from .runner import TopicEval, evaluate_topics, evaluate_topics_detailed
+from mindprint_ray.evaluation.gates import GateResult, check_gates, final_statement, recheck_key, summary_entries
+from mindprint_ray.evaluation.metrics import DEFAULT_WEIGHTS, stability
 
-__all__ = ["DEFAULT_WEIGHTS", "GateResult", "check_gates", "evaluate_topics", "final_statement", "recheck_key",
-           "stability", "summary_entries", "TopicEval", "evaluate_topics_detailed"]
-
+__all__ = ["DEFAULT_WEIGHTS", "GateResult", "check_gates", "final_statement", "recheck_key", "stability",
+           "summary_entries"]

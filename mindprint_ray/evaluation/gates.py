@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from .metrics import compare_stages, stability
+from mindprint_ray.evaluation.metrics import compare_stages, stability
 
 STAGES = ("base", "after_sft", "after_dpo")
 GATED = ("voice_fidelity", "accuracy")

@@ -9,7 +9,7 @@ import re
 from statistics import median
 from typing import Callable, Iterable, Mapping, Sequence
 
-from ..errors import UserError
+from mindprint_ray.errors import UserError
 
 DEFAULT_WEIGHTS = {"markers": 0.3, "lexicon": 0.2, "semantic": 0.3, "preference": 0.2}
 COMPONENTS = tuple(DEFAULT_WEIGHTS)

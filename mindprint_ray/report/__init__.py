@@ -2,6 +2,6 @@
 
 `write_report` gathers the data (data.py), draws the charts (charts.py, matplotlib) and writes report.md and a
 self-contained report.html (document.py)."""
-from .build import write_report
+from mindprint_ray.report.build import write_report
 
 __all__ = ["write_report"]

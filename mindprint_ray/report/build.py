@@ -3,15 +3,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..memory import TERMS
-from ..run import RunPlan
-from ..step_budget import MAX_DPO_PASSES, MIN_STEPS, TABLE_HEADERS, headline, span, table_rows
-from . import charts
-from .corrections import corrections
-from .data import gather_models, gather_options
-from .document import Document
-from .measured import measured_vs_estimate
-from .seed import SEED_MODELS
+from mindprint_ray.planning.memory import TERMS
+from mindprint_ray.planning.run_plan import RunPlan
+from mindprint_ray.planning.step_budget import MAX_DPO_PASSES, MIN_STEPS, TABLE_HEADERS, headline, span, table_rows
+from mindprint_ray.report import charts
+from mindprint_ray.report.corrections import corrections
+from mindprint_ray.report.data import gather_models, gather_options
+from mindprint_ray.report.document import Document
+from mindprint_ray.report.measured import measured_vs_estimate
+from mindprint_ray.report.seed import SEED_MODELS
 
 ROWS = ("base_weights", "lora_weights", "gradients", "optimizer", "activations", "overhead", "total")
 
@@ -196,7 +196,7 @@ def _results(doc: Document, run: RunPlan, run_dir: Path, out: Path) -> None:
     """Loss and DPO reward curves per topic and stage, the held-out evaluation, and generated answers."""
     import json
 
-    from .training import loss_chart, reward_chart, sample_rows
+    from mindprint_ray.report.training import loss_chart, reward_chart, sample_rows
 
     summary_file, metrics_file = run_dir / "summary.json", run_dir / "metrics.jsonl"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
@@ -219,7 +219,7 @@ def _results(doc: Document, run: RunPlan, run_dir: Path, out: Path) -> None:
 
 def _evaluation(doc: Document, run: RunPlan, summary: dict, out: Path) -> None:
     """Per-topic voice fidelity and accuracy before training, after SFT and after DPO."""
-    from .evaluation import eval_chart, eval_rows, eval_table, heldout_lines
+    from mindprint_ray.report.evaluation import eval_chart, eval_rows, eval_table, heldout_lines
 
     rows = eval_rows(summary)
     if not rows:

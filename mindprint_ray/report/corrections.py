@@ -1,11 +1,11 @@
 """Seed-versus-computed: each figure of the seed guide beside what the registry, memory model and prices say."""
 from __future__ import annotations
 
-from ..hardware import load_prices
-from ..memory import NF4_BYTES_PER_PARAM, base_weight_bytes
-from ..registry import get_arch
-from ..zones import build_plan
-from . import seed
+from mindprint_ray.planning.hardware import load_prices
+from mindprint_ray.planning.memory import NF4_BYTES_PER_PARAM, base_weight_bytes
+from mindprint_ray.planning.registry import get_arch
+from mindprint_ray.planning.zones import build_plan
+from mindprint_ray.report import seed
 
 GB = 1e9
 

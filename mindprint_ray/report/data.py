@@ -1,15 +1,15 @@
 """Everything the report shows, as plain data: one entry per hardware option, the model comparison, corrections."""
 from __future__ import annotations
 
-from ..costs import time_cost
-from ..errors import UserError
-from ..estimates import memory_for_run, peak_memory, remedies
-from ..hardware import load_profiles
-from ..memory import base_weight_bytes
-from ..registry import get_arch
-from ..run import RunPlan, build_run
-from ..step_budget import step_budget
-from ..time_model import count_topic_tokens
+from mindprint_ray.planning.costs import time_cost
+from mindprint_ray.errors import UserError
+from mindprint_ray.planning.estimates import memory_for_run, peak_memory, remedies
+from mindprint_ray.planning.hardware import load_profiles
+from mindprint_ray.planning.memory import base_weight_bytes
+from mindprint_ray.planning.registry import get_arch
+from mindprint_ray.planning.run_plan import RunPlan, build_run
+from mindprint_ray.planning.step_budget import step_budget
+from mindprint_ray.planning.time_model import count_topic_tokens
 
 GB = 1e9
 MAC = "mac-studio-m2-ultra-64gb"

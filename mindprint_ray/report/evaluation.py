@@ -20,7 +20,7 @@ def eval_rows(summary: dict) -> list[dict]:
 
 def eval_chart(rows: list[dict], targets: dict[str, float], path: Path) -> Path:
     """Voice fidelity and accuracy across the curriculum, one line per stage, targets dashed."""
-    from .charts import _plt, _save
+    from mindprint_ray.report.charts import _plt, _save
 
     plt = _plt()
     topics = list(dict.fromkeys(r["topic"] for r in rows))
@@ -69,7 +69,7 @@ def _heldout(row: dict) -> str:
 
 def heldout_lines(summary: dict, spec) -> list[str]:
     """Per topic: its latest stage against base on the same held-out items (paired bootstrap difference)."""
-    from ..evaluation.gates import heldout_gains
+    from mindprint_ray.evaluation.gates import heldout_gains
 
     lines = []
     for topic, g in heldout_gains(summary, spec).items():

@@ -1,11 +1,11 @@
 """After a run: measured stage time, tokens and peak memory beside the estimates for that run's own spec."""
 from __future__ import annotations
 
-from ..calibration import STAGES, measured_mfu, read_run
-from ..estimates import memory_for_run
-from ..run import load_run
-from ..run_folder import RunFolder
-from ..time_model import count_topic_tokens, resolve_mfu, stage_flops, peak_flops
+from mindprint_ray.planning.calibration import STAGES, measured_mfu, read_run
+from mindprint_ray.planning.estimates import memory_for_run
+from mindprint_ray.planning.run_plan import load_run
+from mindprint_ray.runs.run_folder import RunFolder
+from mindprint_ray.planning.time_model import count_topic_tokens, resolve_mfu, stage_flops, peak_flops
 
 
 def error_pct(estimate: float | None, measured: float | None) -> float | None:

@@ -16,7 +16,7 @@ def stage_curves(metrics: list[dict], stage: str, key: str) -> dict[str, tuple[l
 
 def curves_chart(metrics: list[dict], panels: list[tuple[str, str, str]], path: Path) -> Path | None:
     """One panel per (stage, metric key, title), one line per topic; None when nothing was logged."""
-    from .charts import _plt, _save
+    from mindprint_ray.report.charts import _plt, _save
 
     data = [(title, stage_curves(metrics, stage, key)) for stage, key, title in panels]
     if not any(curves for _, curves in data):
@@ -45,7 +45,7 @@ def reward_chart(metrics: list[dict], path: Path) -> Path | None:
 
 def sample_rows(summary: dict) -> list[list[str]]:
     """(topic, question, stage, answer) for the answer each topic's evaluation kept at each stage."""
-    from .evaluation import STAGES
+    from mindprint_ray.report.evaluation import STAGES
 
     rows = []
     for topic in summary.get("topics_order") or list(summary.get("topics", {})):

@@ -1,0 +1,94 @@
+"""Trainer callbacks: metrics to the run folder, the NaN/inf guard, and checkpoints reported to Ray."""
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from mindprint_ray.runs.run_folder import RunFolder
+from mindprint_ray.runs.stage_history import StageHistory
+
+STATE_FILE = "mindprint_state.json"
+GUARDED = ("loss", "grad_norm")
+
+
+def peak_memory_gb() -> float:
+    """Peak device memory of this process: CUDA allocator peak on a GPU, max RSS on CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+class MetricsCallback(TrainerCallback, StageHistory):
+    """Writes every log line to metrics.jsonl (rank 0), adds tokens/s and peak memory, stops on NaN/inf."""
+
+    def __init__(self, folder: RunFolder | None, topic: str, stage: str, latest: dict | None = None) -> None:
+        StageHistory.__init__(self)
+        self.folder, self.topic, self.stage = folder, topic, stage
+        self.latest = latest if latest is not None else {}
+        self._last = (time.time(), 0)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last = (time.time(), 0)
+        if self.folder:
+            self.folder.log({"event": "stage_start", "topic": self.topic, "stage": self.stage,
+                             "max_steps": state.max_steps, "step": state.global_step})
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = dict(logs or {})
+        if "train_runtime" in logs:  # the trainer's closing summary line
+            return
+        now, tokens = time.time(), logs.get("num_tokens")
+        record = {"topic": self.topic, "stage": self.stage, "step": state.global_step, **logs}
+        if tokens is not None:
+            t0, n0 = self._last
+            record["tokens_per_s"] = (tokens - n0) / max(now - t0, 1e-9)
+            self._last = (now, tokens)
+        record["peak_memory_gb"] = peak_memory_gb()
+        self.history.append(record)
+        for source, key in (("loss", f"{self.stage}_loss"), ("rewards/accuracies", "reward_accuracy"),
+                            ("rewards/margins", "reward_margin")):
+            if isinstance(logs.get(source), (int, float)) and math.isfinite(logs[source]):
+                self.latest[key] = float(logs[source])
+        for key in GUARDED:
+            value = logs.get(key)
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                self.bad = (key, value, state.global_step)
+                control.should_training_stop = True
+                control.should_save = False
+        if self.folder:
+            self.folder.log(record)
+
+
+class RayCheckpointCallback(TrainerCallback):
+    """Reports each HF checkpoint to Ray Train, tagged with topic and stage, so a restart resumes there."""
+
+    def __init__(self, topic: str, stage: str, rank: int, sharded: bool, latest: dict | None = None) -> None:
+        self.topic, self.stage, self.rank, self.sharded = topic, stage, rank, sharded
+        self.latest = latest if latest is not None else {}
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        report_checkpoint(checkpoint_dir, self.topic, self.stage, state.global_step, self.rank, self.sharded,
+                          dict(self.latest))
+
+
+def report_checkpoint(directory: Path | None, topic: str, stage: str, step: int, rank: int, sharded: bool,
+                      metrics: dict) -> None:
+    """All ranks call this (ray.train.report is a barrier); rank 0 (or every rank when sharded) uploads."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    checkpoint = None
+    if directory is not None and (rank == 0 or sharded) and directory.is_dir():
+        (directory / STATE_FILE).write_text(json.dumps({"topic": topic, "stage": stage, "step": step}))
+        checkpoint = Checkpoint.from_directory(str(directory))
+    clean = {k: v for k, v in metrics.items() if v is not None}
+    ray.train.report({"topic": topic, "stage": stage, "step": step, **clean}, checkpoint=checkpoint,
+                     checkpoint_dir_name=f"{topic}-{stage}-{step:06d}" if checkpoint or sharded else None)

@@ -1,0 +1,233 @@
+"""The Ray Train V2 driver: validate everything, claim the run folder, build the TorchTrainer and fit."""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from mindprint_ray.errors import UserError
+from mindprint_ray.planning.run_plan import RunPlan
+from mindprint_ray.runs.run_folder import RunFolder, claim_run_folder
+from mindprint_ray.models.tiny import ensure_run_model
+from mindprint_ray.curriculum.validation import validate_run
+
+log = logging.getLogger("mindprint_ray")
+WORKER_ENV = {
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "PYTHONWARNINGS": "ignore",
+    "RAY_TRAIN_V2_ENABLED": "1",
+    # Ray Train's print patch logs even prints a library captures (dill's bytecode disassembly while
+    # `datasets` hashes functions): keep plain prints.
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+}
+
+
+def check_trackers(report_to: list[str]) -> None:
+    """MLflow and W&B are optional: say so before Ray starts rather than fail inside every worker."""
+    import importlib.util
+
+    for tracker, module in (("mlflow", "mlflow"), ("wandb", "wandb"), ("tensorboard", "tensorboard")):
+        if tracker in report_to and importlib.util.find_spec(module) is None:
+            raise UserError(f"report_to names {tracker}, which is not installed", field="report_to",
+                            hint=f"pip install {module} (credentials from the environment, e.g. WANDB_API_KEY), "
+                                 "or remove it from report_to")
+
+
+def for_workers(run: RunPlan) -> RunPlan:
+    """Workers run in other folders: a copy of the run whose spec's local paths are absolute, for the spec that
+    travels to them. The caller's run keeps the paths as written (they are what spec.yaml stores and compares)."""
+    spec = run.spec.model_copy(deep=True)
+    cur = spec.curriculum
+    if "://" not in cur.data_dir:
+        cur.data_dir = str(Path(cur.data_dir).absolute())
+    if cur.persona and "://" not in cur.persona:
+        cur.persona = str(Path(cur.persona).absolute())
+    if spec.model.path and Path(spec.model.path).exists():
+        spec.model.path = str(Path(spec.model.path).absolute())
+    if "://" not in spec.storage.path:
+        spec.storage.path = str(Path(spec.storage.path).absolute())
+    if spec.eval.general_text:
+        spec.eval.general_text = str(Path(spec.eval.general_text).absolute())
+    return replace(run, spec=spec)
+
+
+def check_run_template(run: RunPlan, topics: list) -> None:
+    """The chat template as the workers will load it (transformers, local or hub): it must split every
+    conversation into turns and close assistant turns with a special token, or Ray never starts."""
+    from mindprint_ray.curriculum.chat_template import check_tokenizer
+    from mindprint_ray.backends.ray_torch.model_loading import load_tokenizer
+
+    check_tokenizer(load_tokenizer(run), topics, run.spec.curriculum.system_prompt, f"{run.model_path} (chat template)")
+
+
+def init_ray(run: RunPlan) -> None:
+    """Join the named cluster (spec, RAY_ADDRESS or a job's environment); otherwise start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = run.spec.ray.address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": WORKER_ENV}
+    if address:  # a submitted job already carries its runtime env (cluster/runtime_env.yaml): keep it
+        ray.init(address=address, log_to_driver=True)
+    else:
+        needed = run.num_workers * run.profile.cpus_per_worker
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=True,
+                 dashboard_host="127.0.0.1", runtime_env=env, log_to_driver=True)
+
+
+def checkpoint_storage(folder: RunFolder) -> tuple[str, object | None]:
+    """Where Ray Train keeps checkpoints: `<run>/checkpoints`, through pyarrow S3 for `s3://` runs."""
+    if not folder.remote:
+        return str(folder.root), None
+    from mindprint_ray.runs.storage import parse_s3, pyarrow_filesystem
+
+    loc = parse_s3(folder.remote)
+    return f"{loc.bucket}/{loc.prefix}", pyarrow_filesystem()
+
+
+def build_trainer(run: RunPlan, folder: RunFolder, callbacks: list | None = None):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from mindprint_ray.backends.ray_torch.topic_loop import train_loop
+
+    profile = run.profile
+    storage_path, filesystem = checkpoint_storage(folder)
+    resources = {"CPU": profile.cpus_per_worker, **({"GPU": 1} if profile.use_gpu else {})}
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"spec": run.spec.model_dump(mode="json")},
+        scaling_config=ScalingConfig(num_workers=run.num_workers, use_gpu=profile.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name="checkpoints", storage_path=storage_path, storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=run.spec.ray.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=run.spec.storage.keep_checkpoints),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def train(run: RunPlan, force: bool = False, progress: bool = True) -> RunFolder:
+    """Run the whole curriculum; rerunning with the same name resumes. Returns the run folder."""
+    if run.profile.backend != "ray":
+        raise UserError(f"hardware profile '{run.profile.name}' trains with MLX", field="hardware.profile",
+                        hint="use `python -m local_mlx train CFG` for Mac profiles")
+    from mindprint_ray.backends.ray_torch.preflight import check_gpus, check_storage
+
+    check_trackers(run.spec.report_to)
+    ensure_run_model(run)
+    topics, _, _ = validate_run(run)  # everything is validated before Ray starts
+    check_run_template(run, topics)
+    check_storage(run)
+    check_gpus(run)
+    folder, resumed = claim_run_folder(run.spec, force)  # the spec as written, from any working directory
+    pending = [t.name for t in topics if not folder.topic_done(t.name)]
+    folder.update_summary(run=run.spec.name, model=run.model_path, profile=run.profile.name,
+                          topics_order=[t.name for t in topics], stopped=None)
+    if not pending:
+        log.info("every topic of %s is done", run.spec.name)
+        return folder
+    folder.log({"event": "run_start", "resumed": resumed, "pending": pending, "workers": run.num_workers})
+    init_ray(run)
+    trainer = build_trainer(for_workers(run), folder)
+    watcher = ProgressWatcher(folder, pending) if progress else None
+    t0 = time.time()
+    try:
+        if watcher:
+            watcher.start()
+        trainer.fit()
+    except Exception as e:  # a TrainingStopped from the workers arrives wrapped by Ray
+        message = _stopped_message(e)
+        if message:
+            raise UserError(message) from None
+        raise
+    finally:
+        if watcher:
+            watcher.stop()
+    folder.pull("summary.json")  # the workers' latest (another node may have written it)
+    folder.pull("metrics.jsonl")
+    stopped = folder.summary().get("stopped")
+    if stopped:
+        folder.update_summary(status="stopped")
+        raise UserError(f"training stopped: {stopped}", hint="finished topics are kept; fix the cause and rerun "
+                        "the same command (add --force if you change the spec)")
+    folder.finish_run(time.time() - t0)
+    write_run_report(run, folder)
+    return folder
+
+
+def write_run_report(run: RunPlan, folder: RunFolder) -> None:
+    """The run's report: estimates for its hardware beside what was measured, and the evaluation."""
+    from mindprint_ray.report import write_report
+
+    write_report(run, folder.report_dir, which=run.profile.name, run_dir=str(folder.root))
+    folder.push("report")
+
+
+def _stopped_message(error: Exception) -> str | None:
+    """The worker's stop reason from Ray's error text: its first line and any indented remedy lines."""
+    text = str(error)
+    for marker in ("TrainingStopped: ", "OutOfMemoryStop: ", "UserError: "):
+        if marker in text:
+            first, *rest = text.split(marker, 1)[1].strip().splitlines()
+            remedies = []
+            for line in rest:
+                if not line.startswith("  - "):
+                    break
+                remedies.append(line)
+            return "\n".join([first, *remedies])
+    return None
+
+
+class ProgressWatcher:
+    """Follows metrics.jsonl and shows a rich progress bar per stage while Ray trains."""
+
+    def __init__(self, folder: RunFolder, topics: list[str]) -> None:
+        self.folder, self.topics = folder, topics
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+
+    def _run(self) -> None:
+        import json
+
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        offset, tasks = 0, {}
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                   TimeElapsedColumn())
+        with Progress(*columns, refresh_per_second=2) as bar:
+            while not self._stop.wait(0.5):
+                if not self.folder.metrics_file.is_file():
+                    continue
+                with self.folder.metrics_file.open() as f:
+                    f.seek(offset)
+                    lines = f.readlines()
+                    offset = f.tell()
+                for line in lines:
+                    try:
+                        r = json.loads(line)
+                    except ValueError:
+                        continue
+                    key = (r.get("topic"), r.get("stage"))
+                    if r.get("event") == "stage_start":
+                        tasks[key] = bar.add_task(f"{key[0]} {key[1]}", total=r["max_steps"], info="")
+                        bar.update(tasks[key], completed=r.get("step", 0))
+                    elif key in tasks and "loss" in r:
+                        info = f"loss {r['loss']:.3f}"
+                        if "rewards/accuracies" in r:
+                            info += f"  reward acc {r['rewards/accuracies']:.2f}"
+                        bar.update(tasks[key], completed=r["step"], info=info)

@@ -1,0 +1,71 @@
+"""Everything that must hold before any training starts: spec, zones, hardware, data, token lengths."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mindprint_ray.curriculum.chat_template import check_template, training_conversations
+from mindprint_ray.curriculum.topics import TopicData, load_curriculum
+from mindprint_ray.errors import UserError
+from mindprint_ray.curriculum.data_stats import TopicStats, apply_overlong
+from mindprint_ray.planning.run_plan import RunPlan, load_run
+from mindprint_ray.curriculum.tokens import TokenCounter
+
+
+def validate_run(run: RunPlan) -> tuple[list[TopicData], list[TopicStats], TokenCounter]:
+    topics = load_curriculum(run.spec)
+    counter = TokenCounter.for_model(run.model_path)
+    check_model_matches(run)
+    check_local_template(run, topics, counter)
+    rows = apply_overlong(run.spec, topics, counter)
+    return topics, rows, counter
+
+
+ARCH_KEYS = {"num_hidden_layers": "num_layers", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
+             "num_attention_heads": "num_heads", "num_key_value_heads": "num_kv_heads", "vocab_size": "vocab_size"}
+
+
+def check_model_matches(run: RunPlan) -> None:
+    """A local model folder must have the architecture of the registry model the spec names (the zone plan and
+    every estimate come from the registry), or PEFT would wrap other modules than planned inside the workers."""
+    config_file = Path(run.model_path) / "config.json"
+    if not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config = config.get("text_config", config)  # multimodal folders (gemma-3) keep the decoder's in text_config
+    for key, field in ARCH_KEYS.items():
+        if key in config and config[key] != getattr(run.arch, field):
+            raise UserError(f"the model folder's {key} is {config[key]}, but {run.arch.name} has "
+                            f"{getattr(run.arch, field)}", file=config_file, field="model.name",
+                            hint="set model.name to the folder's model (or a name outside the registry, so that "
+                                 "its config.json is used)")
+
+
+def check_local_template(run: RunPlan, topics: list[TopicData], counter: TokenCounter) -> None:
+    """With a local tokenizer: the chat template must split every conversation into turns and end assistant
+    turns with a special token (the training backends check the same through transformers before Ray)."""
+    if counter.tokenizer is None:
+        return
+    if counter.template is None:
+        if counter.template_error:
+            raise UserError(f"the chat template does not compile: {counter.template_error}",
+                            file=counter.template_file, hint="fix the template's jinja syntax")
+        raise UserError(f"the model at {run.model_path} has no chat template", file=counter.template_file,
+                        hint="add chat_template.jinja to the model folder (e.g. ChatML)")
+    check_template(counter.render_chat, counter.special_tokens, training_conversations(topics),
+                   run.spec.curriculum.system_prompt, counter.template_file)
+
+
+def data_warnings(run: RunPlan) -> list[str]:
+    """Problems that do not stop a run: eval questions that are also trained prompts (file:line of both)."""
+    from mindprint_ray.curriculum.topics import eval_overlaps
+
+    if not run.spec.eval.enabled:
+        return []
+    return [o.message() for o in eval_overlaps(load_curriculum(run.spec))]
+
+
+def validate_all(config: str | Path, overrides: list[str]) -> tuple[RunPlan, list[TopicStats], TokenCounter]:
+    run = load_run(config, overrides)
+    _, rows, counter = validate_run(run)
+    return run, rows, counter

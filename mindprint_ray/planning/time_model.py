@@ -1,0 +1,186 @@
+"""Training time from FLOPs: tokens per topic from the curriculum, FLOPs per token, and an MFU assumption.
+
+Forward ~2N FLOPs per token (N = matmul parameters: decoder linears, lm_head, LoRA); LoRA training ~4N (the
+backward pass computes activation gradients only: the base weights are frozen) or 6N with gradient
+checkpointing (one more forward); plus causal attention. DPO runs the policy on chosen and rejected (padded to
+the longer of the two) and a reference forward (2N) unless reference log-probs are precomputed.
+Pure Python: no torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mindprint_ray.planning.registry import ModelArch
+from mindprint_ray.planning.run_plan import RunPlan
+from mindprint_ray.planning.step_budget import global_batch, stage_budget
+from mindprint_ray.curriculum.tokens import CHARS_PER_TOKEN, TokenCounter
+
+MFU_SOURCES = ("spec", "calibration", "profile", "measured")
+
+
+@dataclass(frozen=True)
+class TopicTokens:
+    """One topic's data in tokens, as the trainer sees it (after the over-long policy)."""
+
+    topic: str
+    sft_examples: int
+    sft_tokens: int  # one epoch, sum of example lengths (packing: no padding)
+    dpo_pairs: int
+    dpo_tokens: int  # one pass: prompt+chosen plus prompt+rejected per pair (real tokens)
+    dpo_padded_tokens: int  # one pass: 2 x the longer side per pair (what the device computes)
+    sft_lengths: tuple[int, ...] = ()  # each SFT example's length, in file order (what packing bins)
+
+    @property
+    def mean_sft_length(self) -> float:
+        return self.sft_tokens / max(self.sft_examples, 1)
+
+    @property
+    def mean_dpo_length(self) -> float:
+        return self.dpo_padded_tokens / max(2 * self.dpo_pairs, 1)
+
+
+@dataclass(frozen=True)
+class StageTime:
+    tokens: float  # real tokens trained in this stage (DPO: chosen + rejected, without pair padding)
+    flops: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class TopicTime:
+    topic: str
+    sft: StageTime
+    dpo: StageTime | None
+
+    @property
+    def hours(self) -> float:
+        return (self.sft.seconds + (self.dpo.seconds if self.dpo else 0.0)) / 3600
+
+
+@dataclass(frozen=True)
+class Mfu:
+    sft: float
+    dpo: float
+    source: str  # spec | calibration | profile
+    note: str
+
+
+def count_topic_tokens(run: RunPlan, counter: TokenCounter | None = None) -> tuple[list[TopicTokens], str]:
+    """Tokens per topic from the curriculum with the model's tokenizer (or ~4 chars/token), and how counted."""
+    from mindprint_ray.curriculum.topics import load_curriculum
+    from mindprint_ray.curriculum.data_stats import pair_lengths, sft_length
+
+    if counter is None:
+        counter = TokenCounter.for_model(run.model_path)
+    spec, drop = run.spec, run.spec.curriculum.overlong == "drop"
+    rows = []
+    for t in load_curriculum(spec):
+        sft = [sft_length(counter, r) for r in t.sft]
+        sft = [min(n, spec.sft.max_seq_length) for n in sft if not (drop and n > spec.sft.max_seq_length)]
+        pairs = [pair_lengths(counter, r) for r in t.dpo_train] if spec.dpo.enabled else []  # held-out: not trained
+        cap = spec.dpo.max_seq_length
+        pairs = [(min(c, cap), min(r, cap)) for c, r in pairs if not (drop and max(c, r) > cap)]
+        rows.append(TopicTokens(t.name, len(sft), sum(sft), len(pairs), sum(c + r for c, r in pairs),
+                                sum(2 * max(c, r) for c, r in pairs), tuple(sft)))
+    how = ("exact: the model's tokenizer and chat template" if counter.exact else
+           f"approximate: ~{CHARS_PER_TOKEN:g} characters per token (no local tokenizer for {run.model_path})")
+    return rows, how
+
+
+def matmul_params(arch: ModelArch, trainable: int) -> int:
+    """Parameters that cost 2 FLOPs per token in the forward pass (the embedding lookup costs none)."""
+    return arch.linear_params() + arch.vocab_size * arch.hidden_size + trainable
+
+
+def attention_flops_forward(arch: ModelArch, seq_len: float) -> float:
+    """Causal QK^T and AV per token: 2 matmuls x 2 FLOPs x (seq/2 mean context) x q width x layers."""
+    return 2 * arch.num_layers * arch.num_heads * arch.head_dim * seq_len
+
+
+def train_flops_per_token(arch: ModelArch, trainable: int, seq_len: float, checkpointing: bool) -> float:
+    """LoRA training: forward + activation backward (4N), + recompute (6N); attention 3x (4x) its forward."""
+    passes = 3 if checkpointing else 2  # forward-equivalents of the linears: fwd, bwd, (recompute)
+    attn = attention_flops_forward(arch, seq_len) * (passes + 1)  # attention backward is 2x its forward
+    return passes * 2 * matmul_params(arch, trainable) + attn
+
+
+def forward_flops_per_token(arch: ModelArch, trainable: int, seq_len: float) -> float:
+    return 2 * matmul_params(arch, trainable) + attention_flops_forward(arch, seq_len)
+
+
+def sft_stage_tokens(run: RunPlan, t: TopicTokens) -> float:
+    """Tokens trained in SFT: the step budget's passes over the data (epochs, or max_steps) x one epoch."""
+    return t.sft_tokens * stage_budget(run, t, "sft").passes
+
+
+def dpo_pairs_seen(run: RunPlan) -> int:
+    return run.spec.dpo.steps_per_topic * global_batch(run, "dpo")
+
+
+def stage_flops(run: RunPlan, t: TopicTokens, stage: str) -> tuple[float, float]:
+    """(real tokens trained, FLOPs) of one topic's SFT or DPO stage (DPO FLOPs include the pair padding)."""
+    arch, trainable = run.arch, run.zones.trainable_params()
+    if stage == "sft":
+        tokens = sft_stage_tokens(run, t)
+        per = train_flops_per_token(arch, trainable, t.mean_sft_length, run.spec.stage("sft").gradient_checkpointing)
+        return tokens, tokens * per
+    d = run.spec.dpo
+    if not t.dpo_pairs:
+        return 0.0, 0.0
+    seen = dpo_pairs_seen(run)
+    padded = seen * t.dpo_padded_tokens / t.dpo_pairs
+    checkpointing = run.spec.stage("dpo").gradient_checkpointing
+    policy = padded * train_flops_per_token(arch, trainable, t.mean_dpo_length, checkpointing)
+    ref_tokens = (min(seen, t.dpo_pairs) / t.dpo_pairs * t.dpo_padded_tokens) if d.precompute_ref_log_probs \
+        else padded
+    flops = policy + ref_tokens * forward_flops_per_token(arch, trainable, t.mean_dpo_length)
+    return seen * t.dpo_tokens / t.dpo_pairs, flops
+
+
+def resolve_mfu(run: RunPlan, calibration: dict | None = None) -> Mfu:
+    """The MFU to use: the spec's hardware.mfu, else a calibration for this profile, else the profile's."""
+    if run.spec.hardware.mfu and run.spec.hardware.profile == run.profile.name:
+        return Mfu(run.spec.hardware.mfu, run.spec.hardware.mfu, "spec", "hardware.mfu in the spec")
+    if calibration is None:
+        from mindprint_ray.planning.calibration import lookup
+
+        calibration = lookup(run.profile.name, run.quant)
+    if calibration:
+        m = calibration["mfu"]
+        sft, dpo = m.get("sft") or m.get("dpo"), m.get("dpo") or m.get("sft")
+        return Mfu(sft, dpo, "calibration", f"measured by run {calibration.get('run')} "
+                                            f"({calibration.get('model')}, {calibration.get('date')})")
+    table = run.profile.mfu
+    value = table.get(run.quant) or table.get("bf16") or min(table.values())
+    return Mfu(value, value, "profile", f"assumed for {run.profile.name} with {run.quant} (hardware.yaml)")
+
+
+def throughput_mfu(run: RunPlan, tokens: list[TopicTokens], tokens_per_s: dict[str, float], note: str) -> Mfu:
+    """The MFU at which topic_times reproduces a measured throughput (real tokens trained per second, per stage;
+    DPO falls back to SFT's): hours for a run whose own model was timed on this machine, from the same model."""
+    mfu = {}
+    for stage in ("sft", "dpo"):
+        rate = tokens_per_s.get(stage) or tokens_per_s["sft"]
+        per_topic = [stage_flops(run, t, stage) for t in tokens]
+        trained, flops = sum(n for n, _ in per_topic), sum(f for _, f in per_topic)
+        mfu[stage] = rate * flops / trained / peak_flops(run) if trained else None
+    sft = mfu["sft"] or mfu["dpo"] or 0.0
+    return Mfu(sft, mfu["dpo"] or sft, "measured", note)
+
+
+def peak_flops(run: RunPlan) -> float:
+    """Dense BF16 FLOP/s of all devices that train together."""
+    return run.profile.peak_tflops * 1e12 * run.num_workers
+
+
+def topic_times(run: RunPlan, tokens: list[TopicTokens], mfu: Mfu) -> list[TopicTime]:
+    out = []
+    for t in tokens:
+        n, f = stage_flops(run, t, "sft")
+        sft = StageTime(n, f, f / (peak_flops(run) * mfu.sft))
+        dpo = None
+        if run.spec.dpo.enabled:
+            n, f = stage_flops(run, t, "dpo")
+            dpo = StageTime(n, f, f / (peak_flops(run) * mfu.dpo))
+        out.append(TopicTime(t.topic, sft, dpo))
+    return out
