@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 EXTRAS ?= dev,mlx-cpu
 
-.PHONY: venv demo demo-tiny test test-fast clean
+.PHONY: venv demo demo-tiny lint test test-fast clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ demo-tiny: $(STAMP)
 	$(BIN)/python -m mindprint_ray validate configs/tiny-cpu.yaml
 	$(BIN)/python -m mindprint_ray plan configs/tiny-cpu.yaml
 	$(BIN)/python -m mindprint_ray train configs/tiny-cpu.yaml --name demo-tiny
+
+# ruff (lint and format) and the import contracts of the layers (import-linter, [tool.importlinter] in pyproject.toml)
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

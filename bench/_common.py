@@ -1,8 +1,10 @@
 """Shared helpers of the benchmarks: quiet logs, run plans, random-weight models, worker trainer args, step timing.
 
-Everything that shapes a training step comes from the worker's own code (`mindprint_ray.backends.ray_torch.model_loading`,
-`mindprint_ray.backends.ray_torch.trainer_args.trainer_args`); only the model's weights are random instead of loaded.
+Everything that shapes a training step comes from the worker's own code
+(`mindprint_ray.backends.ray_torch.model_loading`, `mindprint_ray.backends.ray_torch.trainer_args.trainer_args`);
+only the model's weights are random instead of loaded.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,10 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from mindprint_ray.planning.registry import ModelArch  # noqa: E402
-from mindprint_ray.planning.run_plan import RunPlan, build_run  # noqa: E402
-from mindprint_ray.spec.run_spec import RunSpec  # noqa: E402
-from mindprint_ray.planning.zones import build_plan  # noqa: E402
+from mindprint_ray.planning.registry import ModelArch
+from mindprint_ray.planning.run_plan import RunPlan, build_run
+from mindprint_ray.planning.zones import build_plan
+from mindprint_ray.spec.run_spec import RunSpec
 
 
 def quiet() -> None:
@@ -51,20 +53,47 @@ def tiny_model_dir() -> Path:
 # ---- run plans ------------------------------------------------------------------------------------------------
 
 
-def bench_spec(model: str, quant: str, *, attn: str = "auto", gc: bool = True, seq: int = 4096, batch: int = 1,
-               grad_accum: int = 1, gpu: bool = True, packing: bool = True, profile: str = "1xh100-80gb",
-               model_path: str | None = None, topics: tuple[str, ...] = ("bench",)) -> RunSpec:
+def bench_spec(
+    model: str,
+    quant: str,
+    *,
+    attn: str = "auto",
+    gc: bool = True,
+    seq: int = 4096,
+    batch: int = 1,
+    grad_accum: int = 1,
+    gpu: bool = True,
+    packing: bool = True,
+    profile: str = "1xh100-80gb",
+    model_path: str | None = None,
+    topics: tuple[str, ...] = ("bench",),
+) -> RunSpec:
     """A validated run spec for one benchmark configuration (seed defaults for everything not named)."""
-    return RunSpec.model_validate({
-        "name": "bench", "model": {"name": model, "path": model_path, "attn_implementation": attn},
-        "quantization": {"mode": quant},
-        "sft": {"max_seq_length": seq, "batch_size": batch, "gradient_accumulation": grad_accum,
-                "gradient_checkpointing": gc, "bf16": gpu, "packing": packing, "warmup_steps": 0},
-        "dpo": {"max_seq_length": seq, "batch_size": batch, "gradient_accumulation": grad_accum,
-                "gradient_checkpointing": gc},
-        "curriculum": {"data_dir": str(ROOT / "data" / "curriculum"), "topics": list(topics)},
-        "hardware": {"profile": profile}, "report_to": ["none"],
-    })
+    return RunSpec.model_validate(
+        {
+            "name": "bench",
+            "model": {"name": model, "path": model_path, "attn_implementation": attn},
+            "quantization": {"mode": quant},
+            "sft": {
+                "max_seq_length": seq,
+                "batch_size": batch,
+                "gradient_accumulation": grad_accum,
+                "gradient_checkpointing": gc,
+                "bf16": gpu,
+                "packing": packing,
+                "warmup_steps": 0,
+            },
+            "dpo": {
+                "max_seq_length": seq,
+                "batch_size": batch,
+                "gradient_accumulation": grad_accum,
+                "gradient_checkpointing": gc,
+            },
+            "curriculum": {"data_dir": str(ROOT / "data" / "curriculum"), "topics": list(topics)},
+            "hardware": {"profile": profile},
+            "report_to": ["none"],
+        }
+    )
 
 
 def run_with_arch(spec: RunSpec, arch: ModelArch | None = None) -> RunPlan:
@@ -73,8 +102,15 @@ def run_with_arch(spec: RunSpec, arch: ModelArch | None = None) -> RunPlan:
     if arch is None or arch == run.arch:
         return run
     lora = spec.lora
-    zones = build_plan(arch, lora.strategy, [z.model_dump() for z in lora.zones] if lora.zones else None,
-                       lora.rank, lora.alpha, lora.dropout, lora.use_rslora)
+    zones = build_plan(
+        arch,
+        lora.strategy,
+        [z.model_dump() for z in lora.zones] if lora.zones else None,
+        lora.rank,
+        lora.alpha,
+        lora.dropout,
+        lora.use_rslora,
+    )
     return replace(run, arch=arch, zones=zones)
 
 
@@ -86,10 +122,17 @@ def qwen2_config(arch: ModelArch):
     from transformers import Qwen2Config
 
     return Qwen2Config(
-        hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size, num_hidden_layers=arch.num_layers,
-        num_attention_heads=arch.num_heads, num_key_value_heads=arch.num_kv_heads, head_dim=arch.head_dim,
-        vocab_size=arch.vocab_size, tie_word_embeddings=arch.tie_embeddings,
-        max_position_embeddings=arch.max_position_embeddings, rope_theta=1e6, use_cache=False,
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.intermediate_size,
+        num_hidden_layers=arch.num_layers,
+        num_attention_heads=arch.num_heads,
+        num_key_value_heads=arch.num_kv_heads,
+        head_dim=arch.head_dim,
+        vocab_size=arch.vocab_size,
+        tie_word_embeddings=arch.tie_embeddings,
+        max_position_embeddings=arch.max_position_embeddings,
+        rope_theta=1e6,
+        use_cache=False,
     )
 
 
@@ -161,10 +204,23 @@ def quantize_nf4(module, q, device: str) -> None:
         if type(child) is not nn.Linear:
             continue
         with torch.device("meta"):
-            new = bnb.nn.Linear4bit(child.in_features, child.out_features, child.bias is not None, compute,
-                                    compress_statistics=q.double_quant, quant_type="nf4", quant_storage=storage)
-        new.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, compress_statistics=q.double_quant,
-                                       quant_type="nf4", quant_storage=storage, module=new).to(device)
+            new = bnb.nn.Linear4bit(
+                child.in_features,
+                child.out_features,
+                child.bias is not None,
+                compute,
+                compress_statistics=q.double_quant,
+                quant_type="nf4",
+                quant_storage=storage,
+            )
+        new.weight = bnb.nn.Params4bit(
+            child.weight.data,
+            requires_grad=False,
+            compress_statistics=q.double_quant,
+            quant_type="nf4",
+            quant_storage=storage,
+            module=new,
+        ).to(device)
         if child.bias is not None:
             new.bias = nn.Parameter(child.bias.data, requires_grad=False)
         new.source_cls = nn.Linear
@@ -181,8 +237,12 @@ def mark_bnb_4bit(model, q) -> None:
     from mindprint_ray.backends.ray_torch.model_loading import torch_dtype
 
     config = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=q.double_quant,
-        bnb_4bit_compute_dtype=torch_dtype(q.compute_dtype), bnb_4bit_quant_storage=torch_dtype(q.quant_storage))
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=torch_dtype(q.compute_dtype),
+        bnb_4bit_quant_storage=torch_dtype(q.quant_storage),
+    )
     model.config.quantization_config = config
     model.hf_quantizer = AutoHfQuantizer.from_config(config, pre_quantized=False)
     model.is_quantized = True
@@ -297,6 +357,7 @@ def median(values: list[float]) -> float:
 
 def print_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     """A Markdown table of `rows` with (key, header) columns; returns the text it printed."""
+
     def cell(v) -> str:
         if v is None:
             return "-"
@@ -324,21 +385,31 @@ def tiny_run(overrides: list[str] | None = None) -> RunPlan:
     from mindprint_ray.planning.run_plan import load_run
 
     topics = "[" + ",".join(sample_topics()) + "]"
-    return load_run(ROOT / "configs" / "tiny-cpu.yaml", [
-        f"model.path={tiny_model_dir()}", f"curriculum.data_dir={ROOT / 'data' / 'curriculum'}",
-        f"curriculum.topics={topics}", "report_to=[none]", *(overrides or [])])
+    return load_run(
+        ROOT / "configs" / "tiny-cpu.yaml",
+        [
+            f"model.path={tiny_model_dir()}",
+            f"curriculum.data_dir={ROOT / 'data' / 'curriculum'}",
+            f"curriculum.topics={topics}",
+            "report_to=[none]",
+            *(overrides or []),
+        ],
+    )
 
 
 def curriculum_sft_data(run: RunPlan):
     """The SFT records of every topic (after the over-long policy) as the worker's conversational dataset."""
     from mindprint_ray.backends.ray_torch import datasets as ds
+    from mindprint_ray.backends.ray_torch.model_loading import load_tokenizer
     from mindprint_ray.curriculum.validation import validate_run
 
-    from mindprint_ray.backends.ray_torch.model_loading import load_tokenizer
-
     topics, _, _ = validate_run(run)
-    return ds.sft_dataset([r for t in topics for r in t.sft], run.spec.curriculum.system_prompt, load_tokenizer(run),
-                          run.spec.sft.assistant_only_loss)
+    return ds.sft_dataset(
+        [r for t in topics for r in t.sft],
+        run.spec.curriculum.system_prompt,
+        load_tokenizer(run),
+        run.spec.sft.assistant_only_loss,
+    )
 
 
 def worker_model(run: RunPlan, device: str = "cpu"):
@@ -350,8 +421,9 @@ def worker_model(run: RunPlan, device: str = "cpu"):
     return tokenizer, apply_zone_plan(base, run, run.spec.sft.gradient_checkpointing)
 
 
-def sft_trainer(run: RunPlan, model, tokenizer, data, packing: bool, steps: int, out_dir: Path, log: StepLog,
-                gpu: bool = False):
+def sft_trainer(
+    run: RunPlan, model, tokenizer, data, packing: bool, steps: int, out_dir: Path, log: StepLog, gpu: bool = False
+):
     """TRL SFTTrainer with the worker's arguments (`trainer_args` + `Worker.run_sft`'s fields), timed."""
     from trl import SFTConfig, SFTTrainer
 
@@ -359,9 +431,16 @@ def sft_trainer(run: RunPlan, model, tokenizer, data, packing: bool, steps: int,
     common = worker_args(run, "sft", out_dir, gpu)
     common.update(max_steps=steps)
     # as in the worker: the assistant-only mask comes with the data (`assistant_masks`), not from TRL
-    args = SFTConfig(**common, num_train_epochs=1, lr_scheduler_type=s.scheduler, weight_decay=s.weight_decay,
-                     packing=packing, assistant_only_loss=False)
-    trainer = timed_trainer(SFTTrainer)(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                                        callbacks=[step_timer(log)])
+    args = SFTConfig(
+        **common,
+        num_train_epochs=1,
+        lr_scheduler_type=s.scheduler,
+        weight_decay=s.weight_decay,
+        packing=packing,
+        assistant_only_loss=False,
+    )
+    trainer = timed_trainer(SFTTrainer)(
+        model=model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=[step_timer(log)]
+    )
     trainer.step_log = log
     return trainer

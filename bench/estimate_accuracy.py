@@ -7,6 +7,7 @@ allocation before the first step, with bf16 autocast. Step time is the mean of t
 
     .venv/bin/python bench/estimate_accuracy.py [--quick]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,8 +16,17 @@ import subprocess
 import sys
 import time
 
-CONFIG = dict(model_type="qwen2", hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-              num_key_value_heads=2, vocab_size=16000, max_position_embeddings=4096, tie_word_embeddings=False)
+CONFIG = dict(
+    model_type="qwen2",
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=16000,
+    max_position_embeddings=4096,
+    tie_word_embeddings=False,
+)
 CASES = [(128, 1), (512, 1), (1024, 1), (128, 4), (512, 4), (1024, 2)]
 STEPS = 4
 
@@ -73,8 +83,12 @@ def measure(seq: int, batch: int, checkpointing: bool) -> dict:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"peak_bytes": peak - base, "step_s": sum(times[1:]) / len(times[1:]), "gpu": gpu,
-            "trainable": plan.trainable_params()}
+    return {
+        "peak_bytes": peak - base,
+        "step_s": sum(times[1:]) / len(times[1:]),
+        "gpu": gpu,
+        "trainable": plan.trainable_params(),
+    }
 
 
 def estimate(seq: int, batch: int, checkpointing: bool, gpu: bool) -> dict:
@@ -86,8 +100,18 @@ def estimate(seq: int, batch: int, checkpointing: bool, gpu: bool) -> dict:
 
     arch = arch_from_hf_config(CONFIG, "bench", "bench")
     trainable = build_plan(arch, "conservative", None, 8, 16, 0.0).trainable_params()
-    m = MemoryInputs("bf16" if gpu else "fp32", "ray", trainable, seq, batch, checkpointing, 0, 1, gpu,
-                     activation_bytes=2 if gpu else 4)
+    m = MemoryInputs(
+        "bf16" if gpu else "fp32",
+        "ray",
+        trainable,
+        seq,
+        batch,
+        checkpointing,
+        0,
+        1,
+        gpu,
+        activation_bytes=2 if gpu else 4,
+    )
     b = estimate_memory(arch, m)
     step_bytes = (b.gradients + b.optimizer + b.activations) * 1e9
     flops = batch * seq * train_flops_per_token(arch, trainable, seq, checkpointing)
@@ -95,8 +119,10 @@ def estimate(seq: int, batch: int, checkpointing: bool, gpu: bool) -> dict:
 
 
 def run_case(seq: int, batch: int, checkpointing: bool) -> dict:
-    code = f"import json, sys; sys.path.insert(0, 'bench'); from estimate_accuracy import measure; " \
-           f"print(json.dumps(measure({seq}, {batch}, {checkpointing})))"
+    code = (
+        f"import json, sys; sys.path.insert(0, 'bench'); from estimate_accuracy import measure; "
+        f"print(json.dumps(measure({seq}, {batch}, {checkpointing})))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -117,17 +143,33 @@ def main() -> None:
         mfu = profile.mfu.get("bf16")
         est_s = e["flops"] / (profile.peak_tflops * 1e12 * mfu)
         first_rate = first_rate or e["flops"] / m["step_s"]
-        rows.append((seq, batch, e["step_bytes"] / 1e6, m["peak_bytes"] / 1e6, est_s, e["flops"] / first_rate,
-                     m["step_s"], e["flops"] / m["step_s"] / 1e9))
+        rows.append(
+            (
+                seq,
+                batch,
+                e["step_bytes"] / 1e6,
+                m["peak_bytes"] / 1e6,
+                est_s,
+                e["flops"] / first_rate,
+                m["step_s"],
+                e["flops"] / m["step_s"] / 1e9,
+            )
+        )
     kind = "GPU (torch.cuda.max_memory_allocated)" if m["gpu"] else "CPU (max RSS growth)"
-    print(f"model: Qwen2-shaped {CONFIG}, LoRA conservative r=8 ({m['trainable']:,} trainable), "
-          f"checkpointing {'on' if args.checkpointing else 'off'}; memory measured on {kind}")
-    print("| seq | batch | est. MB | measured MB | err | est. s (profile MFU) | err | est. s (MFU of case 1) | err "
-          "| measured s | GFLOP/s |")
+    print(
+        f"model: Qwen2-shaped {CONFIG}, LoRA conservative r=8 ({m['trainable']:,} trainable), "
+        f"checkpointing {'on' if args.checkpointing else 'off'}; memory measured on {kind}"
+    )
+    print(
+        "| seq | batch | est. MB | measured MB | err | est. s (profile MFU) | err | est. s (MFU of case 1) | err "
+        "| measured s | GFLOP/s |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for seq, batch, est_mb, mb, est_s, cal_s, s, rate in rows:
-        print(f"| {seq} | {batch} | {est_mb:,.1f} | {mb:,.1f} | {100 * (est_mb - mb) / mb:+.1f}% | {est_s:.3f} | "
-              f"{100 * (est_s - s) / s:+.0f}% | {cal_s:.3f} | {100 * (cal_s - s) / s:+.1f}% | {s:.3f} | {rate:.1f} |")
+        print(
+            f"| {seq} | {batch} | {est_mb:,.1f} | {mb:,.1f} | {100 * (est_mb - mb) / mb:+.1f}% | {est_s:.3f} | "
+            f"{100 * (est_s - s) / s:+.0f}% | {cal_s:.3f} | {100 * (cal_s - s) / s:+.1f}% | {s:.3f} | {rate:.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -19,8 +19,9 @@ FLOPs accounting (model FLOPs of real tokens; padding is not counted):
   DPO token = the SFT token's FLOPs on chosen and rejected, + 2N + A(l) for the reference forward (TRL's "ref"
          adapter) unless reference log-probs are precomputed.
   l is the length of each packed document (padding-free packing attends within documents), of each padded row's
-  real tokens, or of each DPO sequence. This is `mindprint_ray.planning.time_model.train_flops_per_token` (the estimates'
-  accounting); `--smoke` checks that both agree and compares them with torch's FlopCounterMode on a tiny model.
+  real tokens, or of each DPO sequence. This is `mindprint_ray.planning.time_model.train_flops_per_token`
+  (the estimates' accounting); `--smoke` checks that both agree and compares them with torch's FlopCounterMode
+  on a tiny model.
   Achieved TFLOP/s = accounted FLOPs of a step / step time; MFU = achieved / the GPU's dense BF16 peak.
 
 Step time includes everything in the trainer's step: data collation, forward, backward, clipping, AdamW, logging.
@@ -31,6 +32,7 @@ Peak memory is torch.cuda.max_memory_allocated during the case; the estimate is 
     python bench/gpu_step.py --json gpu_step.json            # the full matrix on one GPU
     python bench/gpu_step.py --models qwen2.5-7b --quant nf4 --seq 4096 --repeats 5
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,21 +49,35 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as c  # noqa: E402
+import _common as c
 
-from mindprint_ray.planning.memory import MemoryInputs, estimate_memory  # noqa: E402
-from mindprint_ray.planning.registry import ModelArch, get_arch  # noqa: E402
-from mindprint_ray.planning.run_plan import RunPlan  # noqa: E402
-from mindprint_ray.planning.time_model import forward_flops_per_token, matmul_params, train_flops_per_token  # noqa: E402
-from mindprint_ray.planning.zones import build_plan  # noqa: E402
+from mindprint_ray.planning.memory import MemoryInputs, estimate_memory
+from mindprint_ray.planning.registry import ModelArch, get_arch
+from mindprint_ray.planning.run_plan import RunPlan
+from mindprint_ray.planning.time_model import forward_flops_per_token, matmul_params, train_flops_per_token
+from mindprint_ray.planning.zones import build_plan
 
 # Dense BF16 peak per device, TFLOP/s (vendor data sheets; H200 has H100 SXM's compute). Longest match first.
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0), ("A100", 312.0))
 DEFAULT_QUANT, DEFAULT_SEQ = ["bf16", "nf4"], [2048, 4096]
-COLUMNS = [("model", "model"), ("layers", "layers"), ("quant", "quant"), ("attn", "attn"), ("stage", "stage"),
-           ("batch", "batch"), ("gc", "ckpt"), ("seq", "seq"), ("step_s", "step s"), ("tokens_per_s", "tok/s"),
-           ("tflops", "TFLOP/s"), ("mfu_pct", "MFU %"), ("pad_pct", "pad %"), ("peak_gb", "peak GB"),
-           ("estimate_gb", "est. GB"), ("status", "status")]
+COLUMNS = [
+    ("model", "model"),
+    ("layers", "layers"),
+    ("quant", "quant"),
+    ("attn", "attn"),
+    ("stage", "stage"),
+    ("batch", "batch"),
+    ("gc", "ckpt"),
+    ("seq", "seq"),
+    ("step_s", "step s"),
+    ("tokens_per_s", "tok/s"),
+    ("tflops", "TFLOP/s"),
+    ("mfu_pct", "MFU %"),
+    ("pad_pct", "pad %"),
+    ("peak_gb", "peak GB"),
+    ("estimate_gb", "est. GB"),
+    ("status", "status"),
+]
 
 
 @dataclass(frozen=True)
@@ -95,11 +111,12 @@ def flops_per_token(n_matmul: int, arch: ModelArch, length: float, gc: bool, sta
 
 def step_flops(n_matmul: int, arch: ModelArch, docs: list[int], gc: bool, stage: str, reference: bool) -> float:
     """Accounted FLOPs of one step: every sequence's tokens times its per-token FLOPs."""
-    return sum(l * flops_per_token(n_matmul, arch, l, gc, stage, reference) for l in docs)
+    return sum(n * flops_per_token(n_matmul, arch, n, gc, stage, reference) for n in docs)
 
 
-def project_flops_per_token(arch: ModelArch, trainable: int, length: float, gc: bool, stage: str,
-                            reference: bool) -> float:
+def project_flops_per_token(
+    arch: ModelArch, trainable: int, length: float, gc: bool, stage: str, reference: bool
+) -> float:
     """The same quantity from the estimates' time model (`mindprint_ray.planning.time_model`)."""
     total = train_flops_per_token(arch, trainable, length, gc)
     if stage == "dpo" and reference:
@@ -121,12 +138,23 @@ def live_matmul_params(model) -> int:
 # ---- sizing ---------------------------------------------------------------------------------------------------
 
 
-def memory_estimate(arch: ModelArch, quant: str, trainable: int, seq: int, batch: int, gc: bool, stage: str,
-                    gpu: bool) -> float:
+def memory_estimate(
+    arch: ModelArch, quant: str, trainable: int, seq: int, batch: int, gc: bool, stage: str, gpu: bool
+) -> float:
     """Estimated peak GB of one device (mindprint_ray.planning.memory) for this case."""
-    m = MemoryInputs(quant=quant, backend="ray", trainable_params=trainable, seq_len=seq, micro_batch=batch,
-                     gradient_checkpointing=gc, zero_stage=0, devices=1, is_gpu=gpu,
-                     sequences_per_example=2 if stage == "dpo" else 1, activation_bytes=2 if gpu else 4)
+    m = MemoryInputs(
+        quant=quant,
+        backend="ray",
+        trainable_params=trainable,
+        seq_len=seq,
+        micro_batch=batch,
+        gradient_checkpointing=gc,
+        zero_stage=0,
+        devices=1,
+        is_gpu=gpu,
+        sequences_per_example=2 if stage == "dpo" else 1,
+        activation_bytes=2 if gpu else 4,
+    )
     return estimate_memory(arch, m).total
 
 
@@ -167,8 +195,12 @@ def sft_data(seq: int, examples: int, vocab: int, seed: int):
     for _ in range(examples):
         n = log_uniform(rng, max(8, seq // 32), seq)
         prompt = max(1, n // 4)
-        rows.append({"input_ids": [rng.randrange(3, vocab) for _ in range(n)],
-                     "assistant_masks": [0] * prompt + [1] * (n - prompt)})
+        rows.append(
+            {
+                "input_ids": [rng.randrange(3, vocab) for _ in range(n)],
+                "assistant_masks": [0] * prompt + [1] * (n - prompt),
+            }
+        )
     return Dataset.from_list(rows)
 
 
@@ -183,11 +215,16 @@ def dpo_data(tokenizer, seq: int, pairs: int, seed: int):
         return tokenizer.decode([rng.randrange(3, vocab) for _ in range(n)], skip_special_tokens=True)
 
     lo = max(4, seq // 64)
-    return Dataset.from_list([
-        {"prompt": text(log_uniform(rng, lo, seq // 4)), "chosen": text(log_uniform(rng, lo, 3 * seq // 4)),
-         "rejected": text(log_uniform(rng, lo, 3 * seq // 4))}
-        for _ in range(pairs)
-    ])
+    return Dataset.from_list(
+        [
+            {
+                "prompt": text(log_uniform(rng, lo, seq // 4)),
+                "chosen": text(log_uniform(rng, lo, 3 * seq // 4)),
+                "rejected": text(log_uniform(rng, lo, 3 * seq // 4)),
+            }
+            for _ in range(pairs)
+        ]
+    )
 
 
 def examples_needed(case: Case, steps: int, batch: int) -> int:
@@ -215,8 +252,14 @@ def make_trainer(model, run: RunPlan, case: Case, tokenizer, steps: int, out_dir
     common.update(max_steps=steps)
     args = DPOConfig(**common, beta=d.beta, precompute_ref_log_probs=d.precompute_ref_log_probs)
     data = dpo_data(tokenizer, case.seq, steps * d.batch_size + 2, seed=steps)
-    trainer = c.timed_trainer(DPOTrainer)(model=model, ref_model=None, args=args, processing_class=tokenizer,
-                                          train_dataset=data, callbacks=[c.step_timer(log)])
+    trainer = c.timed_trainer(DPOTrainer)(
+        model=model,
+        ref_model=None,
+        args=args,
+        processing_class=tokenizer,
+        train_dataset=data,
+        callbacks=[c.step_timer(log)],
+    )
     trainer.step_log = log
     return trainer
 
@@ -230,10 +273,17 @@ def run_case(model, run: RunPlan, case: Case, tokenizer, opts, dev: dict) -> dic
     gpu = dev["device"] == "cuda"
     batch = run.spec.sft.batch_size if case.stage == "sft" else run.spec.dpo.batch_size
     trainable = run.zones.trainable_params()
-    row = {"model": case.model, "layers": case.arch.num_layers, "quant": case.quant, "attn": case.attn,
-           "stage": case.stage + ("-packed" if case.packing else "-padded" if case.stage == "sft" else ""),
-           "batch": batch, "gc": "on" if case.gc else "off", "seq": case.seq,
-           "estimate_gb": memory_estimate(case.arch, case.quant, trainable, case.seq, batch, case.gc, case.stage, gpu)}
+    row = {
+        "model": case.model,
+        "layers": case.arch.num_layers,
+        "quant": case.quant,
+        "attn": case.attn,
+        "stage": case.stage + ("-packed" if case.packing else "-padded" if case.stage == "sft" else ""),
+        "batch": batch,
+        "gc": "on" if case.gc else "off",
+        "seq": case.seq,
+        "estimate_gb": memory_estimate(case.arch, case.quant, trainable, case.seq, batch, case.gc, case.stage, gpu),
+    }
     log = c.StepLog(sync=torch.cuda.synchronize if gpu else None)
     trainer = None
     try:
@@ -269,12 +319,16 @@ def summarise(steps: list[c.StepRecord], model, run: RunPlan, case: Case, dev: d
     tflops = c.median([f / s.seconds for f, s in zip(flops, steps)]) / 1e12
     real, computed = sum(s.real_tokens for s in steps), sum(s.computed_tokens for s in steps)
     peak = dev["peak_tflops"]
-    return {"step_s": c.median([s.seconds for s in steps]),
-            "tokens_per_s": c.median([s.real_tokens / s.seconds for s in steps]),
-            "tflops": tflops, "mfu_pct": 100 * tflops / peak if peak else None,
-            "pad_pct": 100 * (1 - real / computed) if computed else None,
-            "real_tokens_per_step": real / len(steps), "timed_steps": len(steps),
-            "flops_per_step": sum(flops) / len(flops)}
+    return {
+        "step_s": c.median([s.seconds for s in steps]),
+        "tokens_per_s": c.median([s.real_tokens / s.seconds for s in steps]),
+        "tflops": tflops,
+        "mfu_pct": 100 * tflops / peak if peak else None,
+        "pad_pct": 100 * (1 - real / computed) if computed else None,
+        "real_tokens_per_step": real / len(steps),
+        "timed_steps": len(steps),
+        "flops_per_step": sum(flops) / len(flops),
+    }
 
 
 # ---- the matrix -----------------------------------------------------------------------------------------------
@@ -318,8 +372,11 @@ def run_matrix(opts, dev: dict) -> list[dict]:
                     t0 = time.perf_counter()
                     run = c.run_with_arch(spec_for(name, quant, attn, gc, opts.seq[0], opts, gpu), arch)
                     model = apply_zone_plan(c.build_random_model(run, "cuda" if gpu else "cpu", attn), run, gc)
-                    print(f"# built {name} ({arch.num_layers} layers, {quant}, {attn}, ckpt {'on' if gc else 'off'}) "
-                          f"in {time.perf_counter() - t0:.1f} s", flush=True)
+                    print(
+                        f"# built {name} ({arch.num_layers} layers, {quant}, {attn}, ckpt {'on' if gc else 'off'}) "
+                        f"in {time.perf_counter() - t0:.1f} s",
+                        flush=True,
+                    )
                     for seq in opts.seq:
                         case_run = c.run_with_arch(spec_for(name, quant, attn, gc, seq, opts, gpu), arch)
                         for stage, packing in opts.shapes:
@@ -333,8 +390,9 @@ def run_matrix(opts, dev: dict) -> list[dict]:
 
 
 def spec_for(name: str, quant: str, attn: str, gc: bool, seq: int, opts, gpu: bool):
-    return c.bench_spec(name, quant, attn=attn, gc=gc, seq=seq, batch=opts.batch, gpu=gpu,
-                        profile="1xh100-80gb" if gpu else "cpu")
+    return c.bench_spec(
+        name, quant, attn=attn, gc=gc, seq=seq, batch=opts.batch, gpu=gpu, profile="1xh100-80gb" if gpu else "cpu"
+    )
 
 
 def release(gpu: bool) -> None:
@@ -380,8 +438,9 @@ def check_accounting() -> list[str]:
             mine = flops_per_token(n_live, arch, 128, gc, stage, True)
             theirs = project_flops_per_token(arch, trainable, 128, gc, stage, True)
             assert math.isclose(mine, theirs, rel_tol=1e-12), (gc, stage, mine, theirs)
-            lines.append(f"FLOPs/token {stage} ckpt={'on' if gc else 'off'} l=128: script {mine:.6g} "
-                         f"= time_model {theirs:.6g}")
+            lines.append(
+                f"FLOPs/token {stage} ckpt={'on' if gc else 'off'} l=128: script {mine:.6g} = time_model {theirs:.6g}"
+            )
     seq = 64
     ids = torch.randint(3, arch.vocab_size, (1, seq))
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
@@ -399,10 +458,12 @@ def check_accounting() -> list[str]:
     counted = fc.get_total_flops()
     assert 0.97 < counted / exact <= 1.0, (counted, exact)
     stated = seq * (flops_per_token(n_live, arch, seq, True, "sft", True) + 4 * attention_forward(arch, seq))
-    lines.append(f"train step (ckpt on) FLOPs counted by torch {counted} = {counted / exact:.4f} x the exact count "
-                 f"{exact} (torch's non-reentrant checkpoint stops recomputing after the last saved tensor, so a "
-                 f"layer's trailing matmul is not recomputed); the stated 6N accounting (full-square attention) is "
-                 f"{stated / counted:.4f} x torch's count (lm_head is not recomputed; LoRA weight grads add 2N_lora)")
+    lines.append(
+        f"train step (ckpt on) FLOPs counted by torch {counted} = {counted / exact:.4f} x the exact count "
+        f"{exact} (torch's non-reentrant checkpoint stops recomputing after the last saved tensor, so a "
+        f"layer's trailing matmul is not recomputed); the stated 6N accounting (full-square attention) is "
+        f"{stated / counted:.4f} x torch's count (lm_head is not recomputed; LoRA weight grads add 2N_lora)"
+    )
     return lines
 
 
@@ -419,8 +480,14 @@ def smoke(opts) -> int:
     rows = []
     for quant in opts.quant if opts.quant != DEFAULT_QUANT else ["fp32", "nf4"]:
         narrow = quant == "nf4" and opts.quant == DEFAULT_QUANT
-        sub = argparse.Namespace(**{**vars(opts), "quant": [quant], "gc": [True] if narrow else opts.gc,
-                                    "shapes": [("sft", True)] if narrow else opts.shapes})
+        sub = argparse.Namespace(
+            **{
+                **vars(opts),
+                "quant": [quant],
+                "gc": [True] if narrow else opts.gc,
+                "shapes": [("sft", True)] if narrow else opts.shapes,
+            }
+        )
         rows += run_matrix(sub, dev)
     print_report(rows, dev, opts)
     bad = [r for r in rows if r.get("status") != "ok" or not r.get("tokens_per_s") or not r.get("tflops")]
@@ -433,10 +500,14 @@ def smoke(opts) -> int:
 def print_report(rows: list[dict], dev: dict, opts) -> None:
     import torch
 
-    print(f"\n# device: {dev['name']} ({dev['device']}), peak dense BF16: {dev['peak_tflops'] or 'unknown'} TFLOP/s; "
-          f"torch {torch.__version__}; warmup {opts.warmup}, median of {opts.repeats} steps")
-    print("# FLOPs: (4N or 6N with ckpt) + (3 or 4) x causal attention 2*layers*heads*head_dim*l per token; "
-          "DPO + 2N + attention for the reference forward; real tokens only")
+    print(
+        f"\n# device: {dev['name']} ({dev['device']}), peak dense BF16: {dev['peak_tflops'] or 'unknown'} TFLOP/s; "
+        f"torch {torch.__version__}; warmup {opts.warmup}, median of {opts.repeats} steps"
+    )
+    print(
+        "# FLOPs: (4N or 6N with ckpt) + (3 or 4) x causal attention 2*layers*heads*head_dim*l per token; "
+        "DPO + 2N + attention for the reference forward; real tokens only"
+    )
     c.print_table(rows, COLUMNS)
 
 
@@ -445,13 +516,23 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU and the accounting checks")
     p.add_argument("--models", nargs="+", default=["qwen2.5-0.5b", "qwen2.5-7b", "qwen2.5-72b"])
     p.add_argument("--quant", nargs="+", default=DEFAULT_QUANT, choices=["bf16", "nf4", "fp32"])
-    p.add_argument("--attn", nargs="+", choices=["sdpa", "flash_attention_2", "eager"],
-                   help="default: sdpa, plus flash_attention_2 when flash-attn is installed")
+    p.add_argument(
+        "--attn",
+        nargs="+",
+        choices=["sdpa", "flash_attention_2", "eager"],
+        help="default: sdpa, plus flash_attention_2 when flash-attn is installed",
+    )
     p.add_argument("--seq", nargs="+", type=int, default=DEFAULT_SEQ)
-    p.add_argument("--gc", nargs="+", type=lambda v: v in ("on", "1", "true"), default=[True, False],
-                   help="gradient checkpointing: on off")
-    p.add_argument("--stages", nargs="+", default=["sft-packed", "sft-padded", "dpo"],
-                   choices=["sft-packed", "sft-padded", "dpo"])
+    p.add_argument(
+        "--gc",
+        nargs="+",
+        type=lambda v: v in ("on", "1", "true"),
+        default=[True, False],
+        help="gradient checkpointing: on off",
+    )
+    p.add_argument(
+        "--stages", nargs="+", default=["sft-packed", "sft-padded", "dpo"], choices=["sft-packed", "sft-padded", "dpo"]
+    )
     p.add_argument("--batch", type=int, default=1, help="per-device batch (the spec default is 1)")
     p.add_argument("--layers", type=int, help="force this many layers (default: all, or what fits for 72B)")
     p.add_argument("--warmup", type=int, default=3)
@@ -473,8 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = run_matrix(opts, dev)
     print_report(rows, dev, opts)
     if opts.json:
-        Path(opts.json).write_text(json.dumps({"device": dev, "meta": meta(argv), "rows": rows}, indent=1,
-                                              default=str))
+        Path(opts.json).write_text(json.dumps({"device": dev, "meta": meta(argv), "rows": rows}, indent=1, default=str))
     return 0
 
 
@@ -488,11 +568,14 @@ def meta(argv: list[str] | None) -> dict:
         except PackageNotFoundError:
             return None
 
-    return {"command": " ".join(["python", "bench/gpu_step.py", *(sys.argv[1:] if argv is None else argv)]),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "python": platform.python_version(),
-            **{p: v(p) for p in ("torch", "transformers", "trl", "peft", "bitsandbytes", "flash-attn")},
-            "flops": "SFT token: 4N + 3A(l), 6N + 4A(l) with checkpointing; DPO + 2N + A(l) reference forward; "
-                     "A(l) = 2*layers*heads*head_dim*l; real tokens only"}
+    return {
+        "command": " ".join(["python", "bench/gpu_step.py", *(sys.argv[1:] if argv is None else argv)]),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "python": platform.python_version(),
+        **{p: v(p) for p in ("torch", "transformers", "trl", "peft", "bitsandbytes", "flash-attn")},
+        "flops": "SFT token: 4N + 3A(l), 6N + 4A(l) with checkpointing; DPO + 2N + A(l) reference forward; "
+        "A(l) = 2*layers*heads*head_dim*l; real tokens only",
+    }
 
 
 if __name__ == "__main__":

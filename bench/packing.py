@@ -14,6 +14,7 @@ rounds after `--warmup` steps each, at each `--batch`; the figures are medians o
     python bench/packing.py                     # batch 1 and 4, ~2 minutes on 2 CPU cores
     python bench/packing.py --batch 1 --steps 3 --rounds 1 --warmup 1   # a quick check (~15 s)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as c  # noqa: E402
+import _common as c
 
 
 def measure(run, data, packing: bool, steps: int, warmup: int) -> dict:
@@ -39,10 +40,14 @@ def measure(run, data, packing: bool, steps: int, warmup: int) -> dict:
     real = sum(s.real_tokens for s in timed)
     computed = sum(s.computed_tokens for s in timed)
     rows = len(timed) * run.spec.sft.batch_size * run.spec.sft.gradient_accumulation
-    return {"real_tokens_per_s": real / seconds, "real_share": real / computed,
-            "row_fill": real / (rows * run.spec.sft.max_seq_length) if packing else None,
-            "step_s": statistics.median(s.seconds for s in timed), "real_tokens_per_step": real / len(timed),
-            "examples_per_step": sum(len(s.doc_lengths) for s in timed) / len(timed)}
+    return {
+        "real_tokens_per_s": real / seconds,
+        "real_share": real / computed,
+        "row_fill": real / (rows * run.spec.sft.max_seq_length) if packing else None,
+        "step_s": statistics.median(s.seconds for s in timed),
+        "real_tokens_per_step": real / len(timed),
+        "examples_per_step": sum(len(s.doc_lengths) for s in timed) / len(timed),
+    }
 
 
 def summarise(rounds: list[dict]) -> dict:
@@ -64,32 +69,57 @@ def compare(batch: int, opts) -> dict:
             results[mode].append(measure(run, data, mode == "packed", opts.steps, opts.warmup))
     out = {mode: summarise(r) for mode, r in results.items()}
     out["ratio_packed_over_unpacked"] = out["packed"]["real_tokens_per_s"] / out["unpacked"]["real_tokens_per_s"]
-    out["setup"] = {"examples": len(data), "batch": batch, "max_seq_length": run.spec.sft.max_seq_length,
-                    "steps": opts.steps, "warmup": opts.warmup, "rounds": opts.rounds,
-                    "threads": torch.get_num_threads(), "attention": "sdpa"}
+    out["setup"] = {
+        "examples": len(data),
+        "batch": batch,
+        "max_seq_length": run.spec.sft.max_seq_length,
+        "steps": opts.steps,
+        "warmup": opts.warmup,
+        "rounds": opts.rounds,
+        "threads": torch.get_num_threads(),
+        "attention": "sdpa",
+    }
     return out
 
 
 def report(out: dict) -> None:
     s = out["setup"]
-    print(f"\n# {s['examples']} SFT examples (10 sample topics), batch {s['batch']}, max_seq_length "
-          f"{s['max_seq_length']}, {s['steps']} timed steps x {s['rounds']} rounds, {s['threads']} thread(s)")
+    print(
+        f"\n# {s['examples']} SFT examples (10 sample topics), batch {s['batch']}, max_seq_length "
+        f"{s['max_seq_length']}, {s['steps']} timed steps x {s['rounds']} rounds, {s['threads']} thread(s)"
+    )
     rows = []
     for mode in ("unpacked", "packed"):
         r = {"mode": mode, **out[mode], "real_pct": 100 * out[mode]["real_share"]}
         r["fill_pct"] = 100 * r["row_fill"] if r.get("row_fill") else None
         rows.append(r)
-    c.print_table(rows, [("mode", "mode"), ("real_tokens_per_s", "real tok/s"), ("real_pct", "real %"),
-                         ("fill_pct", "row fill %"), ("step_s", "step s"), ("real_tokens_per_step", "real tok/step"),
-                         ("examples_per_step", "examples/step")])
-    print(f"PACKING RATIO batch {s['batch']} (real tokens/s, packed / unpacked): {out['ratio_packed_over_unpacked']:.2f}")
+    c.print_table(
+        rows,
+        [
+            ("mode", "mode"),
+            ("real_tokens_per_s", "real tok/s"),
+            ("real_pct", "real %"),
+            ("fill_pct", "row fill %"),
+            ("step_s", "step s"),
+            ("real_tokens_per_step", "real tok/step"),
+            ("examples_per_step", "examples/step"),
+        ],
+    )
+    print(
+        f"PACKING RATIO batch {s['batch']} (real tokens/s, packed / unpacked): {out['ratio_packed_over_unpacked']:.2f}"
+    )
     print(f"PACKED REAL SHARE batch {s['batch']}: {100 * out['packed']['real_share']:.1f}% (goal >= 95%)")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 4],
-                   help="per-device batch sizes (rows per step) to compare at; the tiny-cpu spec uses 1")
+    p.add_argument(
+        "--batch",
+        type=int,
+        nargs="+",
+        default=[1, 4],
+        help="per-device batch sizes (rows per step) to compare at; the tiny-cpu spec uses 1",
+    )
     p.add_argument("--steps", type=int, default=12, help="timed optimizer steps per round and mode")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds of unpacked, packed")

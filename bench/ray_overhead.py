@@ -9,6 +9,7 @@ Cluster start and model loading are not part of a step: this is the steady-state
 
     python bench/ray_overhead.py                 # ~1-2 minutes on 2 CPU cores (most of it Ray's start-up)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-import _common as c  # noqa: E402
+import _common as c
 
 
 def sft_loop(config: dict) -> dict:
@@ -39,13 +40,18 @@ def sft_loop(config: dict) -> dict:
     data = common.curriculum_sft_data(run)
     log = common.StepLog()
     with tempfile.TemporaryDirectory(prefix="bench-ray-") as tmp:
-        trainer = common.sft_trainer(run, model, tokenizer, data, True, config["warmup"] + config["steps"],
-                                     Path(tmp), log)
+        trainer = common.sft_trainer(
+            run, model, tokenizer, data, True, config["warmup"] + config["steps"], Path(tmp), log
+        )
         trainer.train()
     timed = log.timed(config["warmup"])
-    return {"step_s": [s.seconds for s in timed], "tokens": [s.real_tokens for s in timed],
-            "pid": os.getpid(), "threads": torch.get_num_threads(),
-            "distributed": torch.distributed.is_available() and torch.distributed.is_initialized()}
+    return {
+        "step_s": [s.seconds for s in timed],
+        "tokens": [s.real_tokens for s in timed],
+        "pid": os.getpid(),
+        "threads": torch.get_num_threads(),
+        "distributed": torch.distributed.is_available() and torch.distributed.is_initialized(),
+    }
 
 
 def ray_entry(config: dict) -> None:
@@ -65,7 +71,8 @@ def under_ray(config: dict, storage: str) -> dict:
 
     out_file = Path(storage) / f"worker-{time.time_ns()}.json"
     trainer = TorchTrainer(
-        ray_entry, train_loop_config={**config, "out_file": str(out_file)},
+        ray_entry,
+        train_loop_config={**config, "out_file": str(out_file)},
         scaling_config=ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": config["threads"]}),
         run_config=RunConfig(name=f"ray-overhead-{time.time_ns()}", storage_path=storage),
     )
@@ -79,8 +86,13 @@ def start_ray() -> None:
 
     from mindprint_ray.backends.ray_torch.driver import WORKER_ENV
 
-    ray.init(address="local", include_dashboard=False, num_cpus=os.cpu_count(), log_to_driver=False,
-             runtime_env={"env_vars": WORKER_ENV})
+    ray.init(
+        address="local",
+        include_dashboard=False,
+        num_cpus=os.cpu_count(),
+        log_to_driver=False,
+        runtime_env={"env_vars": WORKER_ENV},
+    )
 
 
 def summarise(plain: list[dict], ray_runs: list[dict]) -> dict:
@@ -89,14 +101,21 @@ def summarise(plain: list[dict], ray_runs: list[dict]) -> dict:
     q = [s for r in ray_runs for s in r["step_s"]]
     tok_p = sum(sum(r["tokens"]) for r in plain) / sum(p)
     tok_q = sum(sum(r["tokens"]) for r in ray_runs) / sum(q)
-    return {"plain_median_step_s": statistics.median(p), "ray_median_step_s": statistics.median(q),
-            "ratio_median": statistics.median(q) / statistics.median(p),
-            "ratio_mean": (sum(q) / len(q)) / (sum(p) / len(p)),
-            "plain_tokens_per_s": tok_p, "ray_tokens_per_s": tok_q,
-            "plain_steps": len(p), "ray_steps": len(q),
-            "ray_worker_distributed": all(r.get("distributed") for r in ray_runs),
-            "per_run_median_s": {"plain": [statistics.median(r["step_s"]) for r in plain],
-                                 "ray": [statistics.median(r["step_s"]) for r in ray_runs]}}
+    return {
+        "plain_median_step_s": statistics.median(p),
+        "ray_median_step_s": statistics.median(q),
+        "ratio_median": statistics.median(q) / statistics.median(p),
+        "ratio_mean": (sum(q) / len(q)) / (sum(p) / len(p)),
+        "plain_tokens_per_s": tok_p,
+        "ray_tokens_per_s": tok_q,
+        "plain_steps": len(p),
+        "ray_steps": len(q),
+        "ray_worker_distributed": all(r.get("distributed") for r in ray_runs),
+        "per_run_median_s": {
+            "plain": [statistics.median(r["step_s"]) for r in plain],
+            "ray": [statistics.median(r["step_s"]) for r in ray_runs],
+        },
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,16 +150,40 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(out: dict) -> None:
     s = out["setup"]
-    print(f"# tiny model, sample curriculum, packed SFT batch 1, {s['threads']} thread(s), {s['warmup']} warm-up + "
-          f"{s['steps']} timed steps per run; runs: plain, then (Ray, plain) x {s['rounds']}")
-    rows = [{"where": "plain process", "step": out["plain_median_step_s"], "tok": out["plain_tokens_per_s"],
-             "runs": ", ".join(f"{x:.4f}" for x in out["per_run_median_s"]["plain"]), "n": out["plain_steps"]},
-            {"where": "Ray Train, 1 worker", "step": out["ray_median_step_s"], "tok": out["ray_tokens_per_s"],
-             "runs": ", ".join(f"{x:.4f}" for x in out["per_run_median_s"]["ray"]), "n": out["ray_steps"]}]
-    c.print_table(rows, [("where", "where"), ("step", "median step s"), ("tok", "real tok/s"),
-                         ("runs", "median per run"), ("n", "steps")])
-    print(f"RAY OVERHEAD RATIO (median step, Ray / plain): {out['ratio_median']:.3f} (goal <= 1.05); "
-          f"mean-based {out['ratio_mean']:.3f}")
+    print(
+        f"# tiny model, sample curriculum, packed SFT batch 1, {s['threads']} thread(s), {s['warmup']} warm-up + "
+        f"{s['steps']} timed steps per run; runs: plain, then (Ray, plain) x {s['rounds']}"
+    )
+    rows = [
+        {
+            "where": "plain process",
+            "step": out["plain_median_step_s"],
+            "tok": out["plain_tokens_per_s"],
+            "runs": ", ".join(f"{x:.4f}" for x in out["per_run_median_s"]["plain"]),
+            "n": out["plain_steps"],
+        },
+        {
+            "where": "Ray Train, 1 worker",
+            "step": out["ray_median_step_s"],
+            "tok": out["ray_tokens_per_s"],
+            "runs": ", ".join(f"{x:.4f}" for x in out["per_run_median_s"]["ray"]),
+            "n": out["ray_steps"],
+        },
+    ]
+    c.print_table(
+        rows,
+        [
+            ("where", "where"),
+            ("step", "median step s"),
+            ("tok", "real tok/s"),
+            ("runs", "median per run"),
+            ("n", "steps"),
+        ],
+    )
+    print(
+        f"RAY OVERHEAD RATIO (median step, Ray / plain): {out['ratio_median']:.3f} (goal <= 1.05); "
+        f"mean-based {out['ratio_mean']:.3f}"
+    )
 
 
 if __name__ == "__main__":

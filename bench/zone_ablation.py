@@ -16,6 +16,7 @@ over seeds (each resample draws items within each seed). The base model's scores
 
     .venv/bin/python bench/zone_ablation.py [--seeds 3] [--config configs/smollm2-cpu.yaml] [--out runs/ablation]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,18 +31,25 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mindprint_ray.evaluation.metrics import (DEFAULT_WEIGHTS, ITEM_KINDS, bootstrap, composite,  # noqa: E402
-                                               item_lists)
-from mindprint_ray.evaluation.gates import recheck_key  # noqa: E402
-from mindprint_ray.planning.run_plan import build_run  # noqa: E402
-from mindprint_ray.spec.run_spec import RunSpec  # noqa: E402
+from mindprint_ray.evaluation.gates import recheck_key
+from mindprint_ray.evaluation.metrics import (
+    DEFAULT_WEIGHTS,
+    ITEM_KINDS,
+    bootstrap,
+    composite,
+    item_lists,
+)
+from mindprint_ray.planning.run_plan import build_run
+from mindprint_ray.spec.run_spec import RunSpec
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SAME5 = ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 VARIANTS = {
     "zone": None,  # the spec's own (the seed's zones)
-    "uniform": [{"name": "uniform_r5", "layers": [0, 13], "modules": SAME5, "rank": 5, "alpha": 10},
-                {"name": "uniform_r4", "layers": [14, 29], "modules": SAME5, "rank": 4, "alpha": 8}],
+    "uniform": [
+        {"name": "uniform_r5", "layers": [0, 13], "modules": SAME5, "rank": 5, "alpha": 10},
+        {"name": "uniform_r4", "layers": [14, 29], "modules": SAME5, "rank": 4, "alpha": 8},
+    ],
     "last16": [{"name": "last16", "layers": [14, 29], "modules": ALL7}],
     "all7": [{"name": "all7", "layers": [0, 29], "modules": ALL7}],
 }
@@ -70,8 +78,12 @@ def train(spec: dict, name: str, work: Path, overrides: list[str]) -> tuple[dict
     t0 = time.time()
     log = work / f"{name}.log"
     with log.open("w") as f:
-        code = subprocess.call([sys.executable, "-m", "mindprint_ray", "train", str(cfg), "--name", name, *overrides],
-                               cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        code = subprocess.call(
+            [sys.executable, "-m", "mindprint_ray", "train", str(cfg), "--name", name, *overrides],
+            cwd=ROOT,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
     if code != 0:
         raise SystemExit(f"{name} failed (exit {code}); see {log}")
     return json.loads(summary_file.read_text()), time.time() - t0
@@ -90,8 +102,11 @@ def pooled(scores: list[dict], metric: str, weights: dict) -> tuple:
     if metric == "general_ppl":  # one neutral text, the same items in every seed: the mean of the intervals
         cis = [s.get("general_ppl_ci") for s in scores]
         return (mean, *[sum(c[i] for c in cis) / len(cis) for i in (0, 1)]) if all(cis) else (mean, None, None)
-    groups = {f"{kind}@{i}": lists[kind] for i, s in enumerate(scores)
-              for kind, lists in [(k, item_lists(s["items"])) for k in ITEM_KINDS]}
+    groups = {
+        f"{kind}@{i}": lists[kind]
+        for i, s in enumerate(scores)
+        for kind, lists in [(k, item_lists(s["items"])) for k in ITEM_KINDS]
+    }
 
     def statistic(sample: dict) -> dict:
         per_seed = [composite({k: sample[f"{k}@{i}"] for k in ITEM_KINDS}, weights)[metric] for i in range(len(scores))]
@@ -139,27 +154,37 @@ def main() -> None:
 
 def report(results: dict, topics: list[str], weights: dict, args) -> str:
     first, last = topics[0], topics[-1]
-    lines = [f"command: .venv/bin/python bench/zone_ablation.py --config {args.config} --seeds {args.seeds} "
-             + " ".join(args.overrides),
-             f"topics {', '.join(topics)}; held-out scores after DPO, mean of {args.seeds} seeds [95% interval]", ""]
+    lines = [
+        f"command: .venv/bin/python bench/zone_ablation.py --config {args.config} --seeds {args.seeds} "
+        + " ".join(args.overrides),
+        f"topics {', '.join(topics)}; held-out scores after DPO, mean of {args.seeds} seeds [95% interval]",
+        "",
+    ]
     base_run = next(iter(results.values()))[1][0][0]
     header = "| variant | trainable | topic | " + " | ".join(METRICS) + " | wall s |"
     lines += [header, "|" + "---|" * (len(METRICS) + 4)]
     for topic in topics:
         base = [stage_items(base_run, topic, "base")]
-        lines.append(f"| base model | 0 | {topic} | " + " | ".join(fmt(*pooled(base, k, weights)) for k in METRICS)
-                     + " | - |")
+        lines.append(
+            f"| base model | 0 | {topic} | " + " | ".join(fmt(*pooled(base, k, weights)) for k in METRICS) + " | - |"
+        )
     for variant, (params, runs) in results.items():
         wall = sum(w for _, w in runs) / len(runs)
         for topic in topics:
             scores = [stage_items(s, topic, "after_dpo") for s, _ in runs]
-            lines.append(f"| {variant} | {params:,} | {topic} | "
-                         + " | ".join(fmt(*pooled(scores, k, weights)) for k in METRICS) + f" | {wall:.0f} |")
+            lines.append(
+                f"| {variant} | {params:,} | {topic} | "
+                + " | ".join(fmt(*pooled(scores, k, weights)) for k in METRICS)
+                + f" | {wall:.0f} |"
+            )
         key = recheck_key("after_dpo", last)
         if len(topics) > 1 and all(key in s["topics"][first]["eval"] for s, _ in runs):
             scores = [s["topics"][first]["eval"][key] for s, _ in runs]
-            lines.append(f"| {variant} | | {first} after {last} (forgetting) | "
-                         + " | ".join(fmt(*pooled(scores, k, weights)) for k in METRICS) + " | |")
+            lines.append(
+                f"| {variant} | | {first} after {last} (forgetting) | "
+                + " | ".join(fmt(*pooled(scores, k, weights)) for k in METRICS)
+                + " | |"
+            )
     return "\n".join(lines)
 
 

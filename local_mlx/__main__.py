@@ -1,29 +1,40 @@
 """`python -m local_mlx train|dry-run|generate CFG`: the curriculum on Apple MLX (mlx[cpu] on Linux too)."""
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from mindprint_ray.cli.runner import run_app
 from mindprint_ray.errors import UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Zone-LoRA persona fine-tuning on Apple MLX: train, dry-run, generate.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Zone-LoRA persona fine-tuning on Apple MLX: train, dry-run, generate.",
+)
 
 ConfigArg = typer.Argument(..., help="run spec YAML, e.g. configs/tiny-mlx.yaml", show_default=False)
 OverridesArg = typer.Argument(None, help="dotted overrides such as sft.learning_rate=1e-4", show_default=False)
 
 
 @app.command()
-def train(config: Path = ConfigArg, overrides: Optional[list[str]] = OverridesArg,
-          name: Optional[str] = typer.Option(None, "--name", help="run name (default: the spec's); reuse to resume"),
-          force: bool = typer.Option(False, "--force", help="continue a run whose spec changed"),
-          progress: bool = typer.Option(True, "--progress/--no-progress", help="show progress bars"),
-          dpo_reference: Optional[str] = typer.Option(None, "--dpo-reference", help="DPO reference log-probs: sft "
-                                            "(the model after SFT, as the Ray path) or base (adapter disabled); "
-                                            "default: the spec's dpo.reference")) -> None:
+def train(
+    config: Path = ConfigArg,
+    overrides: list[str] | None = OverridesArg,
+    name: str | None = typer.Option(None, "--name", help="run name (default: the spec's); reuse to resume"),
+    force: bool = typer.Option(False, "--force", help="continue a run whose spec changed"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="show progress bars"),
+    dpo_reference: str | None = typer.Option(
+        None,
+        "--dpo-reference",
+        help="DPO reference log-probs: sft "
+        "(the model after SFT, as the Ray path) or base (adapter disabled); "
+        "default: the spec's dpo.reference",
+    ),
+) -> None:
     """Train every topic (SFT then DPO), one mlx-lm adapter per topic. Rerun with the same name to resume."""
     from mindprint_ray.planning.run_plan import load_run
 
@@ -33,15 +44,20 @@ def train(config: Path = ConfigArg, overrides: Optional[list[str]] = OverridesAr
     folder = train_run(run, force=force, progress=progress, reference=dpo_reference or run.spec.dpo.reference)
     for topic, entry in folder.summary().get("topics", {}).items():
         sft, dpo = entry.get("sft", {}), entry.get("dpo", {})
-        typer.echo(f"{topic}: {entry.get('status')} - SFT loss {_fmt(sft.get('first_loss'))} -> "
-                   f"{_fmt(sft.get('last_loss'))}, DPO reward acc {_fmt(dpo.get('reward_accuracy'))}, "
-                   f"margin {_fmt(dpo.get('reward_margin'))}, peak {_fmt(sft.get('peak_memory_gb'))} GB")
+        typer.echo(
+            f"{topic}: {entry.get('status')} - SFT loss {_fmt(sft.get('first_loss'))} -> "
+            f"{_fmt(sft.get('last_loss'))}, DPO reward acc {_fmt(dpo.get('reward_accuracy'))}, "
+            f"margin {_fmt(dpo.get('reward_margin'))}, peak {_fmt(sft.get('peak_memory_gb'))} GB"
+        )
     typer.echo(f"adapters: {folder.adapters}\nsummary:  {folder.summary_file}\nmetrics:  {folder.metrics_file}")
 
 
 @app.command("dry-run")
-def dry_run(config: Path = ConfigArg, overrides: Optional[list[str]] = OverridesArg,
-            steps: int = typer.Option(3, "--steps", min=1, help="real SFT and DPO steps to run")) -> None:
+def dry_run(
+    config: Path = ConfigArg,
+    overrides: list[str] | None = OverridesArg,
+    steps: int = typer.Option(3, "--steps", min=1, help="real SFT and DPO steps to run"),
+) -> None:
     """Validate, print the memory plan vs the wired limit and hours per topic, then run a few real steps."""
     from .dry_run import dry_run as run_dry
 
@@ -51,26 +67,32 @@ def dry_run(config: Path = ConfigArg, overrides: Optional[list[str]] = Overrides
 
 
 @app.command()
-def generate(config: Path = ConfigArg,
-             overrides: Optional[list[str]] = typer.Argument(None, help="dotted overrides (before the prompt)",
-                                                             show_default=False),
-             prompt: str = typer.Argument(..., help="the user's message", show_default=False),
-             adapter: Optional[Path] = typer.Option(None, "--adapter", help="mlx-lm adapter folder, e.g. "
-                                                    "runs/<name>/adapters/<topic>"),
-             max_tokens: int = typer.Option(200, "--max-tokens", min=1),
-             temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy")) -> None:
+def generate(
+    config: Path = ConfigArg,
+    overrides: list[str] | None = typer.Argument(None, help="dotted overrides (before the prompt)", show_default=False),
+    prompt: str = typer.Argument(..., help="the user's message", show_default=False),
+    adapter: Path | None = typer.Option(
+        None, "--adapter", help="mlx-lm adapter folder, e.g. runs/<name>/adapters/<topic>"
+    ),
+    max_tokens: int = typer.Option(200, "--max-tokens", min=1),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy"),
+) -> None:
     """Answer one prompt with the spec's model (4-bit for nf4) and an adapter; stops at <|im_end|>."""
+    from mindprint_ray.planning.run_plan import load_run
     from mindprint_ray.runs.adapter_format import check_adapter_folder
     from mindprint_ray.spec.inputs import check_finite
-    from mindprint_ray.planning.run_plan import load_run
 
     from .generation import load_with_adapter, stream
 
     check_finite(temperature, "--temperature")
     run = load_run(config, overrides or [])
     if adapter is not None and check_adapter_folder(adapter, "--adapter") != "mlx":
-        raise UserError("this is a PEFT adapter; MLX generates with mlx-lm adapters", file=adapter, field="--adapter",
-                        hint=f"convert it first: mindprint-ray convert --to mlx {adapter} OUT")
+        raise UserError(
+            "this is a PEFT adapter; MLX generates with mlx-lm adapters",
+            file=adapter,
+            field="--adapter",
+            hint=f"convert it first: mindprint-ray convert --to mlx {adapter} OUT",
+        )
     model, tokenizer = load_with_adapter(run, adapter)
     for piece in stream(model, tokenizer, prompt, run.spec.curriculum.system_prompt, max_tokens, temperature):
         typer.echo(piece, nl=False)

@@ -1,11 +1,12 @@
 """A trained model's zone LoRA weights to and from mlx-lm adapter folders (via mindprint_ray.runs.adapter_format)."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
-from mindprint_ray.runs.adapter_format import Adapter, Group, read_mlx, write_mlx
 from mindprint_ray.errors import UserError
 from mindprint_ray.planning.zones import ZonePlan
+from mindprint_ray.runs.adapter_format import Adapter, Group, read_mlx, write_mlx
 
 from .model import lora_modules
 
@@ -39,14 +40,20 @@ def load_adapter(model, plan: ZonePlan, folder: Path) -> None:
     adapter = read_mlx(folder)
     modules = lora_modules(model)
     if set(adapter.modules()) != set(modules):
-        raise UserError(f"adapter {folder} targets other modules than this run's zone plan", file=folder,
-                        hint="resume with the spec the adapter was trained with")
+        raise UserError(
+            f"adapter {folder} targets other modules than this run's zone plan",
+            file=folder,
+            hint="resume with the spec the adapter was trained with",
+        )
     weights = []
     for key, module in modules.items():
         a, b = adapter.a[key], adapter.b[key]
         if a.shape != tuple(module.lora_a.shape) or b.shape != tuple(module.lora_b.shape):
-            raise UserError(f"adapter {folder}: {key} has rank {a.shape[1]}, the plan says {module.lora_a.shape[1]}",
-                            file=folder, hint="resume with the spec the adapter was trained with")
+            raise UserError(
+                f"adapter {folder}: {key} has rank {a.shape[1]}, the plan says {module.lora_a.shape[1]}",
+                file=folder,
+                hint="resume with the spec the adapter was trained with",
+            )
         weights += [(f"{key}.lora_a", mx.array(a)), (f"{key}.lora_b", mx.array(b))]
     model.load_weights(weights, strict=False)
     mx.eval(model.parameters())

@@ -1,8 +1,9 @@
 """Curriculum records as token ids with loss masks (SFT: assistant turns only; DPO: responses), and batches."""
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from mindprint_ray.curriculum.chat_template import conversation_tokens, with_system
 from mindprint_ray.curriculum.topics import Record
@@ -35,8 +36,9 @@ class Batch:
     num_tokens: int
 
 
-def masked_sequence(tokenizer, messages: list[dict], max_len: int, assistant_only: bool = True,
-                    skip_turns: int = 0) -> Sequence:
+def masked_sequence(
+    tokenizer, messages: list[dict], max_len: int, assistant_only: bool = True, skip_turns: int = 0
+) -> Sequence:
     """The conversation with its trained tokens marked by the core's rule (`chat_template.conversation_tokens`,
     as on the Ray path), cut to `max_len`."""
     hf = getattr(tokenizer, "_tokenizer", tokenizer)  # mlx-lm's TokenizerWrapper around the HF tokenizer
@@ -54,7 +56,9 @@ def response_sequence(tokenizer, prompt: list[dict], response: list[dict], max_l
     return masked_sequence(tokenizer, prompt + response, max_len, skip_turns=earlier)
 
 
-def sft_sequences(tokenizer, records: list[Record], system: str | None, max_len: int, assistant_only: bool) -> list[Sequence]:
+def sft_sequences(
+    tokenizer, records: list[Record], system: str | None, max_len: int, assistant_only: bool
+) -> list[Sequence]:
     seqs = [sft_sequence(tokenizer, with_system(r.data["messages"], system), max_len, assistant_only) for r in records]
     return [s for s in seqs if any(s.target[1:])]
 
@@ -63,8 +67,10 @@ def dpo_pairs(tokenizer, records: list[Record], system: str | None, max_len: int
     pairs = []
     for r in records:
         prompt = with_system(r.data["prompt"], system)
-        pair = Pair(response_sequence(tokenizer, prompt, r.data["chosen"], max_len),
-                    response_sequence(tokenizer, prompt, r.data["rejected"], max_len))
+        pair = Pair(
+            response_sequence(tokenizer, prompt, r.data["chosen"], max_len),
+            response_sequence(tokenizer, prompt, r.data["rejected"], max_len),
+        )
         if any(pair.chosen.target[1:]) and any(pair.rejected.target[1:]):
             pairs.append(pair)
     return pairs
@@ -91,4 +97,4 @@ def shuffled_batches(items: list, batch_size: int, seed: int) -> Iterator[list]:
     while True:
         order = rng.permutation(len(items)).tolist()
         for i in range(0, len(order), batch_size):
-            yield [items[j] for j in order[i: i + batch_size]]
+            yield [items[j] for j in order[i : i + batch_size]]

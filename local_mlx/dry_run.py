@@ -4,18 +4,19 @@ Validates spec and data, prints the memory plan against the GPU wired limit (and
 hours per topic, then runs a few real SFT and DPO steps: on the configured model when it is on this machine,
 otherwise on the tiny model with the same zone layout scaled to its 8 layers. Returns 1 when the plan cannot fit.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
+from mindprint_ray.curriculum.validation import validate_run
 from mindprint_ray.errors import UserError
+from mindprint_ray.models.tiny import ensure_tiny_model
 from mindprint_ray.planning.hardware import load_profiles
 from mindprint_ray.planning.registry import get_arch
 from mindprint_ray.planning.run_plan import RunPlan, build_run, load_run
-from mindprint_ray.spec.run_spec import RunSpec
 from mindprint_ray.planning.time_model import Mfu, count_topic_tokens, resolve_mfu, throughput_mfu
-from mindprint_ray.models.tiny import ensure_tiny_model
-from mindprint_ray.curriculum.validation import validate_run
+from mindprint_ray.spec.run_spec import RunSpec
 
 from .model import cached_model_dir, load_for_training
 from .plan_check import hours_lines, memory_lines, memory_verdict
@@ -41,8 +42,14 @@ def standin_run(run: RunPlan) -> RunPlan:
     data = run.spec.model_dump(mode="json")
     data["model"] = {"name": "tiny", "path": TINY_PATH}
     data["lora"]["zones"] = [
-        {"name": z.name, "fraction": [z.first / layers, (z.last + 1) / layers], "modules": list(z.modules),
-         "rank": z.rank, "alpha": z.alpha, "dropout": z.dropout}
+        {
+            "name": z.name,
+            "fraction": [z.first / layers, (z.last + 1) / layers],
+            "modules": list(z.modules),
+            "rank": z.rank,
+            "alpha": z.alpha,
+            "dropout": z.dropout,
+        }
         for z in run.zones.zones
     ]
     limit = get_arch("tiny").max_position_embeddings
@@ -51,8 +58,11 @@ def standin_run(run: RunPlan) -> RunPlan:
     try:
         return build_run(RunSpec.model_validate(data))
     except UserError as e:
-        raise UserError(f"the zone layout does not scale to the tiny model's 8 layers: {e.message}",
-                        field="lora.zones", hint="zones narrower than 1/8 of the layers have no tiny stand-in") from None
+        raise UserError(
+            f"the zone layout does not scale to the tiny model's 8 layers: {e.message}",
+            field="lora.zones",
+            hint="zones narrower than 1/8 of the layers have no tiny stand-in",
+        ) from None
 
 
 def run_steps(run: RunPlan, folder: Path | None, steps: int) -> dict:
@@ -77,8 +87,10 @@ def step_lines(label: str, results: dict) -> list[str]:
             lines.append(f"  {stage.upper()}: {r.bad[0]} became {r.bad[1]} at step {r.bad[2]} (NaN guard)")
             continue
         extra = f", reward acc {s['reward_accuracy']:.2f}" if stage == "dpo" else ""
-        lines.append(f"  {stage.upper()}: {s['steps']} steps, loss {s['first_loss']:.4f} -> {s['last_loss']:.4f}"
-                     f"{extra}, {s['tokens_per_s']:.0f} tokens/s, peak memory {s['peak_memory_gb']:.3f} GB")
+        lines.append(
+            f"  {stage.upper()}: {s['steps']} steps, loss {s['first_loss']:.4f} -> {s['last_loss']:.4f}"
+            f"{extra}, {s['tokens_per_s']:.0f} tokens/s, peak memory {s['peak_memory_gb']:.3f} GB"
+        )
     return lines
 
 
@@ -93,10 +105,14 @@ def dry_run(config: Path, overrides: list[str], steps: int = 3) -> int:
     """Print the checks; 0 when the run can start (possibly after the printed sysctl), 1 when it cannot."""
     run = mac_run(load_run(config, overrides))
     topics, rows, counter = validate_run(run)
-    print(f"{run.spec.name}: {run.arch.name} ({run.arch.total_params():,} params), {run.quant} "
-          f"({'MLX 4-bit, group 64' if run.quant == 'nf4' else run.quant}), profile {run.profile.name}")
-    print(f"data: {len(topics)} topics, {sum(r.sft for r in rows)} SFT examples, {sum(r.dpo for r in rows)} DPO pairs "
-          f"validated ({'exact' if counter.exact else 'approximate, 4 chars/token'} token counts)")
+    print(
+        f"{run.spec.name}: {run.arch.name} ({run.arch.total_params():,} params), {run.quant} "
+        f"({'MLX 4-bit, group 64' if run.quant == 'nf4' else run.quant}), profile {run.profile.name}"
+    )
+    print(
+        f"data: {len(topics)} topics, {sum(r.sft for r in rows)} SFT examples, {sum(r.dpo for r in rows)} DPO pairs "
+        f"validated ({'exact' if counter.exact else 'approximate, 4 chars/token'} token counts)"
+    )
     zones = ", ".join(f"{z.name} {z.first}-{z.last} {'/'.join(z.modules)} r={z.rank}" for z in run.zones.zones)
     print(f"zones: {zones}; {run.zones.trainable_params():,} trainable params")
     verdict = memory_verdict(run)
@@ -122,8 +138,10 @@ def dry_run(config: Path, overrides: list[str], steps: int = 3) -> int:
         print("result: training produced NaN/inf; lower the learning rates before starting the run")
         return 1
     if verdict.status == "no":
-        print(f"result: the plan does not fit: {verdict.peak_phase.upper()} needs {verdict.need_gb:.1f} GB, "
-              f"the wired limit can give at most {verdict.ceiling_gb:.1f} GB; apply a remedy above")
+        print(
+            f"result: the plan does not fit: {verdict.peak_phase.upper()} needs {verdict.need_gb:.1f} GB, "
+            f"the wired limit can give at most {verdict.ceiling_gb:.1f} GB; apply a remedy above"
+        )
         return 1
     print("result: ready" + (f" after `{verdict.sysctl}`" if verdict.status == "raise" else ""))
     return 0

@@ -1,13 +1,14 @@
 """Generation on MLX with a topic adapter: the model's chat template, stopping at <|im_end|>."""
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
+from mindprint_ray.curriculum.chat_template import with_system
 from mindprint_ray.errors import UserError
 from mindprint_ray.planning.run_plan import RunPlan
 
-from mindprint_ray.curriculum.chat_template import with_system
 from .model import load_base, model_dir
 
 
@@ -18,16 +19,20 @@ def load_with_adapter(run: RunPlan, adapter: Path | None):
     model, tokenizer, _ = load_base(model_dir(run), run.quant)
     if adapter is not None:
         if not (Path(adapter) / "adapters.safetensors").is_file():
-            raise UserError(f"{adapter} is not an mlx-lm adapter folder (no adapters.safetensors)", file=adapter,
-                            hint="use runs/<name>/adapters/<topic>, or convert a PEFT adapter with "
-                                 "`mindprint-ray convert --to mlx`")
+            raise UserError(
+                f"{adapter} is not an mlx-lm adapter folder (no adapters.safetensors)",
+                file=adapter,
+                hint="use runs/<name>/adapters/<topic>, or convert a PEFT adapter with "
+                "`mindprint-ray convert --to mlx`",
+            )
         load_adapters(model, str(adapter))
     model.eval()
     return model, tokenizer
 
 
-def stream(model, tokenizer, prompt: str, system: str | None = None, max_tokens: int = 200,
-           temperature: float = 0.0) -> Iterator[str]:
+def stream(
+    model, tokenizer, prompt: str, system: str | None = None, max_tokens: int = 200, temperature: float = 0.0
+) -> Iterator[str]:
     """Text pieces of the answer to one user prompt; greedy unless temperature > 0."""
     from mlx_lm.generate import stream_generate
     from mlx_lm.sample_utils import make_sampler
@@ -35,7 +40,9 @@ def stream(model, tokenizer, prompt: str, system: str | None = None, max_tokens:
     messages = with_system([{"role": "user", "content": prompt}], system)
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = tokenizer.encode(text, add_special_tokens=False)
-    for response in stream_generate(model, tokenizer, ids, max_tokens=max_tokens, sampler=make_sampler(temp=temperature)):
+    for response in stream_generate(
+        model, tokenizer, ids, max_tokens=max_tokens, sampler=make_sampler(temp=temperature)
+    ):
         yield response.text
 
 

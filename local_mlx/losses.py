@@ -1,4 +1,5 @@
 """Losses on MLX: masked next-token cross-entropy (SFT) and the sigmoid DPO loss with reference log-probs."""
+
 from __future__ import annotations
 
 

@@ -1,9 +1,10 @@
 """The MLX model: find and load a local MLX or HF folder, quantize to 4-bit for nf4, apply the zone plan as LoRA."""
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from mindprint_ray.errors import UserError
 from mindprint_ray.planning.run_plan import RunPlan
@@ -36,16 +37,22 @@ def model_dir(run: RunPlan) -> Path:
     if found:
         return found
     if Path(path).is_dir():
-        raise UserError(f"{path} has no config.json and model*.safetensors", field="model.path",
-                        hint="point model.path at an HF or MLX model folder")
+        raise UserError(
+            f"{path} has no config.json and model*.safetensors",
+            field="model.path",
+            hint="point model.path at an HF or MLX model folder",
+        )
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
         return Path(snapshot_download(path, revision=run.spec.model.revision, allow_patterns=WEIGHT_PATTERNS))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as e:
-        raise UserError(f"cannot load model '{path}': {type(e).__name__}", field="model.path",
-                        hint="give a local folder, or a hub id reachable from this machine") from None
+        raise UserError(
+            f"cannot load model '{path}': {type(e).__name__}",
+            field="model.path",
+            hint="give a local folder, or a hub id reachable from this machine",
+        ) from None
 
 
 def _complete(folder: Path) -> bool:
@@ -63,8 +70,11 @@ def load_base(folder: Path, quant: str):
         quantize(model)
     elif quant in ("bf16", "fp32"):
         if prequantized:
-            raise UserError(f"{folder} is already quantized, so it cannot train in {quant}",
-                            field="quantization.mode", hint="set quantization.mode: nf4, or use the 16-bit model")
+            raise UserError(
+                f"{folder} is already quantized, so it cannot train in {quant}",
+                field="quantization.mode",
+                hint="set quantization.mode: nf4, or use the 16-bit model",
+            )
         model.set_dtype(mx.bfloat16 if quant == "bf16" else mx.float32)
     tokenizer = load_tokenizer(folder, eos_token_ids=config.get("eos_token_id"))
     if "<|im_end|>" in tokenizer.get_vocab():
@@ -91,8 +101,11 @@ def apply_zones(model, plan: ZonePlan) -> None:
         linear_to_lora_layers(model, -1, config)
     missing = sorted(set(plan.module_paths()) - set(lora_modules(model)))
     if missing:
-        raise UserError(f"the model has no module '{missing[0]}' ({len(missing)} zone modules missing)",
-                        field="lora.zones", hint="the model folder does not match model.name's architecture")
+        raise UserError(
+            f"the model has no module '{missing[0]}' ({len(missing)} zone modules missing)",
+            field="lora.zones",
+            hint="the model folder does not match model.name's architecture",
+        )
 
 
 def set_checkpointing(model, enabled: bool) -> None:

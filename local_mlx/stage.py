@@ -1,10 +1,11 @@
 """One training stage (SFT or DPO) on MLX: LR schedule, gradient accumulation, clipping, NaN guard, metrics."""
+
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 from mindprint_ray.runs.stage_history import StageHistory
 
@@ -48,8 +49,15 @@ def peak_memory_gb() -> float:
     return mx.get_peak_memory() / 1e9
 
 
-def run_stage(model, cfg: StageConfig, batches: Iterator[tuple[tuple, int]], loss_fn: Callable,
-              extra_metrics: Callable[[list], dict], log: Callable[[dict], None], progress=None) -> StageResult:
+def run_stage(
+    model,
+    cfg: StageConfig,
+    batches: Iterator[tuple[tuple, int]],
+    loss_fn: Callable,
+    extra_metrics: Callable[[list], dict],
+    log: Callable[[dict], None],
+    progress=None,
+) -> StageResult:
     """Train `cfg.steps` optimizer steps. `batches` yields (loss_fn args, tokens); loss_fn returns (loss, ...)."""
     import mlx.core as mx
     import mlx.nn as nn
@@ -79,8 +87,15 @@ def run_stage(model, cfg: StageConfig, batches: Iterator[tuple[tuple, int]], los
         grads = tree_map(lambda g: g / cfg.accumulation, grads)
         grads, norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
         loss = sum(o[0].item() for o in outputs) / len(outputs)
-        record = {"topic": cfg.topic, "stage": cfg.stage, "step": step, "loss": loss, "grad_norm": norm.item(),
-                  "learning_rate": lr_at(step - 1, cfg), **extra_metrics(outputs)}
+        record = {
+            "topic": cfg.topic,
+            "stage": cfg.stage,
+            "step": step,
+            "loss": loss,
+            "grad_norm": norm.item(),
+            "learning_rate": lr_at(step - 1, cfg),
+            **extra_metrics(outputs),
+        }
         bad = next(((k, record[k]) for k in ("loss", "grad_norm") if not math.isfinite(record[k])), None)
         if bad:  # the update is skipped: the adapter keeps its last finite weights
             result.bad = (bad[0], bad[1], step)
@@ -90,14 +105,18 @@ def run_stage(model, cfg: StageConfig, batches: Iterator[tuple[tuple, int]], los
         optimizer.update(model, grads)
         mx.eval(model.parameters(), optimizer.state)
         total_tokens += tokens
-        record.update(num_tokens=total_tokens, tokens_per_s=tokens / max(time.perf_counter() - start, 1e-9),
-                      peak_memory_gb=peak_memory_gb())
+        record.update(
+            num_tokens=total_tokens,
+            tokens_per_s=tokens / max(time.perf_counter() - start, 1e-9),
+            peak_memory_gb=peak_memory_gb(),
+        )
         result.history.append(record)
         if step % cfg.logging_steps == 0 or step == cfg.steps:
             log(record)
         if task is not None:
-            info = f"loss {loss:.3f}" + (f"  reward acc {record['rewards/accuracies']:.2f}"
-                                         if "rewards/accuracies" in record else "")
+            info = f"loss {loss:.3f}" + (
+                f"  reward acc {record['rewards/accuracies']:.2f}" if "rewards/accuracies" in record else ""
+            )
             progress.update(task, completed=step, info=info)
     model.eval()
     return result
@@ -109,9 +128,12 @@ def dpo_metrics(outputs: list) -> dict:
 
     chosen = mx.concatenate([o[1] for o in outputs])
     rejected = mx.concatenate([o[2] for o in outputs])
-    return {"rewards/chosen": chosen.mean().item(), "rewards/rejected": rejected.mean().item(),
-            "rewards/accuracies": (chosen > rejected).astype(mx.float32).mean().item(),
-            "rewards/margins": (chosen - rejected).mean().item()}
+    return {
+        "rewards/chosen": chosen.mean().item(),
+        "rewards/rejected": rejected.mean().item(),
+        "rewards/accuracies": (chosen > rejected).astype(mx.float32).mean().item(),
+        "rewards/margins": (chosen - rejected).mean().item(),
+    }
 
 
 def no_metrics(_outputs: list) -> dict:

@@ -4,20 +4,21 @@ Writes the same run folder as the Ray path: spec.yaml, adapters/<topic>/ (publis
 manifest), metrics.jsonl and summary.json with the same keys. A topic is done when its adapter folder is
 complete; a rerun with the same name skips done topics and continues from the last done topic's adapter.
 """
+
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable
 
 from mindprint_ray.curriculum.topics import TopicData
+from mindprint_ray.curriculum.validation import validate_run
 from mindprint_ray.errors import UserError
+from mindprint_ray.models.tiny import ensure_run_model
 from mindprint_ray.planning.run_plan import RunPlan
 from mindprint_ray.runs.run_folder import RunFolder, claim_run_folder
-from mindprint_ray.models.tiny import ensure_run_model
-from mindprint_ray.curriculum.validation import validate_run
 
 from .adapters import load_adapter, save_adapter
 from .data import Pair, dpo_pairs, pad, sft_sequences, shuffled_batches
@@ -44,17 +45,34 @@ class Trainer:
     # ---- SFT ------------------------------------------------------------------------------------
     def sft_config(self, topic: str, examples: int, max_steps: int | None = None) -> StageConfig:
         s = self.run.spec.stage("sft")
-        steps = max_steps or s.max_steps or math.ceil(s.epochs_per_topic * examples / (s.batch_size * s.gradient_accumulation))
-        return StageConfig(topic, "sft", max(1, steps), s.gradient_accumulation, s.learning_rate,
-                           s.warmup_steps, s.scheduler, s.weight_decay, s.max_grad_norm,
-                           gradient_checkpointing=s.gradient_checkpointing, logging_steps=s.logging_steps)
+        steps = (
+            max_steps
+            or s.max_steps
+            or math.ceil(s.epochs_per_topic * examples / (s.batch_size * s.gradient_accumulation))
+        )
+        return StageConfig(
+            topic,
+            "sft",
+            max(1, steps),
+            s.gradient_accumulation,
+            s.learning_rate,
+            s.warmup_steps,
+            s.scheduler,
+            s.weight_decay,
+            s.max_grad_norm,
+            gradient_checkpointing=s.gradient_checkpointing,
+            logging_steps=s.logging_steps,
+        )
 
     def train_sft(self, topic: TopicData, max_steps: int | None = None) -> StageResult:
         s, system = self.run.spec.sft, self.run.spec.curriculum.system_prompt
         seqs = sft_sequences(self.tokenizer, topic.sft, system, s.max_seq_length, s.assistant_only_loss)
         if not seqs:
-            raise UserError(f"topic '{topic.name}' has no SFT example with an assistant token within max_seq_length",
-                            field="sft.max_seq_length", hint="raise sft.max_seq_length")
+            raise UserError(
+                f"topic '{topic.name}' has no SFT example with an assistant token within max_seq_length",
+                field="sft.max_seq_length",
+                hint="raise sft.max_seq_length",
+            )
 
         def batches():
             for group in shuffled_batches(seqs, s.batch_size, self.run.spec.seed):
@@ -67,9 +85,19 @@ class Trainer:
     # ---- DPO ------------------------------------------------------------------------------------
     def dpo_config(self, topic: str, max_steps: int | None = None) -> StageConfig:
         d = self.run.spec.stage("dpo")
-        return StageConfig(topic, "dpo", max_steps or d.steps_per_topic, d.gradient_accumulation, d.learning_rate,
-                           d.warmup_steps, "linear", 0.0, d.max_grad_norm, dropout=False,
-                           gradient_checkpointing=d.gradient_checkpointing)
+        return StageConfig(
+            topic,
+            "dpo",
+            max_steps or d.steps_per_topic,
+            d.gradient_accumulation,
+            d.learning_rate,
+            d.warmup_steps,
+            "linear",
+            0.0,
+            d.max_grad_norm,
+            dropout=False,
+            gradient_checkpointing=d.gradient_checkpointing,
+        )
 
     def reference_logprobs(self, pairs: list[Pair]) -> None:
         """Precompute each response's summed log-prob under the reference: the model as DPO starts (after SFT,
@@ -79,7 +107,7 @@ class Trainer:
         batch = max(1, self.run.spec.dpo.batch_size)
         with adapter_disabled(self.model) if self.reference == "base" else nullcontext():
             for i in range(0, len(pairs), batch):
-                group = pairs[i: i + batch]
+                group = pairs[i : i + batch]
                 b = pad([p.chosen for p in group] + [p.rejected for p in group], self.pad_id)
                 values = sequence_logprobs(self.model, b.tokens, b.mask)
                 mx.eval(values)
@@ -105,8 +133,9 @@ class Trainer:
         def loss(model, tokens, mask, ref):
             return dpo_loss(model, tokens, mask, ref, d.beta)
 
-        return run_stage(self.model, self.dpo_config(topic.name, max_steps), batches(), loss, dpo_metrics,
-                         self.log, self.progress)
+        return run_stage(
+            self.model, self.dpo_config(topic.name, max_steps), batches(), loss, dpo_metrics, self.log, self.progress
+        )
 
 
 # ---- one topic, the whole run ----------------------------------------------------------------------
@@ -114,8 +143,10 @@ class Trainer:
 
 def stopped_message(topic: str, stage: str, bad: tuple[str, float, int]) -> str:
     key, value, step = bad
-    return (f"topic '{topic}': {stage} {key} became {value} at step {step}; the topic was stopped and the last good "
-            f"adapter is kept. Remedies: lower {stage}.learning_rate, raise warmup, keep max_grad_norm at 0.3")
+    return (
+        f"topic '{topic}': {stage} {key} became {value} at step {step}; the topic was stopped and the last good "
+        f"adapter is kept. Remedies: lower {stage}.learning_rate, raise warmup, keep max_grad_norm at 0.3"
+    )
 
 
 def finish_stage(folder: RunFolder, topic: str, stage: str, result: StageResult) -> dict:
@@ -142,9 +173,16 @@ def train_topic(trainer: Trainer, folder: RunFolder, topic: TopicData) -> None:
         dpo = finish_stage(folder, topic.name, "dpo", result) if result else {}
     staging = folder.staging_dir(topic.name)
     save_adapter(trainer.model, run.zones, staging, run.model_path)
-    manifest = {"topic": topic.name, "run": run.spec.name, "model": run.model_path,
-                "zones": [z.name for z in run.zones.zones], "trainable_params": run.zones.trainable_params(),
-                "format": "mlx", "quantization": run.quant, "created": time.time()}
+    manifest = {
+        "topic": topic.name,
+        "run": run.spec.name,
+        "model": run.model_path,
+        "zones": [z.name for z in run.zones.zones],
+        "trainable_params": run.zones.trainable_params(),
+        "format": "mlx",
+        "quantization": run.quant,
+        "created": time.time(),
+    }
     folder.publish_adapter(topic.name, staging, manifest)
     folder.finish_topic(topic.name, time.time() - t0, (sft.get("tokens") or 0) + (dpo.get("tokens") or 0))
 
@@ -155,8 +193,14 @@ def progress_bar(enabled: bool):
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=Console(stderr=True))
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+    )
 
 
 def check_reference(reference: str) -> None:
@@ -174,8 +218,14 @@ def train_run(run: RunPlan, force: bool = False, progress: bool = True, referenc
     topics, _, _ = validate_run(run)
     folder, resumed = claim_run_folder(run.spec, force)
     pending = [t.name for t in topics if not folder.topic_done(t.name)]
-    folder.update_summary(run=run.spec.name, model=run.model_path, profile=run.profile.name, backend="mlx",
-                          dpo_reference=reference, topics_order=[t.name for t in topics])
+    folder.update_summary(
+        run=run.spec.name,
+        model=run.model_path,
+        profile=run.profile.name,
+        backend="mlx",
+        dpo_reference=reference,
+        topics_order=[t.name for t in topics],
+    )
     if not pending:
         return folder
     folder.log({"event": "run_start", "resumed": resumed, "pending": pending, "backend": "mlx"})

@@ -1,4 +1,5 @@
 """The one exception type for user errors: bad spec, bad data, bad arguments, missing credentials."""
+
 from __future__ import annotations
 
 from pathlib import Path

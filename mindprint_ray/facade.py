@@ -1,20 +1,21 @@
 """The seed's Python API, as a thin facade over the same code the CLI runs.
 
-    backend = create_backend("pytorch", device="cpu", quantization="int4")
-    model = backend.load_model("Qwen/Qwen2.5-72B-Instruct")
-    print(model.generate("What is a cycle low?", max_length=200))
+backend = create_backend("pytorch", device="cpu", quantization="int4")
+model = backend.load_model("Qwen/Qwen2.5-72B-Instruct")
+print(model.generate("What is a cycle low?", max_length=200))
 
-    pipeline = DPOPipeline(model_config=get_model_config("qwen-72b"), config=PipelineConfig(...))
-    pipeline.train_topics(topics=["market_cycles"], data_dir="data/bob/", output_dir="checkpoints/")
+pipeline = DPOPipeline(model_config=get_model_config("qwen-72b"), config=PipelineConfig(...))
+pipeline.train_topics(topics=["market_cycles"], data_dir="data/bob/", output_dir="checkpoints/")
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mindprint_ray.errors import UserError
-from mindprint_ray.spec.inputs import check_run_name
 from mindprint_ray.planning.model_config import ModelConfig
+from mindprint_ray.spec.inputs import check_run_name
 
 
 @dataclass
@@ -27,7 +28,8 @@ class LoadedModel:
 
     def generate(self, prompt: str, max_length: int = 200, system_prompt: str | None = None) -> str:
         messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-            {"role": "user", "content": prompt}]
+            {"role": "user", "content": prompt}
+        ]
         if self.backend == "mlx":
             from mlx_lm import generate
 
@@ -35,11 +37,12 @@ class LoadedModel:
             return generate(self.model, self.tokenizer, prompt=text, max_tokens=max_length, verbose=False)
         import torch
 
-        inputs = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                                    return_dict=True).to(self.model.device)
+        inputs = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        ).to(self.model.device)
         with torch.no_grad():
             out = self.model.generate(**inputs, max_new_tokens=max_length, do_sample=False)
-        return self.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        return self.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 @dataclass
@@ -51,7 +54,11 @@ class Backend:
     trust_remote_code: bool = False
 
     def load_model(self, name_or_path: str, adapter_path: str | None = None) -> LoadedModel:
-        return self._load_mlx(name_or_path, adapter_path) if self.kind == "mlx" else self._load_torch(name_or_path, adapter_path)
+        return (
+            self._load_mlx(name_or_path, adapter_path)
+            if self.kind == "mlx"
+            else self._load_torch(name_or_path, adapter_path)
+        )
 
     def _load_torch(self, path: str, adapter_path: str | None) -> LoadedModel:
         import torch
@@ -63,8 +70,11 @@ class Backend:
         kwargs: dict = {"trust_remote_code": self.trust_remote_code}
         if self.quantization in ("int4", "nf4"):
             kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=torch.bfloat16)
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16,
+            )
             kwargs["device_map"] = device
         else:
             kwargs["dtype"] = getattr(torch, self.dtype)
@@ -76,7 +86,9 @@ class Backend:
 
             model = PeftModel.from_pretrained(model, adapter_path)
         model.eval()
-        return LoadedModel(model, AutoTokenizer.from_pretrained(path, trust_remote_code=self.trust_remote_code), "pytorch")
+        return LoadedModel(
+            model, AutoTokenizer.from_pretrained(path, trust_remote_code=self.trust_remote_code), "pytorch"
+        )
 
     def _load_mlx(self, path: str, adapter_path: str | None) -> LoadedModel:
         try:
@@ -97,8 +109,13 @@ class Backend:
         return LoadedModel(model, tokenizer, "mlx")
 
 
-def create_backend(backend_type: str = "pytorch", device: str = "auto", quantization: str | None = None,
-                   dtype: str = "bfloat16", trust_remote_code: bool = False) -> Backend:
+def create_backend(
+    backend_type: str = "pytorch",
+    device: str = "auto",
+    quantization: str | None = None,
+    dtype: str = "bfloat16",
+    trust_remote_code: bool = False,
+) -> Backend:
     kind = {"pytorch": "pytorch", "torch": "pytorch", "mlx": "mlx"}.get(backend_type)
     if kind is None:
         raise UserError(f"unknown backend '{backend_type}'", hint="use 'pytorch' or 'mlx'")
@@ -149,14 +166,36 @@ class DPOPipeline:
         spec = {
             "name": name,
             "model": {"name": self.model_config.name, "path": c.model_path or self.model_config.hf_path},
-            "lora": {"strategy": plan.strategy, "rank": plan.rank, "alpha": plan.alpha, "dropout": plan.dropout,
-                     "zones": [{"name": z.name, "layers": [z.first, z.last], "modules": list(z.modules),
-                                "rank": z.rank, "alpha": z.alpha, "dropout": z.dropout} for z in plan.zones]},
+            "lora": {
+                "strategy": plan.strategy,
+                "rank": plan.rank,
+                "alpha": plan.alpha,
+                "dropout": plan.dropout,
+                "zones": [
+                    {
+                        "name": z.name,
+                        "layers": [z.first, z.last],
+                        "modules": list(z.modules),
+                        "rank": z.rank,
+                        "alpha": z.alpha,
+                        "dropout": z.dropout,
+                    }
+                    for z in plan.zones
+                ],
+            },
             "quantization": {"mode": mode},
-            "sft": {"learning_rate": c.sft_learning_rate, "batch_size": c.sft_batch_size,
-                    "epochs_per_topic": c.sft_epochs, "max_seq_length": c.max_seq_length},
-            "dpo": {"learning_rate": c.dpo_learning_rate, "batch_size": c.dpo_batch_size,
-                    "steps_per_topic": c.dpo_steps, "max_seq_length": c.max_seq_length},
+            "sft": {
+                "learning_rate": c.sft_learning_rate,
+                "batch_size": c.sft_batch_size,
+                "epochs_per_topic": c.sft_epochs,
+                "max_seq_length": c.max_seq_length,
+            },
+            "dpo": {
+                "learning_rate": c.dpo_learning_rate,
+                "batch_size": c.dpo_batch_size,
+                "steps_per_topic": c.dpo_steps,
+                "max_seq_length": c.max_seq_length,
+            },
             "curriculum": {"data_dir": data_dir, "topics": list(topics)},
             "hardware": {"profile": profile},
             "storage": {"path": output_dir},

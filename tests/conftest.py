@@ -1,4 +1,5 @@
 """Shared fixtures: the CLI as a real subprocess, small specs and data written to tmp folders."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,14 @@ SAMPLE_DATA = ROOT / "data" / "curriculum"
 def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `python -m mindprint_ray ARGS` as a user would; returns the completed process."""
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "mindprint_ray", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "mindprint_ray", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -32,14 +39,20 @@ def sft_row(q: str = "What is a cycle low?", a: str = "I think it is the lowest 
 
 
 def dpo_row(q: str = "Where are we in the cycle?") -> dict:
-    return {"prompt": [{"role": "user", "content": q}],
-            "chosen": [{"role": "assistant", "content": "In my view we are early in the daily cycle."}],
-            "rejected": [{"role": "assistant", "content": "Prices go up."}]}
+    return {
+        "prompt": [{"role": "user", "content": q}],
+        "chosen": [{"role": "assistant", "content": "In my view we are early in the daily cycle."}],
+        "rejected": [{"role": "assistant", "content": "Prices go up."}],
+    }
 
 
 def eval_row(i: int = 1) -> dict:
-    return {"id": f"q{i}", "question": "What confirms a cycle low?", "reference": "A trend line break.",
-            "key_facts": ["trend line break"]}
+    return {
+        "id": f"q{i}",
+        "question": "What confirms a cycle low?",
+        "reference": "A trend line break.",
+        "key_facts": ["trend line break"],
+    }
 
 
 PERSONA = {"name": "T", "lexicon": ["cycle low"], "voice_markers": {"hedges": ["I think"], "confidence": ["clearly"]}}
@@ -56,9 +69,12 @@ def make_data(root: Path, topics=("alpha", "beta"), n: int = 4) -> Path:
 
 
 def make_spec(path: Path, data_dir: Path, topics=("alpha", "beta"), **sections) -> Path:
-    spec = {"name": "t", "model": {"name": "tiny", "path": str(path.parent / "no-model")},
-            "curriculum": {"data_dir": str(data_dir), "topics": list(topics)},
-            "hardware": {"profile": "cpu-2"}}
+    spec = {
+        "name": "t",
+        "model": {"name": "tiny", "path": str(path.parent / "no-model")},
+        "curriculum": {"data_dir": str(data_dir), "topics": list(topics)},
+        "hardware": {"profile": "cpu-2"},
+    }
     for key, value in sections.items():
         spec.setdefault(key, {}).update(value) if isinstance(value, dict) else spec.__setitem__(key, value)
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -110,12 +126,21 @@ def moto_s3(tmp_path_factory):
     import signal
 
     port = free_port()
-    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     wait_for_port(port)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
-           "MINDPRINT_CACHE": str(tmp_path_factory.mktemp("cache"))}
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+        "MINDPRINT_CACHE": str(tmp_path_factory.mktemp("cache")),
+    }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:

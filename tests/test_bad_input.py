@@ -1,10 +1,10 @@
 """Every user error exits 2 with one message naming file, line (for data) and field - never a traceback."""
+
 import json
 from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import dpo_row, make_spec, run_cli, sft_row, write_jsonl
 
 
@@ -39,8 +39,9 @@ def test_unknown_key_names_line_and_suggests(spec_file):
     text = spec_file.read_text() + "sft:\n  learnig_rate: 0.1\n"
     spec_file.write_text(text)
     line = len(text.splitlines())
-    check_error(run_cli("validate", str(spec_file)), f"{spec_file}:{line}:", "sft.learnig_rate",
-                "did you mean 'learning_rate'")
+    check_error(
+        run_cli("validate", str(spec_file)), f"{spec_file}:{line}:", "sft.learnig_rate", "did you mean 'learning_rate'"
+    )
 
 
 def test_wrong_type(spec_file):
@@ -56,12 +57,20 @@ def test_sequence_longer_than_context(spec_file):
     check_error(run_cli("plan", str(spec_file), "sft.max_seq_length=100000"), "sft.max_seq_length", "context")
 
 
-@pytest.mark.parametrize("zones,needle", [
-    ([{"name": "a", "layers": [0, 4], "modules": ["q_proj"]}, {"name": "b", "layers": [3, 7], "modules": ["v_proj"]}],
-     "overlap"),
-    ([{"name": "a", "layers": [0, 8], "modules": ["q_proj"]}], "outside"),
-    ([{"name": "a", "layers": [0, 3], "modules": ["qkv_proj"]}], "unknown module 'qkv_proj'"),
-])
+@pytest.mark.parametrize(
+    "zones,needle",
+    [
+        (
+            [
+                {"name": "a", "layers": [0, 4], "modules": ["q_proj"]},
+                {"name": "b", "layers": [3, 7], "modules": ["v_proj"]},
+            ],
+            "overlap",
+        ),
+        ([{"name": "a", "layers": [0, 8], "modules": ["q_proj"]}], "outside"),
+        ([{"name": "a", "layers": [0, 3], "modules": ["qkv_proj"]}], "unknown module 'qkv_proj'"),
+    ],
+)
 def test_bad_zones(spec_file, zones, needle):
     edit_spec(spec_file, lambda d: d.update(lora={"zones": zones}))
     check_error(run_cli("validate", str(spec_file)), "lora.zones", needle)
@@ -69,7 +78,9 @@ def test_bad_zones(spec_file, zones, needle):
 
 @pytest.mark.parametrize("key", ["aws_secret_access_key", "token", "password", "wandb_api_key"])
 def test_secret_looking_key_rejected(spec_file, key):
-    edit_spec(spec_file, lambda d: d["storage"].update({key: "abc"}) if "storage" in d else d.update(storage={key: "x"}))
+    edit_spec(
+        spec_file, lambda d: d["storage"].update({key: "abc"}) if "storage" in d else d.update(storage={key: "x"})
+    )
     check_error(run_cli("validate", str(spec_file)), f"storage.{key}", "secret")
 
 
@@ -134,8 +145,10 @@ def test_chosen_identical_to_rejected(spec_file, data_dir):
 
 def test_non_utf8_data(spec_file, data_dir):
     path = data_dir / "beta" / "sft.jsonl"
-    path.write_bytes(b'{"messages": [{"role": "user", "content": "ok"}, {"role": "assistant", "content": "ok"}]}\n'
-                     b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n')
+    path.write_bytes(
+        b'{"messages": [{"role": "user", "content": "ok"}, {"role": "assistant", "content": "ok"}]}\n'
+        b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n'
+    )
     check_error(run_cli("validate", str(spec_file)), f"{path}:2:", "not UTF-8")
 
 
@@ -156,7 +169,7 @@ def test_overlong_drop_policy_counts(tmp_path, data_dir):
     spec = make_spec(tmp_path / "r.yaml", data_dir, sft={"max_seq_length": 64})
     r = run_cli("validate", str(spec))
     assert r.returncode == 0, r.stderr
-    cells = [c.strip() for c in next(l for l in r.stdout.splitlines() if "alpha" in l).split("│")[1:-1]]
+    cells = [c.strip() for c in next(line for line in r.stdout.splitlines() if "alpha" in line).split("│")[1:-1]]
     assert cells[0] == "alpha" and cells[1] == "2" and cells[8] == "1" and cells[-1] == "dropped"
     assert "1 example(s) affected" in r.stdout
 
@@ -180,14 +193,17 @@ def billion_laughs(levels: int = 9) -> str:
     return "\n".join(lines) + "\n"
 
 
-@pytest.mark.parametrize("text,needle", [
-    (billion_laughs() + "curriculum: {topics: [alpha], data_dir: *a8}\n", "expands to more than"),
-    ("curriculum: &c {topics: [alpha], extra: *c}\n", "recursive alias"),
-    ("curriculum: {topics: [alpha]}\nsft: {batch_size: 2}\nsft: {batch_size: 4}\n", "key 'sft' is given twice"),
-    ("curriculum: " + "[" * 2000 + "]" * 2000 + "\n", "nested more than"),
-    ("", "empty"),
-    ("- model: tiny\n- sft: {}\n", "YAML mapping"),
-])
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        (billion_laughs() + "curriculum: {topics: [alpha], data_dir: *a8}\n", "expands to more than"),
+        ("curriculum: &c {topics: [alpha], extra: *c}\n", "recursive alias"),
+        ("curriculum: {topics: [alpha]}\nsft: {batch_size: 2}\nsft: {batch_size: 4}\n", "key 'sft' is given twice"),
+        ("curriculum: " + "[" * 2000 + "]" * 2000 + "\n", "nested more than"),
+        ("", "empty"),
+        ("- model: tiny\n- sft: {}\n", "YAML mapping"),
+    ],
+)
 def test_hostile_spec_yaml_is_refused_quickly(tmp_path, text, needle):
     f = tmp_path / "spec.yaml"
     f.write_text(text)
@@ -196,8 +212,11 @@ def test_hostile_spec_yaml_is_refused_quickly(tmp_path, text, needle):
 
 def test_aliases_in_an_override_value_are_bounded(spec_file):
     levels = ["&a0 [x, x, x, x, x, x, x, x, x, x]"] + [f"&a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
-    check_error(run_cli("plan", str(spec_file), f"curriculum.system_prompt=[{', '.join(levels)}]", timeout=60),
-                "curriculum.system_prompt", "expands to more than")
+    check_error(
+        run_cli("plan", str(spec_file), f"curriculum.system_prompt=[{', '.join(levels)}]", timeout=60),
+        "curriculum.system_prompt",
+        "expands to more than",
+    )
 
 
 def test_persona_yaml_uses_the_same_bounded_loader(spec_file, data_dir):
@@ -205,11 +224,14 @@ def test_persona_yaml_uses_the_same_bounded_loader(spec_file, data_dir):
     check_error(run_cli("validate", str(spec_file), timeout=60), str(data_dir / "persona.yaml"), "expands to more than")
 
 
-@pytest.mark.parametrize("persona,needle", [
-    ("- cycle low\n- hedges\n", "must be a mapping"),
-    ("lexicon: ['cycle low', '  ']\nvoice_markers: {hedges: [I think]}\n", "lexicon"),
-    ("lexicon: [cycle low]\nvoice_markers: {hedges: ['']}\n", "voice_markers"),
-])
+@pytest.mark.parametrize(
+    "persona,needle",
+    [
+        ("- cycle low\n- hedges\n", "must be a mapping"),
+        ("lexicon: ['cycle low', '  ']\nvoice_markers: {hedges: [I think]}\n", "lexicon"),
+        ("lexicon: [cycle low]\nvoice_markers: {hedges: ['']}\n", "voice_markers"),
+    ],
+)
 def test_persona_of_the_wrong_shape(spec_file, data_dir, persona, needle):
     (data_dir / "persona.yaml").write_text(persona)
     check_error(run_cli("validate", str(spec_file)), str(data_dir / "persona.yaml"), needle)
@@ -230,29 +252,48 @@ def test_model_config_uses_the_bounded_loader(tmp_path):
     assert e.value.field == "architecture.hidden_size"
 
 
-@pytest.mark.parametrize("prices,needle", [
-    (billion_laughs() + "prices: *a8\n", "expands to more than"),
-    ("prices:\n  cpu: {on_demand: .nan, spot: 0, source: x, date: '2025'}\n", "prices.cpu.on_demand"),
-    ("prices:\n  cpu: {on_demand: 1, spot: .inf, source: x, date: '2025'}\n", "prices.cpu.spot"),
-    ("- not a mapping\n", "prices:"),
-])
+@pytest.mark.parametrize(
+    "prices,needle",
+    [
+        (billion_laughs() + "prices: *a8\n", "expands to more than"),
+        ("prices:\n  cpu: {on_demand: .nan, spot: 0, source: x, date: '2025'}\n", "prices.cpu.on_demand"),
+        ("prices:\n  cpu: {on_demand: 1, spot: .inf, source: x, date: '2025'}\n", "prices.cpu.spot"),
+        ("- not a mapping\n", "prices:"),
+    ],
+)
 def test_price_override_file_is_checked(spec_file, tmp_path, prices, needle):
     f = tmp_path / "prices.yaml"
     f.write_text(prices)
-    check_error(run_cli("report", str(spec_file), "--prices", str(f), "--out", str(tmp_path / "r"), timeout=60),
-                str(f), needle)
+    check_error(
+        run_cli("report", str(spec_file), "--prices", str(f), "--out", str(tmp_path / "r"), timeout=60), str(f), needle
+    )
 
 
 def test_runtime_env_of_the_wrong_shape(spec_file, tmp_path):
     env = tmp_path / "runtime_env.yaml"
     env.write_text("excludes: runs/\n")
-    check_error(run_cli("preflight", str(spec_file), f"storage.path={tmp_path / 'runs'}", "--no-gpus",
-                        "--runtime-env", str(env)), str(env), "excludes")
+    check_error(
+        run_cli(
+            "preflight", str(spec_file), f"storage.path={tmp_path / 'runs'}", "--no-gpus", "--runtime-env", str(env)
+        ),
+        str(env),
+        "excludes",
+    )
 
 
 def test_working_dir_that_is_a_file(spec_file, tmp_path):
-    check_error(run_cli("preflight", str(spec_file), f"storage.path={tmp_path / 'runs'}", "--no-gpus",
-                        "--working-dir", str(spec_file)), "--working-dir", "not a folder")
+    check_error(
+        run_cli(
+            "preflight",
+            str(spec_file),
+            f"storage.path={tmp_path / 'runs'}",
+            "--no-gpus",
+            "--working-dir",
+            str(spec_file),
+        ),
+        "--working-dir",
+        "not a folder",
+    )
 
 
 # ---- run names ------------------------------------------------------------------------------------------
@@ -281,8 +322,13 @@ def test_bad_run_name_of_the_mlx_entry_point(spec_file, tmp_path):
 
     from conftest import ROOT
 
-    r = subprocess.run([sys.executable, "-m", "local_mlx", "train", str(spec_file), f"storage.path={tmp_path}",
-                        "--name", "../escape"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "local_mlx", "train", str(spec_file), f"storage.path={tmp_path}", "--name", "../escape"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     check_error(r, "--name", "run name")
     assert not (tmp_path.parent / "escape").exists()
 
@@ -315,13 +361,16 @@ def test_run_name_rule_holds_for_the_facade_and_the_run_folder(tmp_path):
 SECRET = "wJalrXUtnFEMIK7MDENGbPxRfiCYEXAMPLEKEY"
 
 
-@pytest.mark.parametrize("override", [
-    f"storage.path=s3://AKIAIOSFODNN7EXAMPLE:{SECRET}@my-bucket/runs",
-    f"ray.address=ray://admin:{SECRET}@head.example.com:10001",
-    f"curriculum.data_dir=s3://user:{SECRET}@my-bucket/data",
-    f"model.path=https://user:{SECRET}@huggingface.co/org/model",
-    f"storage.path=s3://my-bucket/runs?X-Amz-Signature={SECRET}",
-])
+@pytest.mark.parametrize(
+    "override",
+    [
+        f"storage.path=s3://AKIAIOSFODNN7EXAMPLE:{SECRET}@my-bucket/runs",
+        f"ray.address=ray://admin:{SECRET}@head.example.com:10001",
+        f"curriculum.data_dir=s3://user:{SECRET}@my-bucket/data",
+        f"model.path=https://user:{SECRET}@huggingface.co/org/model",
+        f"storage.path=s3://my-bucket/runs?X-Amz-Signature={SECRET}",
+    ],
+)
 def test_credentials_in_a_url_are_refused_without_echoing_them(spec_file, override):
     r = run_cli("validate", str(spec_file), override)
     check_error(r, override.split("=")[0], "credentials")
@@ -344,18 +393,21 @@ def test_nul_character_in_a_value(spec_file):
 # ---- S3 bucket names, checked before any network call -----------------------------------------------------
 
 
-@pytest.mark.parametrize("uri,needle", [
-    ("s3://My-Bucket/runs", "lower-case"),
-    ("s3://my_bucket/runs", "lower-case"),
-    ("s3://ab/runs", "3 to 63"),
-    ("s3://" + "a" * 64 + "/runs", "3 to 63"),
-    ("s3://192.168.10.1/runs", "IP address"),
-    ("s3://my..bucket/runs", "adjacent periods"),
-    ("s3://-bucket/runs", "begin and end"),
-    ("s3://xn--bucket/runs", "reserves"),
-    ("s3://", "no bucket"),
-    ("s3://my-bucket/../../etc", "'..'"),
-])
+@pytest.mark.parametrize(
+    "uri,needle",
+    [
+        ("s3://My-Bucket/runs", "lower-case"),
+        ("s3://my_bucket/runs", "lower-case"),
+        ("s3://ab/runs", "3 to 63"),
+        ("s3://" + "a" * 64 + "/runs", "3 to 63"),
+        ("s3://192.168.10.1/runs", "IP address"),
+        ("s3://my..bucket/runs", "adjacent periods"),
+        ("s3://-bucket/runs", "begin and end"),
+        ("s3://xn--bucket/runs", "reserves"),
+        ("s3://", "no bucket"),
+        ("s3://my-bucket/../../etc", "'..'"),
+    ],
+)
 @pytest.mark.parametrize("field", ["storage.path", "curriculum.data_dir"])
 def test_bucket_names_s3_would_reject(spec_file, uri, needle, field):
     env = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"}
@@ -367,23 +419,33 @@ def test_bucket_names_s3_would_reject(spec_file, uri, needle, field):
 
 @pytest.mark.parametrize("path", ["./no-such-model", "/no/such/model", "../no-such-model", "~/no-such-model-xyz"])
 def test_local_model_path_that_does_not_exist(spec_file, path):
-    check_error(run_cli("plan", str(spec_file), "model.name=qwen2.5-0.5b", f"model.path={path}"),
-                "model.path", "does not exist")
+    check_error(
+        run_cli("plan", str(spec_file), "model.name=qwen2.5-0.5b", f"model.path={path}"), "model.path", "does not exist"
+    )
 
 
 def test_model_path_that_is_a_file_or_has_no_config(spec_file, tmp_path):
-    check_error(run_cli("plan", str(spec_file), "model.name=qwen2.5-0.5b", f"model.path={spec_file}"),
-                "model.path", "not a model folder")
+    check_error(
+        run_cli("plan", str(spec_file), "model.name=qwen2.5-0.5b", f"model.path={spec_file}"),
+        "model.path",
+        "not a model folder",
+    )
     (tmp_path / "empty-model").mkdir()
-    check_error(run_cli("plan", str(spec_file), "model.name=qwen2.5-0.5b", f"model.path={tmp_path / 'empty-model'}"),
-                "model.path", "no config.json")
+    check_error(
+        run_cli("plan", str(spec_file), "model.name=qwen2.5-0.5b", f"model.path={tmp_path / 'empty-model'}"),
+        "model.path",
+        "no config.json",
+    )
 
 
-@pytest.mark.parametrize("overrides", [
-    ["model.name=qwen2.5-0.5b", "model.path=Qwen/Qwen2.5-0.5B-Instruct", "hardware.profile=1xh100-80gb"],
-    ["model.name=tiny", "model.path=./no-tiny-yet"],
-    ["model.name=smollm2-135m", "model.path=./no-smollm2-yet"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model.name=qwen2.5-0.5b", "model.path=Qwen/Qwen2.5-0.5B-Instruct", "hardware.profile=1xh100-80gb"],
+        ["model.name=tiny", "model.path=./no-tiny-yet"],
+        ["model.name=smollm2-135m", "model.path=./no-smollm2-yet"],
+    ],
+)
 def test_hub_ids_and_models_built_on_first_use_pass(spec_file, overrides):
     r = run_cli("plan", str(spec_file), *overrides)
     assert r.returncode == 0, r.stderr
@@ -393,29 +455,38 @@ def test_broken_config_json_of_a_local_model(spec_file, tmp_path):
     model = tmp_path / "my-model"
     model.mkdir()
     (model / "config.json").write_text('{"model_type": "llama", "hidden_size": 64')
-    check_error(run_cli("plan", str(spec_file), "model.name=my-model", f"model.path={model}"),
-                str(model / "config.json"), "JSON")
+    check_error(
+        run_cli("plan", str(spec_file), "model.name=my-model", f"model.path={model}"),
+        str(model / "config.json"),
+        "JSON",
+    )
     (model / "config.json").write_text('{"model_type": "llama", "hidden_size": 64}')
-    check_error(run_cli("plan", str(spec_file), "model.name=my-model", f"model.path={model}"),
-                "model.path", "num_attention_heads")
+    check_error(
+        run_cli("plan", str(spec_file), "model.name=my-model", f"model.path={model}"),
+        "model.path",
+        "num_attention_heads",
+    )
 
 
 # ---- numbers and overrides ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("override,field", [
-    ("sft.learning_rate=.nan", "sft.learning_rate"),
-    ("dpo.learning_rate=.inf", "dpo.learning_rate"),
-    ("dpo.beta=.inf", "dpo.beta"),
-    ("sft.max_grad_norm=.inf", "sft.max_grad_norm"),
-    ("lora.alpha=.nan", "lora.alpha"),
-    ("eval.weights={markers: .nan, lexicon: 1}", "eval.weights.markers"),
-    ("sft.epochs_per_topic=1.0e+308", "sft.epochs_per_topic"),
-    ("sft.batch_size=" + "9" * 30, "sft.batch_size"),
-    ("hardware.num_workers=-1", "hardware.num_workers"),
-    ("dpo.steps_per_topic=0", "dpo.steps_per_topic"),
-    ("seed=-1", "seed"),
-])
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ("sft.learning_rate=.nan", "sft.learning_rate"),
+        ("dpo.learning_rate=.inf", "dpo.learning_rate"),
+        ("dpo.beta=.inf", "dpo.beta"),
+        ("sft.max_grad_norm=.inf", "sft.max_grad_norm"),
+        ("lora.alpha=.nan", "lora.alpha"),
+        ("eval.weights={markers: .nan, lexicon: 1}", "eval.weights.markers"),
+        ("sft.epochs_per_topic=1.0e+308", "sft.epochs_per_topic"),
+        ("sft.batch_size=" + "9" * 30, "sft.batch_size"),
+        ("hardware.num_workers=-1", "hardware.num_workers"),
+        ("dpo.steps_per_topic=0", "dpo.steps_per_topic"),
+        ("seed=-1", "seed"),
+    ],
+)
 def test_numbers_out_of_range_or_not_finite(spec_file, override, field):
     check_error(run_cli("plan", str(spec_file), override), f"field '{field}'")
 
@@ -426,16 +497,19 @@ def test_huge_gradient_accumulation_plans_quickly(spec_file):
     assert "lower sft.gradient_accumulation" in r.stdout or "raise sft.epochs_per_topic" in r.stdout
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("a..b=1", "empty part"),
-    ("=1", "empty part"),
-    ("sft.=1", "empty part"),
-    ("no_equals_sign", "key.path=value"),
-    ("__class__=x", "unknown key '__class__'"),
-    ("nosuch.section=1", "unknown key 'nosuch'"),
-    ("curriculum.topics.first=alpha", "'topics' is not a section"),
-    ("sft=3", "field 'sft'"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("a..b=1", "empty part"),
+        ("=1", "empty part"),
+        ("sft.=1", "empty part"),
+        ("no_equals_sign", "key.path=value"),
+        ("__class__=x", "unknown key '__class__'"),
+        ("nosuch.section=1", "unknown key 'nosuch'"),
+        ("curriculum.topics.first=alpha", "'topics' is not a section"),
+        ("sft=3", "field 'sft'"),
+    ],
+)
 def test_malformed_overrides(spec_file, override, needle):
     check_error(run_cli("plan", str(spec_file), override), needle)
 
@@ -464,10 +538,13 @@ def test_enormous_jsonl_line(spec_file, data_dir):
     check_error(run_cli("validate", str(spec_file)), f"{path}:2:", "longer than")
 
 
-@pytest.mark.parametrize("line,needle", [
-    ('{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
-    ('{"messages": ' + "9" * 5000 + "}", "invalid JSON value"),
-])
+@pytest.mark.parametrize(
+    "line,needle",
+    [
+        ('{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+        ('{"messages": ' + "9" * 5000 + "}", "invalid JSON value"),
+    ],
+)
 def test_jsonl_line_python_cannot_parse(spec_file, data_dir, line, needle):
     path = data_dir / "beta" / "sft.jsonl"
     path.write_text(json.dumps(sft_row()) + "\n" + line + "\n")
@@ -486,9 +563,13 @@ def peft_adapter(folder: Path, config: object = None, weights: bytes | None = No
     cfg = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]} if config is None else config
     (folder / "adapter_config.json").write_text(cfg if isinstance(cfg, str) else json.dumps(cfg))
     if weights is None:
-        save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.zeros((2, 8), np.float32),
-                   "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": np.zeros((8, 2), np.float32)},
-                  str(folder / "adapter_model.safetensors"))
+        save_file(
+            {
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.zeros((2, 8), np.float32),
+                "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": np.zeros((8, 2), np.float32),
+            },
+            str(folder / "adapter_model.safetensors"),
+        )
     else:
         (folder / "adapter_model.safetensors").write_bytes(weights)
     return folder
@@ -513,12 +594,15 @@ def test_eval_out_that_is_a_folder(spec_file, tmp_path):
     check_error(run_cli("eval", str(spec_file), "--out", str(tmp_path)), "--out", "is a folder")
 
 
-@pytest.mark.parametrize("config,weights,needle", [
-    ({"peft_type": "LORA", "lora_alpha": "big"}, None, "lora_alpha"),
-    ({"peft_type": "LORA", "lora_alpha": 4, "alpha_pattern": ["x"]}, None, "alpha_pattern"),
-    ("[]", None, "JSON object"),
-    (None, b"\xff" * 64, "safetensors"),
-])
+@pytest.mark.parametrize(
+    "config,weights,needle",
+    [
+        ({"peft_type": "LORA", "lora_alpha": "big"}, None, "lora_alpha"),
+        ({"peft_type": "LORA", "lora_alpha": 4, "alpha_pattern": ["x"]}, None, "alpha_pattern"),
+        ("[]", None, "JSON object"),
+        (None, b"\xff" * 64, "safetensors"),
+    ],
+)
 def test_convert_malformed_adapter(tmp_path, config, weights, needle):
     src = peft_adapter(tmp_path / "src", config, weights)
     check_error(run_cli("convert", "--to", "mlx", str(src), str(tmp_path / "out")), needle)
@@ -556,8 +640,11 @@ def test_export_refuses_to_overwrite_what_it_did_not_write(tmp_path, data_dir):
     (home / "thesis.tex").write_text("years of work")
     check_error(run_cli("export", str(run), "--topic", "alpha", "--out", str(home)), "--out", "other contents")
     assert (home / "thesis.tex").read_text() == "years of work"
-    check_error(run_cli("export", str(run), "--topic", "alpha", "--out", str(run / "adapters" / "alpha")), "--out",
-                "adapter folder itself")
+    check_error(
+        run_cli("export", str(run), "--topic", "alpha", "--out", str(run / "adapters" / "alpha")),
+        "--out",
+        "adapter folder itself",
+    )
     check_error(run_cli("export", str(run), "--topic", "../adapters/alpha"), "--topic")
     ok = run_cli("export", str(run), "--topic", "alpha", "--out", str(tmp_path / "exported"))
     assert ok.returncode == 0, ok.stderr
@@ -568,17 +655,23 @@ def test_export_refuses_to_overwrite_what_it_did_not_write(tmp_path, data_dir):
 def test_report_out_that_is_a_file_and_a_price_that_is_not_a_number(spec_file, tmp_path):
     (tmp_path / "file").write_text("x")
     check_error(run_cli("report", str(spec_file), "--out", str(tmp_path / "file")), "--out", "is a file")
-    check_error(run_cli("report", str(spec_file), "--out", str(tmp_path / "r"), "--price-per-hour", "inf"),
-                "--price-per-hour", "finite")
+    check_error(
+        run_cli("report", str(spec_file), "--out", str(tmp_path / "r"), "--price-per-hour", "inf"),
+        "--price-per-hour",
+        "finite",
+    )
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["plan"], "Missing argument"),
-    (["plan", "{spec}", "--bogus"], "No such option"),
-    (["report", "{spec}", "--price-per-hour", "-1"], "--price-per-hour"),
-    (["report", "{spec}", "--price-per-hour", "nan"], "--price-per-hour"),
-    (["generate", "{spec}", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["plan"], "Missing argument"),
+        (["plan", "{spec}", "--bogus"], "No such option"),
+        (["report", "{spec}", "--price-per-hour", "-1"], "--price-per-hour"),
+        (["report", "{spec}", "--price-per-hour", "nan"], "--price-per-hour"),
+        (["generate", "{spec}", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
+    ],
+)
 def test_usage_errors_exit_2_without_a_traceback(spec_file, args, needle):
     r = run_cli(*[a.format(spec=spec_file) for a in args])
     assert r.returncode == 2 and "Traceback" not in r.stderr + r.stdout, r.stderr

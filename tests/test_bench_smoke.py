@@ -1,5 +1,6 @@
 """The benchmarks run: `bench/gpu_step.py --smoke` (tiny shapes on CPU, FLOPs accounting checked), a quick
 `bench/packing.py`, and `bench/ray_overhead.py --help`. Behaviour only, never speed."""
+
 from __future__ import annotations
 
 import os
@@ -24,7 +25,7 @@ def table_rows(out: str, header: str) -> list[list[str]]:
     lines = out.splitlines()
     start = max(i for i, line in enumerate(lines) if line.startswith(header))
     rows = []
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.startswith("|"):
             break
         rows.append([cell.strip() for cell in line.strip("|").split("|")])
@@ -68,6 +69,7 @@ def test_flops_accounting_by_hand():
     """72B, 4096 tokens, checkpointing on: 6N + 4 x attention, with N from the registry's exact shapes."""
     sys.path.insert(0, str(ROOT / "bench"))
     import gpu_step
+
     from mindprint_ray.planning.registry import get_arch
     from mindprint_ray.planning.zones import build_plan
 
@@ -81,12 +83,14 @@ def test_flops_accounting_by_hand():
     assert gpu_step.flops_per_token(n, arch, 4096, False, "dpo", False) == 4 * n + 3 * attention
     assert gpu_step.step_flops(n, arch, [100, 300], True, "sft", True) == (
         100 * gpu_step.flops_per_token(n, arch, 100, True, "sft", True)
-        + 300 * gpu_step.flops_per_token(n, arch, 300, True, "sft", True))
+        + 300 * gpu_step.flops_per_token(n, arch, 300, True, "sft", True)
+    )
 
 
 def test_layers_that_fit_follow_the_memory_estimate():
     sys.path.insert(0, str(ROOT / "bench"))
     import gpu_step
+
     from mindprint_ray.planning.registry import get_arch
 
     arch = get_arch("qwen2.5-72b")

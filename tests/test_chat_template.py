@@ -1,12 +1,13 @@
 """Assistant-only loss on any chat template: which characters and tokens carry loss, and templates refused
 before training (validate and train exit 2, naming the template)."""
+
 import json
 import shutil
 from pathlib import Path
 
 import pytest
+from conftest import make_data, make_spec, run_cli
 
-from conftest import run_cli, make_spec, make_data
 from mindprint_ray.curriculum.chat_template import TemplateError, assistant_spans, end_of_turn_token, token_mask
 from mindprint_ray.curriculum.tokens import compile_template
 
@@ -14,46 +15,69 @@ CHATML_NO_MARKERS = (  # SmolLM2-135M-Instruct's template: a default system prom
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
     "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
     "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 LLAMA3 = (
     "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
     " + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
 GEMMA = (
     "{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else "
     "message['role'] %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
 WITH_MARKERS = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}{% if message['role'] == 'assistant' %}"
     "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{% else %}"
     "{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 REWRITES_HISTORY = (  # drops earlier assistant turns' reasoning, as Qwen3-style templates do
     "{% for message in messages %}{% if message['role'] == 'assistant' and not loop.last %}"
     "{{ '<|im_start|>assistant\n' + message['content'].split('</think>')[-1] + '<|im_end|>\n' }}{% else %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 NO_END_TOKEN = (
     "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + '\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
-SPECIALS = ["<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-            "<|eot_id|>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
-CONVERSATION = [{"role": "user", "content": "What is a cycle low?"},
-                {"role": "assistant", "content": "Let me put it simply: the trough."},
-                {"role": "user", "content": "And then?"},
-                {"role": "assistant", "content": "Remember: low to low."}]
+    "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+)
+SPECIALS = [
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|begin_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<bos>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+]
+CONVERSATION = [
+    {"role": "user", "content": "What is a cycle low?"},
+    {"role": "assistant", "content": "Let me put it simply: the trough."},
+    {"role": "user", "content": "And then?"},
+    {"role": "assistant", "content": "Remember: low to low."},
+]
 
 
 def renderer(source: str, bos: str = ""):
     template = compile_template(source)
-    return lambda messages, gen: template.render(messages=messages, add_generation_prompt=gen, bos_token=bos) \
-        if messages else ""
+    return lambda messages, gen: (
+        template.render(messages=messages, add_generation_prompt=gen, bos_token=bos) if messages else ""
+    )
 
 
-@pytest.mark.parametrize("source,bos,eot", [(CHATML_NO_MARKERS, "", "<|im_end|>"),
-                                            (LLAMA3, "<|begin_of_text|>", "<|eot_id|>"),
-                                            (GEMMA, "<bos>", "<end_of_turn>"),
-                                            (WITH_MARKERS, "", "<|im_end|>")])
+@pytest.mark.parametrize(
+    "source,bos,eot",
+    [
+        (CHATML_NO_MARKERS, "", "<|im_end|>"),
+        (LLAMA3, "<|begin_of_text|>", "<|eot_id|>"),
+        (GEMMA, "<bos>", "<end_of_turn>"),
+        (WITH_MARKERS, "", "<|im_end|>"),
+    ],
+)
 def test_assistant_spans_are_content_and_end_of_turn(source, bos, eot):
     text, spans = assistant_spans(renderer(source, bos), CONVERSATION)
     assert [text[a:b] for a, b in spans] == ["Let me put it simply: the trough." + eot, "Remember: low to low." + eot]
@@ -90,8 +114,12 @@ def test_which_smollm2_tokens_carry_loss(smollm2_tokenizer):
     tok = smollm2_tokenizer
     out = tokenize_conversation(tok, CONVERSATION, assistant_only=True)
     trained = [t for t, m in zip(out["input_ids"], out["assistant_masks"]) if m]
-    expected = (tok("Let me put it simply: the trough.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-                + tok("Remember: low to low.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+    expected = (
+        tok("Let me put it simply: the trough.", add_special_tokens=False)["input_ids"]
+        + [tok.eos_token_id]
+        + tok("Remember: low to low.", add_special_tokens=False)["input_ids"]
+        + [tok.eos_token_id]
+    )
     assert trained == expected
     assert tok.convert_ids_to_tokens(tok.eos_token_id) == "<|im_end|>"
     assert sum(out["assistant_masks"]) < len(out["input_ids"]) / 2  # system, user turns and headers are not
@@ -131,10 +159,10 @@ def test_template_failing_on_one_conversation_names_its_line(tmp_path, tiny_mode
     data = make_data(tmp_path / "data", n=4)
     sft = data / "alpha" / "sft.jsonl"
     rows = sft.read_text().splitlines()
-    rows[2] = json.dumps({"messages": [CONVERSATION[0], {"role": "assistant", "content": "<think>x</think>Low."},
-                                       *CONVERSATION[2:]]})
+    rows[2] = json.dumps(
+        {"messages": [CONVERSATION[0], {"role": "assistant", "content": "<think>x</think>Low."}, *CONVERSATION[2:]]}
+    )
     sft.write_text("\n".join(rows) + "\n")
     result = run_cli("validate", str(make_spec(tmp_path / "run.yaml", data)), f"model.path={model}")
     assert result.returncode == 2, result.stdout + result.stderr
     assert f"{sft}:3" in result.stderr and "messages" in result.stderr and "prefix" in result.stderr
-

@@ -1,10 +1,11 @@
 """Every file in cluster/ parses, pins Ray 2.60, installs the project's gpu extra and names real entrypoints."""
+
 import re
 
 import pytest
 import yaml
-
 from conftest import ROOT
+
 from mindprint_ray.spec.run_spec import find_secret_keys
 
 CLUSTER = ROOT / "cluster"

@@ -1,14 +1,15 @@
 """PEFT <-> MLX adapter conversion: the tiny model in torch+PEFT and in MLX gives the same logits both ways."""
+
 import json
 
 import numpy as np
 import pytest
-
 from conftest import run_cli
-from mindprint_ray.runs.adapter_format import convert, read_mlx
+
 from mindprint_ray.errors import UserError
 from mindprint_ray.planning.registry import get_arch
 from mindprint_ray.planning.zones import build_plan
+from mindprint_ray.runs.adapter_format import convert, read_mlx
 
 TOKENS = [1, 85, 91, 303, 71, 79, 201, 1181, 428, 223, 17, 640, 52, 9, 310]
 MIXED_ZONES = [  # different rank and alpha per zone, so the conversion must pad, fold and restore

@@ -1,4 +1,5 @@
 """Bad input to plan/report exits 2 with one message; a plan that does not fit names its remedies."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """The memory model's exact terms against real storage on CPU: bitsandbytes NF4 base weights, LoRA model states."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,9 +11,17 @@ from mindprint_ray.planning.zones import build_plan
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-CONFIG = dict(model_type="qwen2", hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
-              num_attention_heads=8, num_key_value_heads=2, vocab_size=4096, max_position_embeddings=1024,
-              tie_word_embeddings=False)
+CONFIG = dict(
+    model_type="qwen2",
+    hidden_size=512,
+    intermediate_size=1536,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    vocab_size=4096,
+    max_position_embeddings=1024,
+    tie_word_embeddings=False,
+)
 
 
 def _storage_bytes(tensors) -> int:
@@ -50,13 +59,20 @@ def test_nf4_base_weights_match_bitsandbytes_storage(model_dir):
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                             bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, device_map="cpu",
-                                                 dtype=torch.bfloat16)
+    bnb = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_quant_storage=torch.bfloat16,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, quantization_config=bnb, device_map="cpu", dtype=torch.bfloat16
+    )
     params = list(model.parameters())
-    states = [t for p in params if getattr(p, "quant_state", None) is not None
-              for t in _quant_state_tensors(p.quant_state)]
+    states = [
+        t for p in params if getattr(p, "quant_state", None) is not None for t in _quant_state_tensors(p.quant_state)
+    ]
     assert states, "no NF4 weights were created"
     measured = _storage_bytes(params + states)
     estimated = base_weight_bytes(arch_from_hf_config(CONFIG, "small", str(model_dir)), "nf4")
@@ -70,8 +86,9 @@ def test_lora_model_states_match_peft_and_adamw(model_dir):
 
     arch = arch_from_hf_config(CONFIG, "small", str(model_dir))
     plan = build_plan(arch, "conservative", None, 8, 16, 0.0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
-                           LoraConfig(**plan.peft_kwargs()))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), LoraConfig(**plan.peft_kwargs())
+    )
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert sum(p.numel() for p in trainable) == plan.trainable_params()
     optimizer = torch.optim.AdamW(trainable, lr=1e-3)

@@ -1,17 +1,24 @@
 """Time model, MFU resolution, calibration and costs: hand-checked numbers, no torch."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
-
 from conftest import ROOT, run_cli
+
 from mindprint_ray.planning.calibration import calibrate, read_run
 from mindprint_ray.planning.costs import hourly_price, time_cost
 from mindprint_ray.planning.registry import get_arch
 from mindprint_ray.planning.run_plan import load_run
-from mindprint_ray.planning.time_model import (TopicTokens, count_topic_tokens, matmul_params, resolve_mfu, stage_flops,
-                                      train_flops_per_token)
+from mindprint_ray.planning.time_model import (
+    TopicTokens,
+    count_topic_tokens,
+    matmul_params,
+    resolve_mfu,
+    stage_flops,
+    train_flops_per_token,
+)
 
 QLORA = str(ROOT / "configs" / "qwen72b-qlora-8xh100.yaml")
 
@@ -61,8 +68,10 @@ def test_sft_tokens_are_epochs_times_curriculum_tokens():
 
 
 def test_tokens_counted_exactly_with_a_local_tokenizer(tiny_dir):
-    run = load_run(ROOT / "configs" / "tiny-cpu.yaml", [f"model.path={tiny_dir}",
-                                                          f"curriculum.data_dir={ROOT / 'data' / 'curriculum'}"])
+    run = load_run(
+        ROOT / "configs" / "tiny-cpu.yaml",
+        [f"model.path={tiny_dir}", f"curriculum.data_dir={ROOT / 'data' / 'curriculum'}"],
+    )
     rows, how = count_topic_tokens(run)
     assert how.startswith("exact") and [r.topic for r in rows] == ["cycle_basics", "accumulation", "capitulation"]
     approx, how2 = count_topic_tokens(load_run(QLORA))
@@ -96,18 +105,39 @@ def _fake_run(root, tiny_dir):
     spec = (ROOT / "configs" / "tiny-cpu.yaml").read_text().replace("path: models/tiny", f"path: {tiny_dir}")
     spec = spec.replace("data_dir: data/curriculum", f"data_dir: {ROOT / 'data' / 'curriculum'}")
     (root / "spec.yaml").write_text(spec)
-    lines = [{"time": 100.0, "event": "stage_start", "topic": "cycle_basics", "stage": "sft", "step": 0},
-             {"time": 101.0, "topic": "cycle_basics", "stage": "sft", "step": 1, "num_tokens": 900.0,
-              "peak_memory_gb": 0.7},
-             {"time": 104.0, "topic": "cycle_basics", "stage": "sft", "step": 2, "num_tokens": 1800.0,
-              "peak_memory_gb": 0.8},
-             {"time": 110.0, "event": "stage_start", "topic": "cycle_basics", "stage": "dpo", "step": 0},
-             {"time": 112.0, "topic": "cycle_basics", "stage": "dpo", "step": 1, "num_tokens": 1000.0,
-              "peak_memory_gb": 0.85}]
+    lines = [
+        {"time": 100.0, "event": "stage_start", "topic": "cycle_basics", "stage": "sft", "step": 0},
+        {"time": 101.0, "topic": "cycle_basics", "stage": "sft", "step": 1, "num_tokens": 900.0, "peak_memory_gb": 0.7},
+        {
+            "time": 104.0,
+            "topic": "cycle_basics",
+            "stage": "sft",
+            "step": 2,
+            "num_tokens": 1800.0,
+            "peak_memory_gb": 0.8,
+        },
+        {"time": 110.0, "event": "stage_start", "topic": "cycle_basics", "stage": "dpo", "step": 0},
+        {
+            "time": 112.0,
+            "topic": "cycle_basics",
+            "stage": "dpo",
+            "step": 1,
+            "num_tokens": 1000.0,
+            "peak_memory_gb": 0.85,
+        },
+    ]
     (root / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    summary = {"profile": "cpu-2", "topics": {"cycle_basics": {
-        "status": "done", "wall_s": 15.0, "sft": {"tokens": 1800.0, "tokens_per_s": 450.0, "peak_memory_gb": 0.8},
-        "dpo": {"tokens": 1000.0, "tokens_per_s": 500.0, "peak_memory_gb": 0.85}}}}
+    summary = {
+        "profile": "cpu-2",
+        "topics": {
+            "cycle_basics": {
+                "status": "done",
+                "wall_s": 15.0,
+                "sft": {"tokens": 1800.0, "tokens_per_s": 450.0, "peak_memory_gb": 0.8},
+                "dpo": {"tokens": 1000.0, "tokens_per_s": 500.0, "peak_memory_gb": 0.85},
+            }
+        },
+    }
     (root / "summary.json").write_text(json.dumps(summary))
     return root
 

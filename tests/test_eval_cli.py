@@ -1,13 +1,13 @@
 """`mindprint-ray eval` and `generate` on a PEFT adapter over the tiny model, and the MLX refusal."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
+from conftest import make_data, make_spec
 
 from mindprint_ray.cli.app import main
-
-from conftest import make_data, make_spec
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +31,14 @@ def adapter(tiny_model_dir, tmp_path_factory):
 @pytest.fixture
 def spec_path(tmp_path, tiny_model_dir):
     data = make_data(tmp_path / "data", topics=("alpha",), n=2)
-    return make_spec(tmp_path / "run.yaml", data, topics=("alpha",), model={"path": str(tiny_model_dir)},
-                     quantization={"mode": "fp32"}, eval={"max_new_tokens": 16})
+    return make_spec(
+        tmp_path / "run.yaml",
+        data,
+        topics=("alpha",),
+        model={"path": str(tiny_model_dir)},
+        quantization={"mode": "fp32"},
+        eval={"max_new_tokens": 16},
+    )
 
 
 def test_eval_and_generate_with_a_peft_adapter(spec_path, adapter, tmp_path, capsys):

@@ -1,4 +1,5 @@
 """Eval gates: targets, regressions of earlier topics, warn vs stop, and the final statement."""
+
 from __future__ import annotations
 
 from mindprint_ray.evaluation import check_gates, final_statement, summary_entries
@@ -15,8 +16,11 @@ def scores(f: float, a: float) -> dict:
 
 
 def summary(a_after_b: dict | None = None, b: dict | None = None) -> dict:
-    out = {"topics": {"a": {"eval": {"base": scores(0.1, 0.1), "after_sft": scores(0.8, 0.9),
-                                     "after_dpo": scores(0.9, 0.9)}}}}
+    out = {
+        "topics": {
+            "a": {"eval": {"base": scores(0.1, 0.1), "after_sft": scores(0.8, 0.9), "after_dpo": scores(0.9, 0.9)}}
+        }
+    }
     if b is not None:
         out["topics"]["b"] = {"eval": {"after_sft": b, "after_dpo": b}}
         out["topics"]["a"]["eval"]["after_dpo@b"] = a_after_b or scores(0.9, 0.9)
@@ -37,7 +41,10 @@ def test_miss_warns_by_default_and_stops_when_asked():
 
 
 def test_custom_targets():
-    assert check_gates(summary(b=scores(0.6, 0.6)), spec(voice_fidelity_target=0.5, accuracy_target=0.5), "b").messages == []
+    assert (
+        check_gates(summary(b=scores(0.6, 0.6)), spec(voice_fidelity_target=0.5, accuracy_target=0.5), "b").messages
+        == []
+    )
 
 
 def test_regression_of_an_earlier_topic():
@@ -62,7 +69,7 @@ def test_summary_entries_place_scores_where_gates_read_them():
 
 def test_final_statement():
     good = final_statement(summary(b=scores(0.92, 0.9)), spec(), records=[{"loss": 1.0, "grad_norm": 0.2}])
-    assert not good["met"] and good["checks"]["dpo_gain"] is False   # b did not improve across DPO
+    assert not good["met"] and good["checks"]["dpo_gain"] is False  # b did not improve across DPO
     s = summary(b=scores(0.92, 0.9))
     s["topics"]["b"]["eval"]["after_sft"] = scores(0.85, 0.9)
     ok = final_statement(s, spec(), records=[{"loss": 1.0, "grad_norm": 0.2}])

@@ -1,4 +1,5 @@
 """Evaluation metrics on hand-made cases where the right score is known."""
+
 from __future__ import annotations
 
 import math
@@ -38,10 +39,9 @@ def test_marker_similarity_both_empty_is_one():
 
 
 def test_phrase_matching_is_whole_word_and_normalised():
-    counts = m.phrase_counts("A half cycle low, then a cycle-low; cycle lows; cycle lowest. Half-Cycle Low.",
-                             LEXICON)
-    assert counts["half-cycle low"] == 2       # hyphen, case and space variants
-    assert counts["cycle low"] == 2            # the plural counts, "lowest" does not, overlaps consumed
+    counts = m.phrase_counts("A half cycle low, then a cycle-low; cycle lows; cycle lowest. Half-Cycle Low.", LEXICON)
+    assert counts["half-cycle low"] == 2  # hyphen, case and space variants
+    assert counts["cycle low"] == 2  # the plural counts, "lowest" does not, overlaps consumed
     assert m.contains("It\u2019s a Daily\u2013cycle", "daily cycle")
 
 
@@ -90,14 +90,18 @@ def test_accuracy_is_the_mean_of_what_exists():
 
 def test_stability_counts_nan_and_spikes():
     records = [{"event": "stage_start"}]
-    records += [{"topic": "a", "stage": "sft", "step": i, "loss": x, "grad_norm": 1.0}
-                for i, x in enumerate([2.0, 1.8, 1.7, 1.6, 5.0, 1.5, float("nan"), 1.4])]
-    records += [{"topic": "a", "stage": "dpo", "step": 1, "loss": 0.69, "grad_norm": float("inf")},
-                {"topic": "a", "stage": "dpo", "step": 2, "loss": "NaN", "grad_norm": 3.0}]
+    records += [
+        {"topic": "a", "stage": "sft", "step": i, "loss": x, "grad_norm": 1.0}
+        for i, x in enumerate([2.0, 1.8, 1.7, 1.6, 5.0, 1.5, float("nan"), 1.4])
+    ]
+    records += [
+        {"topic": "a", "stage": "dpo", "step": 1, "loss": 0.69, "grad_norm": float("inf")},
+        {"topic": "a", "stage": "dpo", "step": 2, "loss": "NaN", "grad_norm": 3.0},
+    ]
     s = m.stability(records)
     assert s["steps"] == 10
     assert s["nan_inf"] == 3
-    assert s["loss_spikes"] == 1              # the 5.0 after ~1.7
+    assert s["loss_spikes"] == 1  # the 5.0 after ~1.7
     assert not s["stable"]
     assert s["grad_norm_p50"] == 1.0 and s["grad_norm_max"] == 3.0
 

@@ -1,17 +1,17 @@
 """The model side of evaluation on the tiny model: MC scoring, preference, generation, state restore."""
+
 from __future__ import annotations
 
 import time
 
 import pytest
 import torch
-
-from mindprint_ray.curriculum.topics import load_general_text, load_persona, load_topic, pair_id
-from mindprint_ray.backends.ray_torch.eval_runner import evaluate_topics
-from mindprint_ray.backends.ray_torch import eval_runner as r
-from mindprint_ray.spec.run_spec import RunSpec
-
 from conftest import SAMPLE_DATA
+
+from mindprint_ray.backends.ray_torch import eval_runner as r
+from mindprint_ray.backends.ray_torch.eval_runner import evaluate_topics
+from mindprint_ray.curriculum.topics import load_general_text, load_persona, load_topic, pair_id
+from mindprint_ray.spec.run_spec import RunSpec
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +25,9 @@ def tiny(tiny_model_dir):
 
 def manual_mean_logprob(model, tokenizer, question: str, option: str) -> float:
     """Unbatched, unpadded log-likelihood of `option` after the chat-templated question, per token."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                         add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
     prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
     cont = tokenizer(option, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
@@ -37,23 +38,32 @@ def manual_mean_logprob(model, tokenizer, question: str, option: str) -> float:
 
 def test_chat_template_round_trips_and_ends_turns_with_im_end(tiny):
     _, tokenizer = tiny
-    conv = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A."}]
+    conv = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "Q?"},
+        {"role": "assistant", "content": "A."},
+    ]
     text = tokenizer.apply_chat_template(conv, tokenize=False)
-    assert text == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\nA.<|im_end|>\n"
+    assert (
+        text == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\nA.<|im_end|>\n"
+    )
     assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
     assert r.end_of_turn_ids(tokenizer)[0] == tokenizer.convert_tokens_to_ids("<|im_end|>")
 
 
 def test_mc_scoring_matches_a_manual_log_likelihood(tiny):
     model, tokenizer = tiny
-    item = {"question": "Roughly how long does a daily cycle run from low to low?",
-            "choices": ["5 to 10 trading days", "18 to 28 trading days", "20 to 26 weeks", "3.5 to 4.5 years"]}
+    item = {
+        "question": "Roughly how long does a daily cycle run from low to low?",
+        "choices": ["5 to 10 trading days", "18 to 28 trading days", "20 to 26 weeks", "3.5 to 4.5 years"],
+    }
     manual = [manual_mean_logprob(model, tokenizer, item["question"], c) for c in item["choices"]]
     prompt = r.prompt_ids(tokenizer, r.chat_messages(item["question"], None))
     with torch.no_grad():
-        batched = r.continuation_logprobs(model, tokenizer, [
-            (prompt, tokenizer(c, add_special_tokens=False)["input_ids"]) for c in item["choices"]])
-    assert [s / n for s, n in batched] == pytest.approx(manual, abs=1e-4)   # padding does not change scores
+        batched = r.continuation_logprobs(
+            model, tokenizer, [(prompt, tokenizer(c, add_special_tokens=False)["input_ids"]) for c in item["choices"]]
+        )
+    assert [s / n for s, n in batched] == pytest.approx(manual, abs=1e-4)  # padding does not change scores
     with torch.no_grad():
         assert r.mc_predictions(model, tokenizer, [item], None) == [max(range(4), key=manual.__getitem__)]
 
@@ -66,9 +76,11 @@ def test_mc_and_preference_pick_what_the_model_says(tiny):
         gibberish = "Sandwich purple the of quickly seven marble."
         item = {"question": question, "choices": [gibberish, own]}
         assert r.mc_predictions(model, tokenizer, [item], None) == [1]
-        pair = {"prompt": [{"role": "user", "content": question}],
-                "chosen": [{"role": "assistant", "content": own}],
-                "rejected": [{"role": "assistant", "content": gibberish}]}
+        pair = {
+            "prompt": [{"role": "user", "content": question}],
+            "chosen": [{"role": "assistant", "content": own}],
+            "rejected": [{"role": "assistant", "content": gibberish}],
+        }
         swapped = {**pair, "chosen": pair["rejected"], "rejected": pair["chosen"]}
         assert r.preference_wins(model, tokenizer, [pair, swapped], None) == [True, False]
 
@@ -91,8 +103,12 @@ def test_evaluate_topics_restores_a_training_peft_model(tiny):
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     model.config.use_cache = False
-    spec = RunSpec.model_validate({"curriculum": {"data_dir": str(SAMPLE_DATA), "topics": ["cycle_basics"]},
-                                   "eval": {"max_new_tokens": 48, "max_examples": 6}})
+    spec = RunSpec.model_validate(
+        {
+            "curriculum": {"data_dir": str(SAMPLE_DATA), "topics": ["cycle_basics"]},
+            "eval": {"max_new_tokens": 48, "max_examples": 6},
+        }
+    )
     topic = load_topic(SAMPLE_DATA, "cycle_basics", ["sft", "dpo", "eval"])
     t0 = time.time()
     try:
@@ -101,8 +117,16 @@ def test_evaluate_topics_restores_a_training_peft_model(tiny):
     finally:
         model.unload()
     scores = out["cycle_basics"]
-    for key in ("voice_fidelity", "accuracy", "markers", "lexicon", "semantic", "preference", "mc_accuracy",
-                "key_fact_recall"):
+    for key in (
+        "voice_fidelity",
+        "accuracy",
+        "markers",
+        "lexicon",
+        "semantic",
+        "preference",
+        "mc_accuracy",
+        "key_fact_recall",
+    ):
         assert 0.0 <= scores[key] <= 1.0, key
     assert scores["n"] == 12 and scores["n_open"] == 6 and scores["n_mc"] == 6 and scores["n_pairs"] == 6
     assert scores["n_pairs_heldout"] == len(topic.dpo_heldout) == 7 and scores["n_pairs_train"] == 21
@@ -111,8 +135,17 @@ def test_evaluate_topics_restores_a_training_peft_model(tiny):
     w = spec.eval.weights
     assert scores["voice_fidelity"] == pytest.approx(sum(w[k] * scores[k] for k in w) / sum(w.values()))
     assert scores["accuracy"] == pytest.approx((scores["mc_accuracy"] + scores["key_fact_recall"]) / 2)
-    for key in ("voice_fidelity", "accuracy", "markers", "lexicon", "semantic", "preference", "mc_accuracy",
-                "key_fact_recall", "general_ppl"):
+    for key in (
+        "voice_fidelity",
+        "accuracy",
+        "markers",
+        "lexicon",
+        "semantic",
+        "preference",
+        "mc_accuracy",
+        "key_fact_recall",
+        "general_ppl",
+    ):
         lo, hi = scores[f"{key}_ci"]
         assert lo <= scores[key] <= hi, key
     assert scores["general_ppl"] > 1.0 and scores["n_general"] >= 15
@@ -132,5 +165,7 @@ def test_general_text_perplexity_matches_a_manual_log_likelihood(tiny):
     assert [s / n for s, n in scored[:3]] == pytest.approx(manual, abs=1e-4)  # answer + end-of-turn, chat prompt
     assert whole["general_ppl"] == pytest.approx(m.perplexity(scored)) and whole["n_general"] == len(items)
     assert whole["general_ppl_ci"][0] <= whole["general_ppl"] <= whole["general_ppl_ci"][1]
-    off = RunSpec.model_validate({"curriculum": {"topics": ["cycle_basics"]}, "eval": {"max_general_ppl_increase": None}})
+    off = RunSpec.model_validate(
+        {"curriculum": {"topics": ["cycle_basics"]}, "eval": {"max_general_ppl_increase": None}}
+    )
     assert r.general_ability(model, tokenizer, off) == {}

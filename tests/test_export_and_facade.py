@@ -1,8 +1,9 @@
 """Export (adapter copy, merged BF16/FP32 model) and the seed's Python facade."""
 
 import pytest
-
 from conftest import run_cli
+
+from mindprint_ray.errors import UserError
 from mindprint_ray.planning.run_plan import load_run
 from mindprint_ray.runs.run_folder import RunFolder
 
@@ -71,7 +72,7 @@ def test_facade_backends_generate(tiny_model_dir):
         model = create_backend(kind, device="cpu").load_model(str(tiny_model_dir))
         text = model.generate("What is a cycle low?", max_length=12)
         assert isinstance(text, str) and text.strip()
-    with pytest.raises(Exception):
+    with pytest.raises(UserError, match="unknown backend 'tpu'"):
         create_backend("tpu")
 
 

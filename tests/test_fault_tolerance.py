@@ -1,5 +1,6 @@
 """A Ray Train worker process killed mid-topic: Ray restarts the group, the topic resumes from its last
 checkpoint, every adapter lands in S3 (a real moto server on 127.0.0.1)."""
+
 import json
 import os
 import signal
@@ -10,7 +11,6 @@ from pathlib import Path
 
 import boto3
 import pytest
-
 from conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -26,22 +26,47 @@ def test_killed_worker_resumes_and_every_adapter_reaches_s3(tmp_path, tiny_model
     s3 = boto3.client("s3", endpoint_url=moto_s3["AWS_ENDPOINT_URL"])
     s3.create_bucket(Bucket="mp-ft")
     mirror = Path(moto_s3["MINDPRINT_CACHE"]) / "runs" / "mp-ft" / "runs" / "ft"
-    args = [sys.executable, "-m", "mindprint_ray", "train", "configs/tiny-cpu.yaml", "--name", "ft",
-            "storage.path=s3://mp-ft/runs", f"model.path={tiny_model_dir}",
-            f"curriculum.topics=[{','.join(TOPICS)}]", "storage.checkpoint_every_steps=4", "eval.enabled=false",
-            "ray.max_failures=2", "sft.epochs_per_topic=8"]
-    proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **moto_s3}, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    args = [
+        sys.executable,
+        "-m",
+        "mindprint_ray",
+        "train",
+        "configs/tiny-cpu.yaml",
+        "--name",
+        "ft",
+        "storage.path=s3://mp-ft/runs",
+        f"model.path={tiny_model_dir}",
+        f"curriculum.topics=[{','.join(TOPICS)}]",
+        "storage.checkpoint_every_steps=4",
+        "eval.enabled=false",
+        "ray.max_failures=2",
+        "sft.epochs_per_topic=8",
+    ]
+    proc = subprocess.Popen(
+        args,
+        cwd=ROOT,
+        env={**os.environ, **moto_s3},
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     killed = None
     deadline = time.time() + 600
     try:
         while time.time() < deadline and proc.poll() is None and killed is None:
             metrics = mirror / "metrics.jsonl"
-            steps = [json.loads(l) for l in metrics.read_text().splitlines()] if metrics.is_file() else []
+            steps = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
             # Ray's controller polls workers every 2 s: kill 3 s after the step-5 log so the step-4
             # checkpoint is registered (a checkpoint reported within ~2 s of a crash can be lost)
-            if any(r.get("stage") == "sft" and r.get("topic") == TOPICS[0] and r.get("step", 0) >= 5 and "loss" in r
-                   and time.time() - r["time"] > 3 for r in steps):
+            if any(
+                r.get("stage") == "sft"
+                and r.get("topic") == TOPICS[0]
+                and r.get("step", 0) >= 5
+                and "loss" in r
+                and time.time() - r["time"] > 3
+                for r in steps
+            ):
                 pids = worker_pids()
                 assert pids, "no Ray Train worker process found"
                 os.kill(pids[-1], signal.SIGKILL)
@@ -60,7 +85,7 @@ def test_killed_worker_resumes_and_every_adapter_reaches_s3(tmp_path, tiny_model
     assert any(k.startswith("runs/ft/checkpoints/") for k in keys)  # Ray checkpoints through pyarrow S3
     summary = json.loads(s3.get_object(Bucket="mp-ft", Key="runs/ft/summary.json")["Body"].read())
     assert all(summary["topics"][t]["status"] == "done" for t in TOPICS)
-    records = [json.loads(l) for l in (mirror / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (mirror / "metrics.jsonl").read_text().splitlines()]
     starts = [r for r in records if r.get("event") == "stage_start" and r["topic"] == TOPICS[0] and r["stage"] == "sft"]
     assert len(starts) == 2 and starts[1]["step"] >= 4  # restarted from the step-4 (or later) checkpoint
     restarts = [r for r in records if r.get("event") == "worker_group_start"]

@@ -1,5 +1,6 @@
 """Held-out evaluation: the DPO pair split, eval/training overlap warnings, bootstrap intervals, the paired
 difference of two stages, the general-ability guard and the sample curriculum's eval sets. Pure Python."""
+
 from __future__ import annotations
 
 import json
@@ -9,21 +10,32 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import SAMPLE_DATA, dpo_row, make_spec, run_cli, write_jsonl
-from mindprint_ray.curriculum.topics import (Record, eval_overlaps, heldout_count, load_curriculum, load_general_text,
-                                      load_topic, pair_id, split_pairs)
+from pydantic import ValidationError
+
+from mindprint_ray.backends.ray_torch.eval_runner import eval_selection
+from mindprint_ray.curriculum.topics import (
+    Record,
+    eval_overlaps,
+    heldout_count,
+    load_curriculum,
+    load_general_text,
+    load_topic,
+    pair_id,
+    split_pairs,
+)
 from mindprint_ray.evaluation import check_gates, final_statement
 from mindprint_ray.evaluation import metrics as m
-from mindprint_ray.backends.ray_torch.eval_runner import eval_selection
 from mindprint_ray.spec.run_spec import EvalSection, RunSpec
 
 TOPICS = sorted(p.name for p in SAMPLE_DATA.iterdir() if p.is_dir())
 
 
 def records(n: int, start: int = 0) -> list[Record]:
-    return [Record("dpo.jsonl", i + 1, {"prompt": [{"role": "user", "content": f"Question number {i}?"}]})
-            for i in range(start, start + n)]
+    return [
+        Record("dpo.jsonl", i + 1, {"prompt": [{"role": "user", "content": f"Question number {i}?"}]})
+        for i in range(start, start + n)
+    ]
 
 
 def lines(rs: list[Record]) -> set[int]:
@@ -65,14 +77,18 @@ def test_pairs_sharing_a_prompt_stay_on_one_side_and_ids_ignore_case_and_punctua
 
 
 def test_topic_data_takes_the_fraction_from_the_spec(tmp_path):
-    spec_file = make_spec(tmp_path / "run.yaml", copy_curriculum(tmp_path), topics=["cycle_basics"],
-                          eval={"heldout_pairs": 0.5})
+    spec_file = make_spec(
+        tmp_path / "run.yaml", copy_curriculum(tmp_path), topics=["cycle_basics"], eval={"heldout_pairs": 0.5}
+    )
     from mindprint_ray.spec.run_spec import load_spec
 
     topic = load_curriculum(load_spec(spec_file))[0]
     assert topic.heldout_fraction == 0.5 and len(topic.dpo_heldout) == heldout_count(len(topic.dpo), 0.5)
-    assert EvalSection().heldout_pairs == 0.25 and load_topic(SAMPLE_DATA, "cycle_basics", ["dpo"]).heldout_fraction == 0.25
-    with pytest.raises(Exception):
+    assert (
+        EvalSection().heldout_pairs == 0.25
+        and load_topic(SAMPLE_DATA, "cycle_basics", ["dpo"]).heldout_fraction == 0.25
+    )
+    with pytest.raises(ValidationError, match="heldout_pairs"):
         EvalSection(heldout_pairs=0.95)
 
 
@@ -102,8 +118,10 @@ def test_time_model_counts_only_the_train_pairs():
     from mindprint_ray.planning.time_model import count_topic_tokens
 
     root = Path(__file__).resolve().parents[1]
-    run = load_run(root / "configs" / "tiny-cpu.yaml", [f"model.path={root / 'no-such-model'}",
-                                                           f"curriculum.data_dir={SAMPLE_DATA}"])
+    run = load_run(
+        root / "configs" / "tiny-cpu.yaml",
+        [f"model.path={root / 'no-such-model'}", f"curriculum.data_dir={SAMPLE_DATA}"],
+    )
     rows, _ = count_topic_tokens(run)
     for row in rows:
         assert row.dpo_pairs == len(load_topic(SAMPLE_DATA, row.topic, ["dpo"]).dpo_train)
@@ -167,11 +185,19 @@ def test_sample_curriculum_eval_sets_are_held_out_and_large_enough():
 
 
 def items(n_open: int, n_mc: int, n_pairs: int, shift: float = 0.0) -> dict:
-    return {"open": {f"o{i}": {"markers": min(1.0, (i % 5) / 4 + shift), "lexicon": (i % 3) / 2,
-                               "semantic": 0.3 + (i % 4) / 10, "key_fact_recall": (i % 2) * 1.0}
-                     for i in range(n_open)},
-            "mc": {f"m{i}": float(i % 3 == 0) for i in range(n_mc)},
-            "pairs": {f"p{i}": float(i % 2 == 0) for i in range(n_pairs)}}
+    return {
+        "open": {
+            f"o{i}": {
+                "markers": min(1.0, (i % 5) / 4 + shift),
+                "lexicon": (i % 3) / 2,
+                "semantic": 0.3 + (i % 4) / 10,
+                "key_fact_recall": (i % 2) * 1.0,
+            }
+            for i in range(n_open)
+        },
+        "mc": {f"m{i}": float(i % 3 == 0) for i in range(n_mc)},
+        "pairs": {f"p{i}": float(i % 2 == 0) for i in range(n_pairs)},
+    }
 
 
 def test_intervals_contain_the_point_estimate_and_are_reproducible():
@@ -181,8 +207,9 @@ def test_intervals_contain_the_point_estimate_and_are_reproducible():
         lo, hi = cis[f"{k}_ci"]
         assert lo <= point[k] <= hi, k
     assert m.score_intervals(it, seed=3) == cis and m.score_intervals(it, seed=4) != cis
-    assert point["voice_fidelity"] == pytest.approx(m.voice_fidelity(point)) and \
-        point["accuracy"] == pytest.approx(m.accuracy(point["mc_accuracy"], point["key_fact_recall"]))
+    assert point["voice_fidelity"] == pytest.approx(m.voice_fidelity(point)) and point["accuracy"] == pytest.approx(
+        m.accuracy(point["mc_accuracy"], point["key_fact_recall"])
+    )
 
 
 def test_intervals_shrink_with_more_items():
@@ -233,7 +260,9 @@ def spec(**eval_section) -> RunSpec:
 
 
 def ppl_summary(base: float, after: float) -> dict:
-    stage = lambda ppl: {"voice_fidelity": 0.9, "accuracy": 0.9, "general_ppl": ppl}
+    def stage(ppl):
+        return {"voice_fidelity": 0.9, "accuracy": 0.9, "general_ppl": ppl}
+
     return {"topics": {"a": {"eval": {"base": stage(base), "after_sft": stage(after), "after_dpo": stage(after)}}}}
 
 
@@ -254,9 +283,16 @@ def test_final_statement_reports_general_ability_and_held_out_gain():
     bad = final_statement(ppl_summary(10.0, 15.0), spec())
     assert bad["checks"]["general_ability"] is False and not bad["met"]
     before, after = items(24, 12, 8), items(24, 12, 8, shift=0.4)
-    s = {"topics": {"a": {"eval": {
-        "base": {**m.composite(m.item_lists(before)), **m.score_intervals(before), "items": before},
-        "after_dpo": {**m.composite(m.item_lists(after)), **m.score_intervals(after), "items": after}}}}}
+    s = {
+        "topics": {
+            "a": {
+                "eval": {
+                    "base": {**m.composite(m.item_lists(before)), **m.score_intervals(before), "items": before},
+                    "after_dpo": {**m.composite(m.item_lists(after)), **m.score_intervals(after), "items": after},
+                }
+            }
+        }
+    }
     gain = final_statement(s, spec())["heldout_gain"]["a"]
     assert gain["above"] and gain["differs"] and gain["stage"] == "after_dpo"
 
@@ -290,16 +326,31 @@ def test_report_table_shows_intervals_held_out_pairs_and_general_ppl():
     from mindprint_ray.report.evaluation import eval_table, heldout_lines, with_interval
 
     assert with_interval(0.54, [0.49, 0.59]) == "0.540 [0.490, 0.590]" and with_interval(None, None) == "-"
-    row = {"topic": "a", "stage": "base", "voice_fidelity": 0.5, "voice_fidelity_ci": [0.4, 0.6],
-           "n_pairs_heldout": 7, "n_pairs_train": 21, "general_ppl": 12.345, "general_ppl_ci": [11.0, 13.5]}
+    row = {
+        "topic": "a",
+        "stage": "base",
+        "voice_fidelity": 0.5,
+        "voice_fidelity_ci": [0.4, 0.6],
+        "n_pairs_heldout": 7,
+        "n_pairs_train": 21,
+        "general_ppl": 12.345,
+        "general_ppl_ci": [11.0, 13.5],
+    }
     headers, cells = eval_table([row])
     assert cells[0][headers.index("voice fidelity")] == "0.500 [0.400, 0.600]"
     assert cells[0][headers.index("pairs held out")] == "7 of 28"
     assert cells[0][headers.index("general ppl")] == "12.35 [11.00, 13.50]"
     before, after = items(24, 12, 8), items(24, 12, 8, shift=0.4)
-    s = {"topics": {"a": {"eval": {
-        "base": {**m.composite(m.item_lists(before)), **m.score_intervals(before), "items": before},
-        "after_dpo": {**m.composite(m.item_lists(after)), **m.score_intervals(after), "items": after}}}}}
+    s = {
+        "topics": {
+            "a": {
+                "eval": {
+                    "base": {**m.composite(m.item_lists(before)), **m.score_intervals(before), "items": before},
+                    "after_dpo": {**m.composite(m.item_lists(after)), **m.score_intervals(after), "items": after},
+                }
+            }
+        }
+    }
     (line,) = heldout_lines(s, spec())
     assert line.startswith("a, after dpo vs base") and "paired difference +" in line and "(differs)" in line
 

@@ -1,4 +1,5 @@
 """`python -m local_mlx dry-run`: memory plan vs the wired limit, hours per topic, real steps on a stand-in."""
+
 import os
 import subprocess
 import sys
@@ -8,8 +9,14 @@ from conftest import ROOT
 
 def dry_run(*args):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "local_mlx", "dry-run", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "local_mlx", "dry-run", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_72b_mac_plan_runs_on_the_tiny_standin_and_says_it_does_not_fit():
@@ -23,8 +30,9 @@ def test_72b_mac_plan_runs_on_the_tiny_standin_and_says_it_does_not_fit():
 
 
 def test_shorter_sequences_fit_after_raising_the_wired_limit():
-    result = dry_run("configs/qwen72b-mac-studio.yaml", "sft.max_seq_length=1024", "dpo.max_seq_length=1024",
-                     "--steps", "1")
+    result = dry_run(
+        "configs/qwen72b-mac-studio.yaml", "sft.max_seq_length=1024", "dpo.max_seq_length=1024", "--steps", "1"
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "sudo sysctl iogpu.wired_limit_mb=" in result.stdout and "result: ready after" in result.stdout
 

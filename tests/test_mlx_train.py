@@ -1,4 +1,5 @@
 """local_mlx trains the curriculum for real on the tiny model (mlx[cpu]): run folder, resume, NaN guard, DPO."""
+
 import json
 import math
 import os
@@ -7,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
+
 from mindprint_ray.errors import UserError
 
 TOPICS = ["cycle_basics", "accumulation", "capitulation"]  # the topics configs/tiny-mlx.yaml lists
@@ -16,8 +17,9 @@ TOPICS = ["cycle_basics", "accumulation", "capitulation"]  # the topics configs/
 
 def run_mlx(*args, timeout=300):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "local_mlx", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "local_mlx", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +39,13 @@ def spec_with_model(tmp_path, tiny):
 
 
 def test_train_every_topic_then_resume_and_generate(tiny, tmp_path):
-    small = [f"storage.path={tmp_path}", f"model.path={tiny}", "sft.max_steps=2", "dpo.steps_per_topic=2", "--no-progress"]
+    small = [
+        f"storage.path={tmp_path}",
+        f"model.path={tiny}",
+        "sft.max_steps=2",
+        "dpo.steps_per_topic=2",
+        "--no-progress",
+    ]
     result = run_mlx("train", "configs/tiny-mlx.yaml", *small, "--name", "X")
     assert result.returncode == 0, result.stderr
     folder = tmp_path / "X"
@@ -49,9 +57,11 @@ def test_train_every_topic_then_resume_and_generate(tiny, tmp_path):
         assert math.isfinite(entry["sft"]["first_loss"]) and math.isfinite(entry["sft"]["last_loss"])
         assert 0 <= entry["dpo"]["reward_accuracy"] <= 1 and "reward_margin" in entry["dpo"]
         adapter = folder / "adapters" / topic
-        assert {"adapters.safetensors", "adapter_config.json", "mindprint_manifest.json"} <= {p.name for p in adapter.iterdir()}
+        assert {"adapters.safetensors", "adapter_config.json", "mindprint_manifest.json"} <= {
+            p.name for p in adapter.iterdir()
+        }
         assert json.loads((adapter / "mindprint_manifest.json").read_text())["format"] == "mlx"
-    metrics = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     steps = [m for m in metrics if "loss" in m]
     assert len(steps) == 3 * (2 + 2) and all("peak_memory_gb" in m and "tokens_per_s" in m for m in steps)
     dpo_first = [m for m in steps if m["stage"] == "dpo" and m["step"] == 1]
@@ -64,21 +74,48 @@ def test_train_every_topic_then_resume_and_generate(tiny, tmp_path):
     shutil.rmtree(folder / "adapters" / "capitulation")  # resume: only the unfinished topic trains again
     again = run_mlx("train", "configs/tiny-mlx.yaml", *small, "--name", "X")
     assert again.returncode == 0, again.stderr
-    new = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()][len(metrics):]
+    new = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()][len(metrics) :]
     assert {m["topic"] for m in new if "loss" in m} == {"capitulation"}
 
-    answer = run_mlx("generate", str(spec_with_model(tmp_path, tiny)), "--adapter", str(folder / "adapters" / "capitulation"),
-                     "What is a cycle low?", "--max-tokens", "12")
+    answer = run_mlx(
+        "generate",
+        str(spec_with_model(tmp_path, tiny)),
+        "--adapter",
+        str(folder / "adapters" / "capitulation"),
+        "What is a cycle low?",
+        "--max-tokens",
+        "12",
+    )
     assert answer.returncode == 0, answer.stderr
     assert answer.stdout.strip() and "<|im_end|>" not in answer.stdout
 
 
 def test_changed_spec_and_bad_adapter_are_user_errors(tiny, tmp_path):
-    first = run_mlx("train", "configs/tiny-mlx.yaml", f"storage.path={tmp_path}", f"model.path={tiny}", "sft.max_steps=1",
-                    "dpo.enabled=false", "curriculum.topics=[cycle_basics]", "--name", "Y", "--no-progress")
+    first = run_mlx(
+        "train",
+        "configs/tiny-mlx.yaml",
+        f"storage.path={tmp_path}",
+        f"model.path={tiny}",
+        "sft.max_steps=1",
+        "dpo.enabled=false",
+        "curriculum.topics=[cycle_basics]",
+        "--name",
+        "Y",
+        "--no-progress",
+    )
     assert first.returncode == 0, first.stderr
-    changed = run_mlx("train", "configs/tiny-mlx.yaml", f"storage.path={tmp_path}", f"model.path={tiny}", "sft.max_steps=2",
-                      "dpo.enabled=false", "curriculum.topics=[cycle_basics]", "--name", "Y", "--no-progress")
+    changed = run_mlx(
+        "train",
+        "configs/tiny-mlx.yaml",
+        f"storage.path={tmp_path}",
+        f"model.path={tiny}",
+        "sft.max_steps=2",
+        "dpo.enabled=false",
+        "curriculum.topics=[cycle_basics]",
+        "--name",
+        "Y",
+        "--no-progress",
+    )
     assert changed.returncode == 2 and "different spec" in changed.stderr and "Traceback" not in changed.stderr
     bad = run_mlx("generate", str(spec_with_model(tmp_path, tiny)), "--adapter", str(tmp_path), "hi")
     assert bad.returncode == 2 and "no adapter_config.json" in bad.stderr and "Traceback" not in bad.stderr
@@ -90,8 +127,10 @@ def test_prompt_masking_targets_only_assistant_turns(tiny):
     from local_mlx.data import sft_sequence
 
     tok = load_tokenizer(tiny)
-    messages = [{"role": "user", "content": "What is a cycle low?"},
-                {"role": "assistant", "content": "I think it is the lowest point."}]
+    messages = [
+        {"role": "user", "content": "What is a cycle low?"},
+        {"role": "assistant", "content": "I think it is the lowest point."},
+    ]
     seq = sft_sequence(tok, messages, 512)
     target = tok.decode([t for t, m in zip(seq.tokens, seq.target) if m])
     assert target == "I think it is the lowest point.<|im_end|>"  # the template's trailing newline is not trained

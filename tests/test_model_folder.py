@@ -1,4 +1,5 @@
 """A model folder that is not the architecture the spec names is refused before Ray starts."""
+
 from conftest import make_data, make_spec, run_cli
 
 

@@ -1,4 +1,5 @@
 """Packed sequences must not see each other: padding-free packing with position_ids, SDPA, no cache."""
+
 import pytest
 
 
@@ -25,16 +26,16 @@ def test_packed_sequences_do_not_see_each_other(tiny_model_dir, attn):
         packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
     alone_b = segment_logits(model, b)
     assert torch.allclose(packed[: len(a)], segment_logits(model, a), atol=1e-5)
-    assert torch.allclose(packed[len(a):], alone_b, atol=1e-5)
+    assert torch.allclose(packed[len(a) :], alone_b, atol=1e-5)
     # the same tokens without position_ids attend across the boundary: the check above can fail
     with torch.no_grad():
         naive = model(input_ids=batch["input_ids"], use_cache=False).logits[0]
-    assert not torch.allclose(naive[len(a):], alone_b, atol=1e-3)
+    assert not torch.allclose(naive[len(a) :], alone_b, atol=1e-3)
 
 
 def test_worker_loads_models_with_cache_off(tiny_model_dir):
-    from mindprint_ray.planning.run_plan import load_run
     from mindprint_ray.backends.ray_torch.model_loading import load_base_model
+    from mindprint_ray.planning.run_plan import load_run
 
     run = load_run("configs/tiny-cpu.yaml", [f"model.path={tiny_model_dir}"])
     model, attn = load_base_model(run, "cpu")

@@ -3,7 +3,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, run_cli
 
 
@@ -60,10 +59,12 @@ def test_plan_text_output_shows_zone_table():
 
 
 def test_plan_does_not_import_torch():
-    code = ("import sys; from mindprint_ray.cli.app import main\n"
-            "try:\n    main(['plan', 'configs/qwen72b-qlora-8xh100.yaml', '--json'])\n"
-            "except SystemExit: pass\n"
-            "heavy = [m for m in ('torch', 'ray', 'mlx', 'transformers') if m in sys.modules]\n"
-            "assert not heavy, heavy")
+    code = (
+        "import sys; from mindprint_ray.cli.app import main\n"
+        "try:\n    main(['plan', 'configs/qwen72b-qlora-8xh100.yaml', '--json'])\n"
+        "except SystemExit: pass\n"
+        "heavy = [m for m in ('torch', 'ray', 'mlx', 'transformers') if m in sys.modules]\n"
+        "assert not heavy, heavy"
+    )
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

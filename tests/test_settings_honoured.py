@@ -1,6 +1,7 @@
 """Settings and paths that must not lie (issue 14): every spec field is read by what it claims to control, one
 gradient-checkpointing rule per stage in the estimate and both backends, one wired-limit and one time model for
 `plan` and `dry-run`, s3:// curricula and storage honoured, and resume from any working directory. No Ray."""
+
 from __future__ import annotations
 
 import ast
@@ -8,17 +9,20 @@ import math
 from pathlib import Path
 
 import pytest
-from pydantic import BaseModel
-
 from conftest import ROOT, make_data, make_spec
+from pydantic import BaseModel
 
 
 def tiny_spec(data_dir: Path, **sections):
     """A RunSpec for the tiny model (no model folder needed: nothing here loads it)."""
     from mindprint_ray.spec.run_spec import RunSpec
 
-    spec = {"name": "t", "model": {"name": "tiny"}, "curriculum": {"data_dir": str(data_dir), "topics": ["alpha"]},
-            "hardware": {"profile": "cpu-2"}}
+    spec = {
+        "name": "t",
+        "model": {"name": "tiny"},
+        "curriculum": {"data_dir": str(data_dir), "topics": ["alpha"]},
+        "hardware": {"profile": "cpu-2"},
+    }
     for key, value in sections.items():
         spec.setdefault(key, {}).update(value)
     return RunSpec.model_validate(spec)
@@ -79,19 +83,44 @@ def test_every_spec_field_is_read_by_the_code():
 def test_trainer_args_carry_the_stage_and_storage_settings(tmp_path, stage):
     from mindprint_ray.backends.ray_torch.trainer_args import trainer_args
 
-    spec = tiny_spec(tmp_path, sft={"logging_steps": 5, "gradient_checkpointing": stage == "sft", "learning_rate": 3e-4,
-                                    "max_grad_norm": 0.7, "warmup_steps": 3, "max_seq_length": 256},
-                     dpo={"gradient_checkpointing": stage == "dpo", "learning_rate": 2e-6, "max_grad_norm": 0.2,
-                          "warmup_steps": 1, "max_seq_length": 128, "batch_size": 3},
-                     storage={"keep_checkpoints": 4, "checkpoint_every_steps": 7})
+    spec = tiny_spec(
+        tmp_path,
+        sft={
+            "logging_steps": 5,
+            "gradient_checkpointing": stage == "sft",
+            "learning_rate": 3e-4,
+            "max_grad_norm": 0.7,
+            "warmup_steps": 3,
+            "max_seq_length": 256,
+        },
+        dpo={
+            "gradient_checkpointing": stage == "dpo",
+            "learning_rate": 2e-6,
+            "max_grad_norm": 0.2,
+            "warmup_steps": 1,
+            "max_seq_length": 128,
+            "batch_size": 3,
+        },
+        storage={"keep_checkpoints": 4, "checkpoint_every_steps": 7},
+    )
     args = trainer_args(spec, stage, str(tmp_path / "out"), gpu=False, deepspeed=None)
     section = spec.stage(stage)
     assert args["save_total_limit"] == 4 and args["save_steps"] == 7
     assert args["logging_steps"] == (5 if stage == "sft" else 1)
     assert args["gradient_checkpointing"] is True  # each stage's own value (the other stage's is False)
-    assert (args["learning_rate"], args["max_grad_norm"], args["warmup_steps"], args["max_length"],
-            args["per_device_train_batch_size"]) == (section.learning_rate, section.max_grad_norm,
-                                                     section.warmup_steps, section.max_seq_length, section.batch_size)
+    assert (
+        args["learning_rate"],
+        args["max_grad_norm"],
+        args["warmup_steps"],
+        args["max_length"],
+        args["per_device_train_batch_size"],
+    ) == (
+        section.learning_rate,
+        section.max_grad_norm,
+        section.warmup_steps,
+        section.max_seq_length,
+        section.batch_size,
+    )
 
 
 def test_trl_configs_take_the_trainer_args_as_they_are(tmp_path):
@@ -99,8 +128,12 @@ def test_trl_configs_take_the_trainer_args_as_they_are(tmp_path):
 
     from mindprint_ray.backends.ray_torch.trainer_args import trainer_args
 
-    spec = tiny_spec(tmp_path, sft={"logging_steps": 3, "gradient_checkpointing": False},
-                     dpo={"gradient_checkpointing": True}, storage={"keep_checkpoints": 5})
+    spec = tiny_spec(
+        tmp_path,
+        sft={"logging_steps": 3, "gradient_checkpointing": False},
+        dpo={"gradient_checkpointing": True},
+        storage={"keep_checkpoints": 5},
+    )
     sft = SFTConfig(**trainer_args(spec, "sft", str(tmp_path / "sft"), False, None))
     dpo = DPOConfig(**trainer_args(spec, "dpo", str(tmp_path / "dpo"), False, None))
     # TRL's own defaults would be 10, None and True
@@ -135,8 +168,12 @@ def test_the_worker_switches_checkpointing_at_each_stage_and_uses_trainer_args(t
     from mindprint_ray.backends.ray_torch.trainer_args import trainer_args
 
     worker = Worker.__new__(Worker)  # no model load: only what stage_args touches
-    worker.spec = tiny_spec(tmp_path, sft={"gradient_checkpointing": False}, dpo={"gradient_checkpointing": True},
-                            storage={"keep_checkpoints": 3})
+    worker.spec = tiny_spec(
+        tmp_path,
+        sft={"gradient_checkpointing": False},
+        dpo={"gradient_checkpointing": True},
+        storage={"keep_checkpoints": 3},
+    )
     worker.model, worker.writer, worker.local, worker.gpu, worker.ds_config = FakeHFModel(), None, tmp_path, False, None
     sft = worker.stage_args("sft", "alpha")
     assert worker.model.calls[-1][0] == "disable"
@@ -152,8 +189,14 @@ def test_set_checkpointing_turns_a_real_peft_model_on_and_off():
 
     from mindprint_ray.backends.ray_torch.model_loading import set_checkpointing
 
-    config = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, vocab_size=64)
+    config = Qwen2Config(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=64,
+    )
     model = get_peft_model(Qwen2ForCausalLM(config), LoraConfig(r=2, target_modules=["q_proj"]))
     layers = model.get_base_model().model.layers
     set_checkpointing(model, True)
@@ -165,12 +208,11 @@ def test_set_checkpointing_turns_a_real_peft_model_on_and_off():
 @pytest.mark.parametrize("sft_gc,dpo_gc", [(True, False), (False, True)])
 def test_one_checkpointing_rule_in_the_estimate_and_both_backends(tmp_path, sft_gc, dpo_gc):
     from local_mlx.training import Trainer
+    from mindprint_ray.backends.ray_torch.trainer_args import trainer_args
     from mindprint_ray.planning.estimates import memory_inputs
     from mindprint_ray.planning.run_plan import build_run
-    from mindprint_ray.backends.ray_torch.trainer_args import trainer_args
 
-    run = build_run(tiny_spec(tmp_path, sft={"gradient_checkpointing": sft_gc},
-                              dpo={"gradient_checkpointing": dpo_gc}))
+    run = build_run(tiny_spec(tmp_path, sft={"gradient_checkpointing": sft_gc}, dpo={"gradient_checkpointing": dpo_gc}))
     mlx = Trainer(run, model=None, tokenizer=None, log=lambda record: None)
     mlx_configs = {"sft": mlx.sft_config("alpha", 8), "dpo": mlx.dpo_config("alpha")}
     for stage, expected in (("sft", sft_gc), ("dpo", dpo_gc)):
@@ -182,9 +224,19 @@ def test_one_checkpointing_rule_in_the_estimate_and_both_backends(tmp_path, sft_
 def tiny_mlx_model():
     from mlx_lm.models.qwen2 import Model, ModelArgs
 
-    return Model(ModelArgs(model_type="qwen2", hidden_size=32, num_hidden_layers=2, intermediate_size=64,
-                           num_attention_heads=2, num_key_value_heads=1, rms_norm_eps=1e-6, vocab_size=64,
-                           tie_word_embeddings=True))
+    return Model(
+        ModelArgs(
+            model_type="qwen2",
+            hidden_size=32,
+            num_hidden_layers=2,
+            intermediate_size=64,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            rms_norm_eps=1e-6,
+            vocab_size=64,
+            tie_word_embeddings=True,
+        )
+    )
 
 
 def sft_batches(n: int = 64):
@@ -269,15 +321,26 @@ def test_rank_4_remedy_keeps_the_users_zones():
 
     from mindprint_ray.planning.estimates import peak_memory, remedies
     from mindprint_ray.planning.run_plan import build_run
-    from mindprint_ray.spec.run_spec import RunSpec
     from mindprint_ray.planning.zones import build_plan
+    from mindprint_ray.spec.run_spec import RunSpec
 
     def run(rank: int, mlp_rank: int | None):
-        return build_run(RunSpec.model_validate({
-            "model": {"name": "qwen2.5-72b"}, "hardware": {"profile": "1xh100-80gb"},
-            "curriculum": {"topics": ["a"]}, "lora": {"rank": rank, "zones": [
-                {"name": "only", "layers": [0, 3], "modules": ["q_proj"]},
-                {"name": "mlp", "layers": [70, 79], "modules": ["down_proj"], "rank": mlp_rank}]}}))
+        return build_run(
+            RunSpec.model_validate(
+                {
+                    "model": {"name": "qwen2.5-72b"},
+                    "hardware": {"profile": "1xh100-80gb"},
+                    "curriculum": {"topics": ["a"]},
+                    "lora": {
+                        "rank": rank,
+                        "zones": [
+                            {"name": "only", "layers": [0, 3], "modules": ["q_proj"]},
+                            {"name": "mlp", "layers": [70, 79], "modules": ["down_proj"], "rank": mlp_rank},
+                        ],
+                    },
+                }
+            )
+        )
 
     rank4 = next(r for r in remedies(run(16, 32)) if r["remedy"] == "LoRA rank 4")
     expected = run(4, None)  # the same zones, every one at rank 4
@@ -297,8 +360,11 @@ def fake_s3(monkeypatch, tmp_path: Path, source: Path) -> None:
 
     monkeypatch.setenv("MINDPRINT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(storage, "check_read", lambda loc, field: None)
-    monkeypatch.setattr(storage, "download_tree",
-                        lambda loc, target, relative="": shutil.copytree(source, target, dirs_exist_ok=True) and 1)
+    monkeypatch.setattr(
+        storage,
+        "download_tree",
+        lambda loc, target, relative="": shutil.copytree(source, target, dirs_exist_ok=True) and 1,
+    )
 
 
 def test_eval_reads_an_s3_curriculum_from_its_downloaded_copy(tmp_path, monkeypatch):
@@ -323,8 +389,9 @@ def test_facade_with_s3_output_writes_no_local_s3_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(driver, "train", lambda run, progress=True: seen.setdefault("run", run) and Done())
     monkeypatch.setenv("MINDPRINT_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
-    DPOPipeline(get_model_config("tiny")).train_topics(["alpha"], str(make_data(tmp_path / "data")),
-                                                       "s3://my-bucket/runs", name="p")
+    DPOPipeline(get_model_config("tiny")).train_topics(
+        ["alpha"], str(make_data(tmp_path / "data")), "s3://my-bucket/runs", name="p"
+    )
     assert not (tmp_path / "s3:").exists()
     assert seen["run"].spec.storage.path == "s3://my-bucket/runs"
 
@@ -362,8 +429,8 @@ def test_generate_commands_take_dotted_overrides(tmp_path, monkeypatch):
 
     import local_mlx.__main__ as mlx_cli
     from local_mlx import generation
-    from mindprint_ray.cli.app import app
     from mindprint_ray.backends.ray_torch import eval_runner as runner
+    from mindprint_ray.cli.app import app
 
     spec = make_spec(tmp_path / "run.yaml", make_data(tmp_path / "data"))
     seen = []
@@ -383,17 +450,18 @@ def test_generate_commands_take_dotted_overrides(tmp_path, monkeypatch):
 def test_resume_from_another_working_directory(tmp_path, monkeypatch):
     """The same command from two checkouts (or two Ray job working_dirs): the second resumes, and spec.yaml
     keeps the relative paths while the workers' spec has absolute ones."""
+    from mindprint_ray.backends.ray_torch.driver import for_workers
     from mindprint_ray.planning.run_plan import load_run
     from mindprint_ray.runs.run_folder import claim_run_folder
-    from mindprint_ray.backends.ray_torch.driver import for_workers
 
     storage = tmp_path / "runs"
     resumed = []
     for checkout in ("a", "b"):
         root = tmp_path / checkout
         make_data(root / "data")
-        spec_file = make_spec(root / "run.yaml", Path("data"), storage={"path": str(storage)},
-                              model={"path": "models/tiny"})
+        spec_file = make_spec(
+            root / "run.yaml", Path("data"), storage={"path": str(storage)}, model={"path": "models/tiny"}
+        )
         monkeypatch.chdir(root)
         run = load_run(spec_file)
         workers = for_workers(run)

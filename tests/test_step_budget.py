@@ -1,16 +1,17 @@
 """The step budget: optimizer steps, warmup, peak LR and passes per topic, told by validate, plan and the report."""
+
 from __future__ import annotations
 
 import json
 import math
 
 import pytest
-
 from conftest import ROOT, run_cli
+
 from mindprint_ray.planning.run_plan import load_run
-from mindprint_ray.spec.run_spec import DPOSection, SFTSection
 from mindprint_ray.planning.step_budget import packed_rows, step_budget
 from mindprint_ray.planning.time_model import TopicTokens, count_topic_tokens, stage_flops
+from mindprint_ray.spec.run_spec import DPOSection, SFTSection
 
 QLORA = "configs/qwen72b-qlora-8xh100.yaml"
 WIDE = {"COLUMNS": "220"}  # rich wraps at the terminal width; keep table cells on one line
@@ -56,9 +57,20 @@ def test_72b_dpo_revisits_its_pairs_and_every_warning_has_numbers_and_a_fix():
 
 
 def test_hand_made_case_exact_steps_peak_lr_and_fixes():
-    run = load_run(ROOT / QLORA, ["hardware.num_workers=2", "sft.batch_size=2", "sft.gradient_accumulation=3",
-                                  "sft.epochs_per_topic=2", "sft.warmup_steps=10", "sft.max_seq_length=1000",
-                                  "dpo.batch_size=2", "dpo.gradient_accumulation=2", "dpo.steps_per_topic=12"])
+    run = load_run(
+        ROOT / QLORA,
+        [
+            "hardware.num_workers=2",
+            "sft.batch_size=2",
+            "sft.gradient_accumulation=3",
+            "sft.epochs_per_topic=2",
+            "sft.warmup_steps=10",
+            "sft.max_seq_length=1000",
+            "dpo.batch_size=2",
+            "dpo.gradient_accumulation=2",
+            "dpo.steps_per_topic=12",
+        ],
+    )
     t = TopicTokens("x", 40, 40 * 600, 10, 0, 0, (600,) * 40)
     b = step_budget(run, [t])
     sft, dpo = b.topics[0].sft, b.topics[0].dpo
@@ -128,13 +140,22 @@ def test_spec_says_what_a_batch_and_a_step_are():
 def test_plan_prints_the_budget_and_warnings_and_json_has_it():
     r = run_cli("plan", QLORA, env=WIDE)
     assert r.returncode == 0, r.stderr
-    for needle in ("step budget per topic", "3 (1/epoch)", "8e-06 (4%)", "global batch 32",
-                   "fix: set sft.warmup_steps <= 2", "DPO revisits each topic's"):
+    for needle in (
+        "step budget per topic",
+        "3 (1/epoch)",
+        "8e-06 (4%)",
+        "global batch 32",
+        "fix: set sft.warmup_steps <= 2",
+        "DPO revisits each topic's",
+    ):
         assert needle in r.stdout, needle
     j = json.loads(run_cli("plan", QLORA, "--json").stdout)["step_budget"]
     assert j["workers"] == 8 and j["topics"][0]["sft"]["steps"] == 3
-    assert {(w["stage"], w["kind"]) for w in j["warnings"]} == {("sft", "warmup"), ("sft", "few_steps"),
-                                                                ("dpo", "revisits")}
+    assert {(w["stage"], w["kind"]) for w in j["warnings"]} == {
+        ("sft", "warmup"),
+        ("sft", "few_steps"),
+        ("dpo", "revisits"),
+    }
 
 
 def test_validate_prints_the_budget():

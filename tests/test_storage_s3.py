@@ -1,10 +1,11 @@
 """S3 storage against a real moto server on 127.0.0.1: verified uploads, data from s3://, clear errors."""
+
 from pathlib import Path
 
 import boto3
 import pytest
-
 from conftest import SAMPLE_DATA, free_port, make_spec, run_cli
+
 from mindprint_ray.runs import storage
 
 
@@ -67,13 +68,22 @@ def test_storage_errors_exit_2_before_anything_runs(tmp_path, data_dir, bucket, 
     if case == "unreachable":
         env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{free_port()}"
     if case == "no_credentials":
-        env.update(AWS_ACCESS_KEY_ID="", AWS_SECRET_ACCESS_KEY="", AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
-                   AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_EC2_METADATA_DISABLED="true")
+        env.update(
+            AWS_ACCESS_KEY_ID="",
+            AWS_SECRET_ACCESS_KEY="",
+            AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+            AWS_CONFIG_FILE=str(tmp_path / "none"),
+            AWS_EC2_METADATA_DISABLED="true",
+        )
     r = run_cli("preflight", str(spec), f"storage.path={path}", "--no-gpus", env=env, timeout=120)
     assert r.returncode == 2, r.stdout + r.stderr
     assert "Traceback" not in r.stderr and "storage.path" in r.stderr
-    needle = {"no_bucket": "no bucket", "missing_bucket": "NoSuchBucket", "unreachable": "cannot reach",
-              "no_credentials": "no AWS credentials"}[case]
+    needle = {
+        "no_bucket": "no bucket",
+        "missing_bucket": "NoSuchBucket",
+        "unreachable": "cannot reach",
+        "no_credentials": "no AWS credentials",
+    }[case]
     assert needle in r.stderr
 
 
@@ -89,8 +99,14 @@ def test_preflight_rejects_a_working_dir_over_the_upload_limit(tmp_path, data_di
     big = tmp_path / "wd"
     big.mkdir()
     (big / "blob.bin").write_bytes(b"\0" * (2 * 1024 * 1024))
-    r = run_cli("preflight", str(spec), "--no-gpus", "--working-dir", str(big),
-                env={"RAY_max_grpc_message_size": str(1024 * 1024)})
+    r = run_cli(
+        "preflight",
+        str(spec),
+        "--no-gpus",
+        "--working-dir",
+        str(big),
+        env={"RAY_max_grpc_message_size": str(1024 * 1024)},
+    )
     assert r.returncode == 2 and "upload limit" in r.stderr and "blob.bin" in r.stderr
 
 

@@ -1,21 +1,24 @@
 """Ray Tune sweeps: bad search spaces exit 2 before any trial; a real 2x2 tiny sweep writes its outputs."""
+
 import csv
 import json
 
 import pytest
 import yaml
-
 from conftest import ROOT, run_cli
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("tune.space.lora.rank={values: []}", "`values` is empty"),
-    ("tune.space.sft.learning_rate={min: 0.01, max: 0.001}", "inverted range"),
-    ("tune.space.sft.momentum={values: [0.9]}", "unknown or unsweepable parameter path 'sft.momentum'"),
-    ("tune.metric=bleu", "metric 'bleu' is not reported"),
-    ("tune.topics=[nope]", "not in curriculum.topics"),
-    ("tune.space.sft.learning_rate={min: 0.001, max: 0.01}", "grid search needs `values"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("tune.space.lora.rank={values: []}", "`values` is empty"),
+        ("tune.space.sft.learning_rate={min: 0.01, max: 0.001}", "inverted range"),
+        ("tune.space.sft.momentum={values: [0.9]}", "unknown or unsweepable parameter path 'sft.momentum'"),
+        ("tune.metric=bleu", "metric 'bleu' is not reported"),
+        ("tune.topics=[nope]", "not in curriculum.topics"),
+        ("tune.space.sft.learning_rate={min: 0.001, max: 0.01}", "grid search needs `values"),
+    ],
+)
 def test_bad_sweeps_exit_2_before_any_trial(override, needle):
     r = run_cli("sweep", "configs/tiny-sweep.yaml", override, "storage.path=/nonexistent/never-written")
     assert r.returncode == 2, r.stdout + r.stderr
@@ -34,14 +37,19 @@ def test_rank_out_of_range_in_the_space_is_refused():
 
 @pytest.mark.slow
 def test_tiny_sweep_two_ranks_by_two_learning_rates(tmp_path, tiny_model_dir):
-    r = run_cli("sweep", "configs/tiny-sweep.yaml", f"storage.path={tmp_path}", f"model.path={tiny_model_dir}",
-                timeout=1200)
+    r = run_cli(
+        "sweep", "configs/tiny-sweep.yaml", f"storage.path={tmp_path}", f"model.path={tiny_model_dir}", timeout=1200
+    )
     assert r.returncode == 0, r.stderr[-4000:]
     root = tmp_path / "tiny-sweep"
     rows = list(csv.DictReader((root / "results.csv").open()))
     assert len(rows) == 4
     assert {(int(float(r["lora.rank"])), float(r["sft.learning_rate"])) for r in rows} == {
-        (4, 0.003), (4, 0.01), (16, 0.003), (16, 0.01)}
+        (4, 0.003),
+        (4, 0.01),
+        (16, 0.003),
+        (16, 0.01),
+    }
     assert all(r["status"] == "finished" and 0 <= float(r["voice_fidelity"]) <= 1 for r in rows)
     assert all(float(r["wall_s"]) > 0 and int(r["steps"]) > 0 for r in rows)
     assert "| trial |" in (root / "results.md").read_text()
@@ -49,8 +57,11 @@ def test_tiny_sweep_two_ranks_by_two_learning_rates(tmp_path, tiny_model_dir):
     best = yaml.safe_load((root / "best.yaml").read_text())
     winner = max(rows, key=lambda r: float(r["voice_fidelity"]))
     assert best["lora"]["rank"] == int(float(winner["lora.rank"])) and best["lora"]["alpha"] == 2 * best["lora"]["rank"]
-    assert best["curriculum"]["topics"] == yaml.safe_load((ROOT / "configs/tiny-sweep.yaml").read_text())[
-        "curriculum"]["topics"] and best["tune"] is None
+    assert (
+        best["curriculum"]["topics"]
+        == yaml.safe_load((ROOT / "configs/tiny-sweep.yaml").read_text())["curriculum"]["topics"]
+        and best["tune"] is None
+    )
     assert (root / "best_adapter" / "adapter_model.safetensors").is_file()
     check = run_cli("plan", str(root / "best.yaml"), "--json")  # `train` accepts the best config
     assert check.returncode == 0, check.stderr

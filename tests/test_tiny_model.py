@@ -1,8 +1,10 @@
 """The tiny model is a standard HF folder that transformers and mlx-lm both load, built deterministically."""
+
 import hashlib
 from pathlib import Path
 
 from conftest import SAMPLE_DATA
+
 from mindprint_ray.planning.registry import get_arch
 
 
@@ -19,8 +21,10 @@ def test_chat_template_round_trips_and_stops_at_im_end(tiny_model_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    messages = [{"role": "user", "content": "What is a cycle low?"},
-                {"role": "assistant", "content": "I think it is the lowest point."}]
+    messages = [
+        {"role": "user", "content": "What is a cycle low?"},
+        {"role": "assistant", "content": "I think it is the lowest point."},
+    ]
     text = tok.apply_chat_template(messages, tokenize=False)
     assert text.endswith("<|im_start|>assistant\nI think it is the lowest point.<|im_end|>\n")
     ids = tok(text, add_special_tokens=False)["input_ids"]
@@ -38,6 +42,7 @@ def test_generation_stops_at_end_of_turn(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     assert im_end in model.generation_config.eos_token_id
+
     class EndOfTurnHead(torch.nn.Module):  # a head that always prefers <|im_end|>
         def forward(self, hidden):
             logits = torch.zeros(*hidden.shape[:-1], model.config.vocab_size)
@@ -45,10 +50,11 @@ def test_generation_stops_at_end_of_turn(tiny_model_dir):
             return logits
 
     model.lm_head = EndOfTurnHead()
-    ids = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
-                                  return_tensors="pt", return_dict=True)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     out = model.generate(**ids, max_new_tokens=20, do_sample=False)
-    new = out[0, ids["input_ids"].shape[1]:].tolist()
+    new = out[0, ids["input_ids"].shape[1] :].tolist()
     assert new == [im_end]
 
 

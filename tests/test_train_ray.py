@@ -1,4 +1,5 @@
 """Real training on a local Ray cluster with the tiny model: curriculum, resume, QLoRA and DeepSpeed paths."""
+
 import hashlib
 import json
 import os
@@ -9,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.slow
@@ -17,13 +17,22 @@ TOPICS = ["cycle_basics", "accumulation"]
 
 
 def train_args(name: str, storage: Path, model: Path, *extra: str) -> list[str]:
-    return ["train", "configs/tiny-cpu.yaml", "--name", name, f"storage.path={storage}", f"model.path={model}",
-            f"curriculum.topics=[{','.join(TOPICS)}]", "storage.checkpoint_every_steps=5", *extra]
+    return [
+        "train",
+        "configs/tiny-cpu.yaml",
+        "--name",
+        name,
+        f"storage.path={storage}",
+        f"model.path={model}",
+        f"curriculum.topics=[{','.join(TOPICS)}]",
+        "storage.checkpoint_every_steps=5",
+        *extra,
+    ]
 
 
 def events(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
-    return [json.loads(l) for l in path.read_text().splitlines()] if path.is_file() else []
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
 def sha(path: Path) -> str:
@@ -36,8 +45,9 @@ def resumed_run(tmp_path_factory, tiny_model_dir):
     storage = tmp_path_factory.mktemp("runs")
     run_dir = storage / "resume"
     args = [sys.executable, "-m", "mindprint_ray", *train_args("resume", storage, tiny_model_dir)]
-    proc = subprocess.Popen(args, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        args, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 400
     try:
         while time.time() < deadline and proc.poll() is None:
@@ -139,9 +149,19 @@ def test_rerunning_a_finished_run_trains_nothing(resumed_run, tiny_model_dir):
 
 
 def quick_run(tmp_path, model, name, *extra):
-    args = ["train", "configs/tiny-cpu.yaml", "--name", name, f"storage.path={tmp_path}", f"model.path={model}",
-            "curriculum.topics=[capitulation]", "sft.max_steps=3", "dpo.steps_per_topic=2", "eval.enabled=false",
-            *extra]
+    args = [
+        "train",
+        "configs/tiny-cpu.yaml",
+        "--name",
+        name,
+        f"storage.path={tmp_path}",
+        f"model.path={model}",
+        "curriculum.topics=[capitulation]",
+        "sft.max_steps=3",
+        "dpo.steps_per_topic=2",
+        "eval.enabled=false",
+        *extra,
+    ]
     r = run_cli(*args)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((tmp_path / name / "summary.json").read_text())
@@ -150,9 +170,20 @@ def quick_run(tmp_path, model, name, *extra):
 
 
 def test_eval_gate_stop_ends_the_run_after_the_topic_and_keeps_its_adapter(tmp_path, tiny_model_dir):
-    args = ["train", "configs/tiny-cpu.yaml", "--name", "gate", f"storage.path={tmp_path}", f"model.path={tiny_model_dir}",
-            "curriculum.topics=[capitulation,accumulation]", "sft.max_steps=3", "dpo.steps_per_topic=2",
-            "eval.on_miss=stop", "eval.max_examples=2", "eval.max_new_tokens=16"]
+    args = [
+        "train",
+        "configs/tiny-cpu.yaml",
+        "--name",
+        "gate",
+        f"storage.path={tmp_path}",
+        f"model.path={tiny_model_dir}",
+        "curriculum.topics=[capitulation,accumulation]",
+        "sft.max_steps=3",
+        "dpo.steps_per_topic=2",
+        "eval.on_miss=stop",
+        "eval.max_examples=2",
+        "eval.max_new_tokens=16",
+    ]
     r = run_cli(*args)
     assert r.returncode == 2, r.stderr[-3000:]
     assert "eval gate stopped the run after 'capitulation'" in r.stderr and "Traceback" not in r.stderr[-500:]

@@ -34,8 +34,11 @@ def test_aggressive_strategy_and_7b():
 def test_regex_matches_exactly_the_zone_modules():
     plan = build_plan(get_arch("qwen-72b"))
     regex = re.compile(plan.target_regex())
-    names = [get_arch("qwen-72b").module_path(layer, m) for layer in range(80)
-             for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")]
+    names = [
+        get_arch("qwen-72b").module_path(layer, m)
+        for layer in range(80)
+        for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    ]
     matched = {n for n in names if regex.fullmatch(n)}
     assert matched == set(plan.module_paths())
     assert len(matched) == 20 * 1 + 40 * 3 + 20 * 3
@@ -55,13 +58,21 @@ def test_model_yaml_files_match_registry():
         assert load_model_config(f"configs/models/{file}.yaml").arch == get_arch(name)
 
 
-@pytest.mark.parametrize("zones,needle", [
-    ([{"name": "a", "layers": [0, 10], "modules": ["q_proj"]}, {"name": "b", "layers": [10, 20], "modules": ["v_proj"]}],
-     "overlap"),
-    ([{"name": "a", "layers": [70, 80], "modules": ["q_proj"]}], "outside"),
-    ([{"name": "a", "layers": [0, 3], "modules": ["qkv_proj"]}], "unknown module 'qkv_proj'"),
-    ([{"name": "a", "layers": [5, 3], "modules": ["q_proj"]}], "outside"),
-])
+@pytest.mark.parametrize(
+    "zones,needle",
+    [
+        (
+            [
+                {"name": "a", "layers": [0, 10], "modules": ["q_proj"]},
+                {"name": "b", "layers": [10, 20], "modules": ["v_proj"]},
+            ],
+            "overlap",
+        ),
+        ([{"name": "a", "layers": [70, 80], "modules": ["q_proj"]}], "outside"),
+        ([{"name": "a", "layers": [0, 3], "modules": ["qkv_proj"]}], "unknown module 'qkv_proj'"),
+        ([{"name": "a", "layers": [5, 3], "modules": ["q_proj"]}], "outside"),
+    ],
+)
 def test_bad_zones(zones, needle):
     with pytest.raises(UserError) as e:
         build_plan(get_arch("qwen-72b"), zones=zones)
@@ -69,8 +80,10 @@ def test_bad_zones(zones, needle):
 
 
 def test_per_zone_rank_renders_rank_pattern():
-    zones = [{"name": "lexicon", "layers": [0, 19], "modules": ["q_proj"]},
-             {"name": "voice", "layers": [60, 79], "modules": ["o_proj"], "rank": 16}]
+    zones = [
+        {"name": "lexicon", "layers": [0, 19], "modules": ["q_proj"]},
+        {"name": "voice", "layers": [60, 79], "modules": ["o_proj"], "rank": 16},
+    ]
     plan = build_plan(get_arch("qwen-72b"), zones=zones)
     kw = plan.peft_kwargs()
     assert list(kw["rank_pattern"].values()) == [16] and list(kw["alpha_pattern"].values()) == [32]
@@ -84,9 +97,15 @@ def _peft_trainable(arch_name: str, plan, explicit: bool = False) -> int:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     a = get_arch(arch_name)
-    cfg = Qwen2Config(vocab_size=a.vocab_size, hidden_size=a.hidden_size, intermediate_size=a.intermediate_size,
-                      num_hidden_layers=a.num_layers, num_attention_heads=a.num_heads,
-                      num_key_value_heads=a.num_kv_heads, tie_word_embeddings=a.tie_embeddings)
+    cfg = Qwen2Config(
+        vocab_size=a.vocab_size,
+        hidden_size=a.hidden_size,
+        intermediate_size=a.intermediate_size,
+        num_hidden_layers=a.num_layers,
+        num_attention_heads=a.num_heads,
+        num_key_value_heads=a.num_kv_heads,
+        tie_word_embeddings=a.tie_embeddings,
+    )
     with torch.device("meta"):
         model = Qwen2ForCausalLM(cfg)
     assert sum(p.numel() for p in model.parameters()) == a.total_params()
@@ -101,7 +120,9 @@ def test_plan_count_matches_peft_on_meta_72b():
 
 
 def test_per_zone_rank_count_matches_peft():
-    zones = [{"name": "lexicon", "fraction": [0, 0.25], "modules": ["q_proj"], "rank": 4},
-             {"name": "voice", "fraction": [0.75, 1.0], "modules": ["o_proj", "down_proj"], "rank": 16}]
+    zones = [
+        {"name": "lexicon", "fraction": [0, 0.25], "modules": ["q_proj"], "rank": 4},
+        {"name": "voice", "fraction": [0.75, 1.0], "modules": ["o_proj", "down_proj"], "rank": 16},
+    ]
     plan = build_plan(get_arch("qwen-7b"), zones=zones)
     assert _peft_trainable("qwen-7b", plan) == plan.trainable_params()

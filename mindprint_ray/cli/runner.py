@@ -1,4 +1,5 @@
 """Running a typer app as a user-facing command: user errors exit 2 with one message, never a traceback."""
+
 from __future__ import annotations
 
 import sys

@@ -1,26 +1,42 @@
 """Terminal tables for `validate` and `plan` (rich)."""
+
 from __future__ import annotations
 
 from rich.console import Console
 from rich.table import Table
 
 from mindprint_ray.curriculum.data_stats import TopicStats
+from mindprint_ray.curriculum.tokens import TokenCounter
 from mindprint_ray.planning.run_plan import RunPlan
 from mindprint_ray.planning.step_budget import TABLE_HEADERS, headline, table_rows
-from mindprint_ray.curriculum.tokens import TokenCounter
 
 
-def print_validation(console: Console, run: RunPlan, rows: list[TopicStats], counter: TokenCounter,
-                     budget: dict | None = None) -> None:
+def print_validation(
+    console: Console, run: RunPlan, rows: list[TopicStats], counter: TokenCounter, budget: dict | None = None
+) -> None:
     spec = run.spec
-    how = "exact (model tokenizer + chat template)" if counter.exact else \
-        f"approximate (~4 chars/token: no tokenizer at {run.model_path})"
+    how = (
+        "exact (model tokenizer + chat template)"
+        if counter.exact
+        else f"approximate (~4 chars/token: no tokenizer at {run.model_path})"
+    )
     table = Table(title=f"{spec.name}: {len(rows)} topics valid - tokens {how}")
     for col in ("topic", "sft", "dpo", "eval", "sft tokens", "p50", "p95", "max", "over sft", "over dpo", "action"):
         table.add_column(col, justify="left" if col in ("topic", "action") else "right")
     for r in rows:
-        table.add_row(r.topic, str(r.sft), str(r.dpo), str(r.eval), f"{r.sft_tokens:,}", str(r.p50), str(r.p95),
-                      str(r.max), str(r.sft_over), str(r.dpo_over), r.action)
+        table.add_row(
+            r.topic,
+            str(r.sft),
+            str(r.dpo),
+            str(r.eval),
+            f"{r.sft_tokens:,}",
+            str(r.p50),
+            str(r.p95),
+            str(r.max),
+            str(r.sft_over),
+            str(r.dpo_over),
+            r.action,
+        )
     console.print(table)
     over = sum(r.sft_over + r.dpo_over for r in rows)
     console.print(
@@ -48,8 +64,10 @@ def print_step_budget(console: Console, b: dict) -> None:
         console.print(f"[yellow]warning[/yellow]: {w['message']}\n  fix: {w['fix']}")
     if not b["warnings"]:
         t = b["thresholds"]
-        console.print(f"[green]step budget OK[/green]: every stage has at least {t['min_steps']} steps and leaves "
-                      f"warmup; DPO passes at most {t['max_dpo_passes']:g}")
+        console.print(
+            f"[green]step budget OK[/green]: every stage has at least {t['min_steps']} steps and leaves "
+            f"warmup; DPO passes at most {t['max_dpo_passes']:g}"
+        )
 
 
 def print_data_warnings(console: Console, warnings: list[str]) -> None:
@@ -57,8 +75,10 @@ def print_data_warnings(console: Console, warnings: list[str]) -> None:
     for message in warnings:
         console.print(f"[yellow]warning[/yellow] {message}", soft_wrap=True)
     if warnings:
-        console.print(f"[yellow]{len(warnings)} warning(s)[/yellow]: an eval question that training sees does "
-                      "not measure held-out ability; reword it or drop the training example")
+        console.print(
+            f"[yellow]{len(warnings)} warning(s)[/yellow]: an eval question that training sees does "
+            "not measure held-out ability; reword it or drop the training example"
+        )
 
 
 def _gb(x: float) -> str:
@@ -67,26 +87,40 @@ def _gb(x: float) -> str:
 
 def print_plan(console: Console, s: dict) -> None:
     m, lora, hw = s["model"], s["lora"], s["hardware"]
-    console.print(f"[bold]{s['run']}[/bold]: {m['name']} ({m['path']}) - {m['total_params']:,} params, "
-                  f"{m['layers']} layers")
-    console.print(f"LoRA {lora['strategy']}: r={lora['rank']} alpha={lora['alpha']} dropout={lora['dropout']}"
-                  f"{' rsLoRA' if lora['use_rslora'] else ''} - {lora['trainable_params']:,} trainable "
-                  f"({lora['trainable_percent']}%)")
+    console.print(
+        f"[bold]{s['run']}[/bold]: {m['name']} ({m['path']}) - {m['total_params']:,} params, {m['layers']} layers"
+    )
+    console.print(
+        f"LoRA {lora['strategy']}: r={lora['rank']} alpha={lora['alpha']} dropout={lora['dropout']}"
+        f"{' rsLoRA' if lora['use_rslora'] else ''} - {lora['trainable_params']:,} trainable "
+        f"({lora['trainable_percent']}%)"
+    )
     zones = Table(title="zones")
     for col in ("zone", "layers", "modules", "rank", "alpha", "params"):
         zones.add_column(col, justify="right" if col in ("rank", "alpha", "params") else "left")
     for z in lora["zones"]:
-        zones.add_row(z["name"], f"{z['layers'][0]}-{z['layers'][1]} ({z['num_layers']})", " ".join(z["modules"]),
-                      str(z["rank"]), f"{z['alpha']:g}", f"{z['params']:,}")
+        zones.add_row(
+            z["name"],
+            f"{z['layers'][0]}-{z['layers'][1]} ({z['num_layers']})",
+            " ".join(z["modules"]),
+            str(z["rank"]),
+            f"{z['alpha']:g}",
+            f"{z['params']:,}",
+        )
     zones.add_row("total", "", "", "", "", f"{lora['trainable_params']:,}", style="bold")
     console.print(zones)
     a = s["adapter"]
-    console.print(f"adapter size: {a['bf16_mb']} MB in bf16, {a['fp32_mb']} MB in fp32 "
-                  f"(the seed's {a['seed_claim_mb']} MB is neither)")
+    console.print(
+        f"adapter size: {a['bf16_mb']} MB in bf16, {a['fp32_mb']} MB in fp32 "
+        f"(the seed's {a['seed_claim_mb']} MB is neither)"
+    )
     mem = s["memory"]
-    title = (f"memory per device (GB) - {hw['profile']}: {hw['devices']} device(s), {s['quantization']}, "
-             f"ZeRO-{hw['deepspeed_stage']}" if hw["deepspeed_stage"] else
-             f"memory per device (GB) - {hw['profile']}: {hw['devices']} device(s), {s['quantization']}")
+    title = (
+        f"memory per device (GB) - {hw['profile']}: {hw['devices']} device(s), {s['quantization']}, "
+        f"ZeRO-{hw['deepspeed_stage']}"
+        if hw["deepspeed_stage"]
+        else f"memory per device (GB) - {hw['profile']}: {hw['devices']} device(s), {s['quantization']}"
+    )
     table = Table(title=title)
     table.add_column("term")
     table.add_column("SFT", justify="right")
@@ -101,8 +135,10 @@ def print_plan(console: Console, s: dict) -> None:
     console.print(table)
     console.print("(`mindprint-ray report CFG` explains each term)")
     verdict = "[green]fits[/green]" if mem["fits"] else "[red]does not fit[/red]"
-    console.print(f"peak ({mem['phase']}): {_gb(mem['per_device_gb']['total'])} GB of {_gb(mem['capacity_gb'])} GB "
-                  f"capacity - {verdict}")
+    console.print(
+        f"peak ({mem['phase']}): {_gb(mem['per_device_gb']['total'])} GB of {_gb(mem['capacity_gb'])} GB "
+        f"capacity - {verdict}"
+    )
     for r in mem.get("remedies", []):
         console.print(f"  remedy: {r['remedy']}: {_gb(r['total_gb'])} GB - {'fits' if r['fits'] else 'still too big'}")
     _print_time(console, s.get("time", {}))
@@ -119,15 +155,24 @@ def _print_time(console: Console, t: dict) -> None:
         console.print(f"[yellow]time and cost not estimated[/yellow]: {t['error']}")
         return
     m, p = t["mfu"], t["price"]
-    console.print(f"time: {t['effective_tflops']['sft']:,.0f} effective TFLOP/s (MFU {m['sft']:.3g} SFT / "
-                  f"{m['dpo']:.3g} DPO, {m['source']}: {m['note']}); tokens {t['token_count']}")
+    console.print(
+        f"time: {t['effective_tflops']['sft']:,.0f} effective TFLOP/s (MFU {m['sft']:.3g} SFT / "
+        f"{m['dpo']:.3g} DPO, {m['source']}: {m['note']}); tokens {t['token_count']}"
+    )
     table = Table(title=f"time and cost per topic - ${p['per_hour']:,.2f}/h ({p['basis']}, {p['key']}, {p['date']})")
     for col in ("topic", "SFT tokens", "DPO tokens", "SFT", "DPO", "total", "cost"):
         table.add_column(col, justify="left" if col == "topic" else "right")
     for r in t["topics"]:
         dpo = r.get("dpo", {"tokens": 0, "hours": 0.0})
-        table.add_row(r["topic"], f"{r['sft']['tokens']:,}", f"{dpo['tokens']:,}", _hours(r["sft"]["hours"]),
-                      _hours(dpo["hours"]), _hours(r["hours"]), f"${r['cost_usd']:,.2f}")
+        table.add_row(
+            r["topic"],
+            f"{r['sft']['tokens']:,}",
+            f"{dpo['tokens']:,}",
+            _hours(r["sft"]["hours"]),
+            _hours(dpo["hours"]),
+            _hours(r["hours"]),
+            f"${r['cost_usd']:,.2f}",
+        )
     table.add_row("curriculum", "", "", "", "", _hours(t["curriculum_hours"]), f"${t['cost_usd']:,.2f}", style="bold")
     console.print(table)
     line = f"curriculum: on-demand ${t['cost_on_demand_usd']:,.2f}, spot ${t['cost_spot_usd']:,.2f}"
@@ -164,10 +209,14 @@ def print_before_after(console: Console, summary: dict) -> None:
         table.add_column(col, justify="left" if col == "topic" else "right", no_wrap=True)
     for r in rows:
         b, a, g = r["base"], r["after"], r["gain"]
-        table.add_row(r["topic"], _ci(b.get("voice_fidelity"), b.get("voice_fidelity_ci")),
-                      _ci(a.get("voice_fidelity"), a.get("voice_fidelity_ci")), _ci(g.get("diff"), g.get("diff_ci")),
-                      f"{_ci(b.get('accuracy'), None)} -> {_ci(a.get('accuracy'), None)}",
-                      f"{_ci(b.get('general_ppl'), None, 2)} -> {_ci(a.get('general_ppl'), None, 2)}")
+        table.add_row(
+            r["topic"],
+            _ci(b.get("voice_fidelity"), b.get("voice_fidelity_ci")),
+            _ci(a.get("voice_fidelity"), a.get("voice_fidelity_ci")),
+            _ci(g.get("diff"), g.get("diff_ci")),
+            f"{_ci(b.get('accuracy'), None)} -> {_ci(a.get('accuracy'), None)}",
+            f"{_ci(b.get('general_ppl'), None, 2)} -> {_ci(a.get('general_ppl'), None, 2)}",
+        )
     console.print(table)
     for line in summary.get("targets", {}).get("lines", []):
         console.print(f"  {line}")

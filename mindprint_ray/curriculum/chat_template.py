@@ -11,9 +11,10 @@ model learns to stop. Templates where a shorter conversation does not render as 
 Pure Python: `render(messages, add_generation_prompt) -> str` is passed in, from jinja2 in the core
 (`tokens.TokenCounter`) or from a tokenizer's `apply_chat_template` in the backends.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from mindprint_ray.curriculum.topics import Record
 from mindprint_ray.errors import UserError
@@ -44,10 +45,12 @@ def assistant_spans(render: Render, messages: list[dict]) -> tuple[str, list[tup
         before = render(messages[:i], True)
         through = render(messages[: i + 1], False)
         if not full.startswith(through) or not through.startswith(before):
-            raise TemplateError(f"the template does not render turn {i} as a prefix of the whole conversation "
-                                "(it rewrites earlier turns), so assistant turns cannot be located")
+            raise TemplateError(
+                f"the template does not render turn {i} as a prefix of the whole conversation "
+                "(it rewrites earlier turns), so assistant turns cannot be located"
+            )
         end = len(through.rstrip())
-        if end <= len(before) or message["content"].strip() not in through[len(before):end]:
+        if end <= len(before) or message["content"].strip() not in through[len(before) : end]:
             raise TemplateError(f"assistant turn {i}'s text is not where the template's generation prompt ends")
         spans.append((len(before), end))
     return full, spans
@@ -59,8 +62,10 @@ def end_of_turn_token(render: Render, special_tokens: Sequence[str]) -> str:
     turn = text[start:end]
     closing = [t for t in special_tokens if t and turn.endswith(t)]
     if not closing:
-        raise TemplateError("the template closes an assistant turn with no special token, so a trained model "
-                            f"would not know when to stop (an assistant turn renders as {turn!r})")
+        raise TemplateError(
+            "the template closes an assistant turn with no special token, so a trained model "
+            f"would not know when to stop (an assistant turn renders as {turn!r})"
+        )
     return max(closing, key=len)
 
 
@@ -73,8 +78,9 @@ def token_mask(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, in
     return mask
 
 
-def conversation_tokens(tokenizer, messages: list[dict], assistant_only: bool = True,
-                        skip_turns: int = 0) -> tuple[list[int], list[int]]:
+def conversation_tokens(
+    tokenizer, messages: list[dict], assistant_only: bool = True, skip_turns: int = 0
+) -> tuple[list[int], list[int]]:
     """Token ids of a conversation through a Hugging Face tokenizer's chat template and, per token, 1 where it
     is trained: the assistant turns (content and end-of-turn token; the first `skip_turns` of them excepted),
     or every token when not `assistant_only`. One rule for the Ray and MLX backends."""
@@ -86,18 +92,21 @@ def conversation_tokens(tokenizer, messages: list[dict], assistant_only: bool = 
 
 def hf_renderer(tokenizer) -> Render:
     """`render(messages, add_generation_prompt)` through a Hugging Face tokenizer's own chat template."""
+
     def render(messages: list[dict], add_generation_prompt: bool) -> str:
         if not messages:
             return ""
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
     return render
 
 
 def check_tokenizer(tokenizer, topics: Sequence, system_prompt: str | None, where: str) -> str:
     """`check_template` through a loaded tokenizer (what the trainers use) on every topic's SFT conversations
     and preference pairs (prompt + chosen); returns the end-of-turn token."""
-    return check_template(hf_renderer(tokenizer), tokenizer.all_special_tokens, training_conversations(topics),
-                          system_prompt, where)
+    return check_template(
+        hf_renderer(tokenizer), tokenizer.all_special_tokens, training_conversations(topics), system_prompt, where
+    )
 
 
 def training_conversations(topics: Sequence) -> list[Record]:
@@ -106,12 +115,15 @@ def training_conversations(topics: Sequence) -> list[Record]:
     return [r for t in topics for r in t.sft] + pairs
 
 
-def check_template(render: Render, special_tokens: Sequence[str], records: Iterable, system_prompt: str | None,
-                   template_file: str) -> str:
+def check_template(
+    render: Render, special_tokens: Sequence[str], records: Iterable, system_prompt: str | None, template_file: str
+) -> str:
     """Refuse a template that cannot train or stop; returns its end-of-turn token. `records` are SFT records
     (`file`, `line`, `data["messages"]`): a conversation the template cannot split names its file and line."""
-    hint = ("give the model a chat template whose assistant turns end with a special token (e.g. ChatML's "
-            "<|im_end|>) and that renders a conversation as a prefix of its continuations")
+    hint = (
+        "give the model a chat template whose assistant turns end with a special token (e.g. ChatML's "
+        "<|im_end|>) and that renders a conversation as a prefix of its continuations"
+    )
     try:
         eot = end_of_turn_token(render, special_tokens)
     except TemplateError as e:
@@ -122,9 +134,19 @@ def check_template(render: Render, special_tokens: Sequence[str], records: Itera
         try:
             assistant_spans(render, with_system(record.data["messages"], system_prompt))
         except TemplateError as e:
-            raise UserError(f"chat template of {template_file}: {e}", file=record.file, line=record.line,
-                            field="messages", hint=hint) from None
+            raise UserError(
+                f"chat template of {template_file}: {e}",
+                file=record.file,
+                line=record.line,
+                field="messages",
+                hint=hint,
+            ) from None
         except Exception as e:
-            raise UserError(f"chat template of {template_file} fails on this conversation: {e}", file=record.file,
-                            line=record.line, field="messages", hint=hint) from None
+            raise UserError(
+                f"chat template of {template_file} fails on this conversation: {e}",
+                file=record.file,
+                line=record.line,
+                field="messages",
+                hint=hint,
+            ) from None
     return eot

@@ -1,12 +1,13 @@
 """Per-topic token statistics and the over-long policy (drop / truncate / error), never silent."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mindprint_ray.curriculum.tokens import TokenCounter, percentile
 from mindprint_ray.curriculum.topics import Record, TopicData
 from mindprint_ray.errors import UserError
 from mindprint_ray.spec.run_spec import RunSpec
-from mindprint_ray.curriculum.tokens import TokenCounter, percentile
 
 
 @dataclass
@@ -45,7 +46,9 @@ def _overlong_error(topic: str, over: dict[str, list[Record]]) -> UserError:
     first = over[kind][0]
     return UserError(
         f"example is longer than {kind}.max_seq_length ({len(over['sft'])} SFT and {len(over['dpo'])} DPO "
-        f"examples over the limit in topic '{topic}')", file=first.file, line=first.line,
+        f"examples over the limit in topic '{topic}')",
+        file=first.file,
+        line=first.line,
         field=f"{kind}.max_seq_length",
         hint="shorten the example, raise max_seq_length, or set curriculum.overlong to drop or truncate",
     )
@@ -58,8 +61,10 @@ def apply_overlong(spec: RunSpec, topics: list[TopicData], counter: TokenCounter
     for t in topics:
         sft = [(r, sft_length(counter, r)) for r in t.sft]
         dpo = [(r, dpo_length(counter, r)) for r in t.dpo]
-        over = {"sft": [r for r, n in sft if n > spec.sft.max_seq_length],
-                "dpo": [r for r, n in dpo if n > spec.dpo.max_seq_length]}
+        over = {
+            "sft": [r for r, n in sft if n > spec.sft.max_seq_length],
+            "dpo": [r for r, n in dpo if n > spec.dpo.max_seq_length],
+        }
         n_over = len(over["sft"]) + len(over["dpo"])
         if policy == "error" and n_over:
             raise _overlong_error(t.name, over)
@@ -67,15 +72,27 @@ def apply_overlong(spec: RunSpec, topics: list[TopicData], counter: TokenCounter
             sft = [(r, n) for r, n in sft if n <= spec.sft.max_seq_length]
             dpo = [(r, n) for r, n in dpo if n <= spec.dpo.max_seq_length]
             if not sft:
-                raise UserError(f"every SFT example of topic '{t.name}' is over max_seq_length and would be dropped",
-                                field="sft.max_seq_length", hint="raise max_seq_length or use overlong: truncate")
+                raise UserError(
+                    f"every SFT example of topic '{t.name}' is over max_seq_length and would be dropped",
+                    field="sft.max_seq_length",
+                    hint="raise max_seq_length or use overlong: truncate",
+                )
             t.sft, t.dpo = [r for r, _ in sft], [r for r, _ in dpo]
         lengths = [n for _, n in sft]
-        rows.append(TopicStats(
-            topic=t.name, sft=len(t.sft), dpo=len(t.dpo), eval=len(t.eval),
-            sft_tokens=sum(lengths), dpo_tokens=sum(n for _, n in dpo),
-            p50=percentile(lengths, 50), p95=percentile(lengths, 95), max=max(lengths, default=0),
-            sft_over=len(over["sft"]), dpo_over=len(over["dpo"]),
-            action=({"drop": "dropped", "truncate": "truncated"}.get(policy, "-") if n_over else "-"),
-        ))
+        rows.append(
+            TopicStats(
+                topic=t.name,
+                sft=len(t.sft),
+                dpo=len(t.dpo),
+                eval=len(t.eval),
+                sft_tokens=sum(lengths),
+                dpo_tokens=sum(n for _, n in dpo),
+                p50=percentile(lengths, 50),
+                p95=percentile(lengths, 95),
+                max=max(lengths, default=0),
+                sft_over=len(over["sft"]),
+                dpo_over=len(over["dpo"]),
+                action=({"drop": "dropped", "truncate": "truncated"}.get(policy, "-") if n_over else "-"),
+            )
+        )
     return rows

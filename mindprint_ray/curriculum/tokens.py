@@ -3,6 +3,7 @@
 Uses the `tokenizers` library and jinja2 directly (no torch, no transformers), so `validate` stays fast.
 Without a local tokenizer it falls back to a stated approximation (4 characters per token).
 """
+
 from __future__ import annotations
 
 import json
@@ -104,7 +105,7 @@ class TokenCounter:
         return self.tokenizer is not None and self.template is not None
 
     @classmethod
-    def for_model(cls, model_path: str | None) -> "TokenCounter":
+    def for_model(cls, model_path: str | None) -> TokenCounter:
         found = local_tokenizer_dir(model_path) if model_path else None
         if not found:
             return cls()
@@ -126,8 +127,9 @@ class TokenCounter:
         """The conversation through the model's chat template (as `apply_chat_template(tokenize=False)`)."""
         if not messages:
             return ""
-        return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
-                                    **(self.named_tokens or {}))
+        return self.template.render(
+            messages=messages, add_generation_prompt=add_generation_prompt, tools=None, **(self.named_tokens or {})
+        )
 
     def render(self, messages: list[dict]) -> str:
         if self.template is not None:

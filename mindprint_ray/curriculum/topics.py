@@ -1,13 +1,15 @@
 """Curriculum data: the topic layout, validation with file:line errors, and token statistics."""
+
 from __future__ import annotations
 
 import hashlib
 import json
 import re
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from mindprint_ray.errors import UserError
 from mindprint_ray.spec.run_spec import EvalSection, RunSpec
@@ -75,8 +77,9 @@ def heldout_count(n: int, fraction: float) -> int:
     return min(max(k, 1) if n >= 4 else k, n - 1)
 
 
-def split_pairs(pairs: list, fraction: float,
-                prompt: Callable[[Any], str | list[dict]] = lambda r: r.data["prompt"]) -> tuple[list, list]:
+def split_pairs(
+    pairs: list, fraction: float, prompt: Callable[[Any], str | list[dict]] = lambda r: r.data["prompt"]
+) -> tuple[list, list]:
     """(train, held_out), each in the input order: the pairs whose `pair_id` sorts first are held out.
 
     The one split rule (training, evaluation, the tiny model's warm-up and the time model all use it).
@@ -105,8 +108,12 @@ def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
         while line := f.readline(MAX_LINE_BYTES + 1):
             number += 1
             if len(line) > MAX_LINE_BYTES:
-                raise UserError(f"the line is longer than {MAX_LINE_BYTES // 1024**2} MiB", file=path, line=number,
-                                hint="one JSON object per line; an example this long cannot fit any context")
+                raise UserError(
+                    f"the line is longer than {MAX_LINE_BYTES // 1024**2} MiB",
+                    file=path,
+                    line=number,
+                    hint="one JSON object per line; an example this long cannot fit any context",
+                )
             yield number, line
 
 
@@ -115,11 +122,16 @@ def parse_json_line(text: str, path: Path, number: int) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise UserError(f"invalid JSON: {e.msg} at column {e.colno}", file=path, line=number,
-                        hint="each line must be one complete JSON object") from None
+        raise UserError(
+            f"invalid JSON: {e.msg} at column {e.colno}",
+            file=path,
+            line=number,
+            hint="each line must be one complete JSON object",
+        ) from None
     except RecursionError:
-        raise UserError("the JSON is nested too deeply", file=path, line=number,
-                        hint="an example is a flat object of messages") from None
+        raise UserError(
+            "the JSON is nested too deeply", file=path, line=number, hint="an example is a flat object of messages"
+        ) from None
     except ValueError as e:  # e.g. an integer of more than 4300 digits
         raise UserError(f"invalid JSON value: {e}", file=path, line=number) from None
 
@@ -134,8 +146,12 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise UserError(f"not UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1})", file=path,
-                            line=number, hint="save the file as UTF-8") from None
+            raise UserError(
+                f"not UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1})",
+                file=path,
+                line=number,
+                hint="save the file as UTF-8",
+            ) from None
         obj = parse_json_line(text, path, number)
         if not isinstance(obj, dict):
             raise UserError(f"expected a JSON object, got {type(obj).__name__}", file=path, line=number)
@@ -173,29 +189,40 @@ def check_messages(messages: Any, fld: str, where: dict, allowed: tuple[str, ...
             raise UserError("missing field 'role'", field=f"{f}.role", hint="use system, user or assistant", **where)
         role = m["role"]
         if role not in allowed:
-            raise UserError(f"role '{role}' is not one of {', '.join(allowed)}", field=f"{f}.role",
-                            hint="rename the role", **where)
+            raise UserError(
+                f"role '{role}' is not one of {', '.join(allowed)}", field=f"{f}.role", hint="rename the role", **where
+            )
         if "content" not in m:
             raise UserError("missing field 'content'", field=f"{f}.content", **where)
         _text(m["content"], f"{f}.content", where)
         if role == "system" and i != 0:
             raise UserError("a system message may only come first", field=f"{f}.role", **where)
         if role == previous and role != "system":
-            raise UserError(f"two '{role}' turns in a row", field=f"{f}.role",
-                            hint="alternate user and assistant turns", **where)
+            raise UserError(
+                f"two '{role}' turns in a row", field=f"{f}.role", hint="alternate user and assistant turns", **where
+            )
         previous = role
     return messages
 
 
 def check_sft(obj: dict, where: dict) -> dict:
-    messages = check_messages(_need(obj, "messages", where, 'write {"messages": [{"role": "user", ...}, ...]}'),
-                              "messages", where)
+    messages = check_messages(
+        _need(obj, "messages", where, 'write {"messages": [{"role": "user", ...}, ...]}'), "messages", where
+    )
     if not any(m["role"] == "assistant" for m in messages):
-        raise UserError("the conversation has no assistant turn", field="messages",
-                        hint="add the teacher's answer as an assistant message", **where)
+        raise UserError(
+            "the conversation has no assistant turn",
+            field="messages",
+            hint="add the teacher's answer as an assistant message",
+            **where,
+        )
     if messages[-1]["role"] != "assistant":
-        raise UserError("the conversation ends with a user turn", field=f"messages[{len(messages) - 1}]",
-                        hint="end with the assistant's answer", **where)
+        raise UserError(
+            "the conversation ends with a user turn",
+            field=f"messages[{len(messages) - 1}]",
+            hint="end with the assistant's answer",
+            **where,
+        )
     return {"messages": messages}
 
 
@@ -213,8 +240,12 @@ def check_dpo(obj: dict, where: dict) -> dict:
     chosen = _as_messages(_need(obj, "chosen", where, hint), "chosen", where, "assistant", ("assistant",))
     rejected = _as_messages(_need(obj, "rejected", where, hint), "rejected", where, "assistant", ("assistant",))
     if [m["content"].strip() for m in chosen] == [m["content"].strip() for m in rejected]:
-        raise UserError("chosen is identical to rejected", field="rejected",
-                        hint="the rejected answer must differ (a flat or wrong answer), or drop the pair", **where)
+        raise UserError(
+            "chosen is identical to rejected",
+            field="rejected",
+            hint="the rejected answer must differ (a flat or wrong answer), or drop the pair",
+            **where,
+        )
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
@@ -238,8 +269,12 @@ def check_eval(obj: dict, where: dict) -> dict:
             raise UserError(f"answer must be an index 0-{len(choices) - 1}", field="answer", **where)
         out["choices"], out["answer"] = choices, answer
     elif "reference" not in out:
-        raise UserError("an eval item needs a reference answer or multiple-choice options", field="reference",
-                        hint="add 'reference' (open question) or 'choices' + 'answer'", **where)
+        raise UserError(
+            "an eval item needs a reference answer or multiple-choice options",
+            field="reference",
+            hint="add 'reference' (open question) or 'choices' + 'answer'",
+            **where,
+        )
     return out
 
 
@@ -261,15 +296,23 @@ def needed_files(spec: RunSpec) -> list[str]:
 def load_topic(data_dir: Path, topic: str, kinds: list[str], heldout_fraction: float = HELDOUT_DEFAULT) -> TopicData:
     folder = data_dir / topic
     if not folder.is_dir():
-        raise UserError(f"topic folder '{topic}' not found in {data_dir}", file=folder, field="curriculum.topics",
-                        hint=f"create {folder}/ with {', '.join(FILES[k] for k in kinds)}, or remove the topic")
+        raise UserError(
+            f"topic folder '{topic}' not found in {data_dir}",
+            file=folder,
+            field="curriculum.topics",
+            hint=f"create {folder}/ with {', '.join(FILES[k] for k in kinds)}, or remove the topic",
+        )
     data = TopicData(topic, heldout_fraction=heldout_fraction)
     for kind in kinds:
         path = folder / FILES[kind]
         if not path.is_file():
-            raise UserError(f"missing {FILES[kind]} for topic '{topic}'", file=path,
-                            hint="add the file" + (" or set dpo.enabled: false" if kind == "dpo" else "")
-                            + (" or set eval.enabled: false" if kind == "eval" else ""))
+            raise UserError(
+                f"missing {FILES[kind]} for topic '{topic}'",
+                file=path,
+                hint="add the file"
+                + (" or set dpo.enabled: false" if kind == "dpo" else "")
+                + (" or set eval.enabled: false" if kind == "eval" else ""),
+            )
         records = getattr(data, kind)
         for number, obj in read_jsonl(path):
             where = {"file": str(path), "line": number}
@@ -283,8 +326,11 @@ def load_curriculum(spec: RunSpec) -> list[TopicData]:
 
     data_dir = Path(materialize_data_dir(spec.curriculum.data_dir))
     if not data_dir.is_dir():
-        raise UserError(f"data_dir '{data_dir}' does not exist", field="curriculum.data_dir",
-                        hint="point curriculum.data_dir at the folder holding one sub-folder per topic")
+        raise UserError(
+            f"data_dir '{data_dir}' does not exist",
+            field="curriculum.data_dir",
+            hint="point curriculum.data_dir at the folder holding one sub-folder per topic",
+        )
     kinds = needed_files(spec)
     topics = [load_topic(data_dir, t, kinds, spec.eval.heldout_pairs) for t in spec.curriculum.topics]
     if spec.eval.enabled:
@@ -297,20 +343,32 @@ def load_curriculum(spec: RunSpec) -> list[TopicData]:
 def load_persona(path: Path) -> dict:
     """The persona profile: lexicon terms and voice-marker groups (hedges, confidence, teaching)."""
     if not path.is_file():
-        raise UserError("persona profile not found", file=path, field="curriculum.persona",
-                        hint="add persona.yaml beside the data (lexicon + voice_markers), or set eval.enabled: false")
+        raise UserError(
+            "persona profile not found",
+            file=path,
+            field="curriculum.persona",
+            hint="add persona.yaml beside the data (lexicon + voice_markers), or set eval.enabled: false",
+        )
     data = load_yaml(path)
     if not isinstance(data, dict):
-        raise UserError("persona profile must be a mapping (lexicon: [...], voice_markers: {...})", file=path,
-                        hint="see data/curriculum/persona.yaml")
+        raise UserError(
+            "persona profile must be a mapping (lexicon: [...], voice_markers: {...})",
+            file=path,
+            hint="see data/curriculum/persona.yaml",
+        )
     lexicon, markers = data.get("lexicon"), data.get("voice_markers")
     if not isinstance(lexicon, list) or not lexicon or not all(_phrase(t) for t in lexicon):
         raise UserError("needs a non-empty list of non-empty terms", file=path, field="lexicon")
-    if not isinstance(markers, dict) or not markers or not all(
-        isinstance(k, str) and isinstance(v, list) and v and all(_phrase(x) for x in v) for k, v in markers.items()
+    if (
+        not isinstance(markers, dict)
+        or not markers
+        or not all(
+            isinstance(k, str) and isinstance(v, list) and v and all(_phrase(x) for x in v) for k, v in markers.items()
+        )
     ):
-        raise UserError("needs groups of marker phrases (hedges, confidence, teaching)", file=path,
-                        field="voice_markers")
+        raise UserError(
+            "needs groups of marker phrases (hedges, confidence, teaching)", file=path, field="voice_markers"
+        )
     return data
 
 
@@ -322,9 +380,13 @@ def _phrase(value: Any) -> bool:
 def load_general_text(path: Path) -> list[dict]:
     """The general-ability guard's neutral text: {question, answer} items from JSONL or YAML (`items:` or a list)."""
     if not path.is_file():
-        raise UserError("general-ability text not found", file=path, field="eval.general_text",
-                        hint="point eval.general_text at a JSONL/YAML file of {question, answer} items, "
-                             "or set eval.max_general_ppl_increase: null")
+        raise UserError(
+            "general-ability text not found",
+            file=path,
+            field="eval.general_text",
+            hint="point eval.general_text at a JSONL/YAML file of {question, answer} items, "
+            "or set eval.max_general_ppl_increase: null",
+        )
     if path.suffix == ".jsonl":
         rows = [({"file": str(path), "line": n}, "", obj) for n, obj in read_jsonl(path)]
     else:
@@ -339,8 +401,12 @@ def load_general_text(path: Path) -> list[dict]:
 def _general_item(obj: Any, where: dict, label: str) -> dict:
     for key in ("question", "answer"):
         if not isinstance(obj, dict) or not isinstance(obj.get(key), str) or not obj[key].strip():
-            raise UserError(f"needs a non-empty '{key}' string", field=label + key,
-                            hint="each item is {question: ..., answer: ...} in plain text", **where)
+            raise UserError(
+                f"needs a non-empty '{key}' string",
+                field=label + key,
+                hint="each item is {question: ..., answer: ...} in plain text",
+                **where,
+            )
     return {"question": obj["question"], "answer": obj["answer"]}
 
 
@@ -362,8 +428,10 @@ class Overlap:
 
     def message(self) -> str:
         short = self.question if len(self.question) <= 70 else self.question[:67] + "..."
-        return (f"{self.file}:{self.line}: eval question \"{short}\" is also a trained {self.kind} at "
-                f"{self.other_file}:{self.other_line}; it does not measure held-out ability")
+        return (
+            f'{self.file}:{self.line}: eval question "{short}" is also a trained {self.kind} at '
+            f"{self.other_file}:{self.other_line}; it does not measure held-out ability"
+        )
 
 
 def training_prompts(topics: list[TopicData]) -> dict[str, tuple[str, Record]]:

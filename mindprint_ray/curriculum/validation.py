@@ -1,15 +1,16 @@
 """Everything that must hold before any training starts: spec, zones, hardware, data, token lengths."""
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 from mindprint_ray.curriculum.chat_template import check_template, training_conversations
+from mindprint_ray.curriculum.data_stats import TopicStats, apply_overlong
+from mindprint_ray.curriculum.tokens import TokenCounter
 from mindprint_ray.curriculum.topics import TopicData, load_curriculum
 from mindprint_ray.errors import UserError
-from mindprint_ray.curriculum.data_stats import TopicStats, apply_overlong
 from mindprint_ray.planning.run_plan import RunPlan, load_run
-from mindprint_ray.curriculum.tokens import TokenCounter
 
 
 def validate_run(run: RunPlan) -> tuple[list[TopicData], list[TopicStats], TokenCounter]:
@@ -21,8 +22,14 @@ def validate_run(run: RunPlan) -> tuple[list[TopicData], list[TopicStats], Token
     return topics, rows, counter
 
 
-ARCH_KEYS = {"num_hidden_layers": "num_layers", "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
-             "num_attention_heads": "num_heads", "num_key_value_heads": "num_kv_heads", "vocab_size": "vocab_size"}
+ARCH_KEYS = {
+    "num_hidden_layers": "num_layers",
+    "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "num_attention_heads": "num_heads",
+    "num_key_value_heads": "num_kv_heads",
+    "vocab_size": "vocab_size",
+}
 
 
 def check_model_matches(run: RunPlan) -> None:
@@ -35,10 +42,13 @@ def check_model_matches(run: RunPlan) -> None:
     config = config.get("text_config", config)  # multimodal folders (gemma-3) keep the decoder's in text_config
     for key, field in ARCH_KEYS.items():
         if key in config and config[key] != getattr(run.arch, field):
-            raise UserError(f"the model folder's {key} is {config[key]}, but {run.arch.name} has "
-                            f"{getattr(run.arch, field)}", file=config_file, field="model.name",
-                            hint="set model.name to the folder's model (or a name outside the registry, so that "
-                                 "its config.json is used)")
+            raise UserError(
+                f"the model folder's {key} is {config[key]}, but {run.arch.name} has {getattr(run.arch, field)}",
+                file=config_file,
+                field="model.name",
+                hint="set model.name to the folder's model (or a name outside the registry, so that "
+                "its config.json is used)",
+            )
 
 
 def check_local_template(run: RunPlan, topics: list[TopicData], counter: TokenCounter) -> None:
@@ -48,12 +58,23 @@ def check_local_template(run: RunPlan, topics: list[TopicData], counter: TokenCo
         return
     if counter.template is None:
         if counter.template_error:
-            raise UserError(f"the chat template does not compile: {counter.template_error}",
-                            file=counter.template_file, hint="fix the template's jinja syntax")
-        raise UserError(f"the model at {run.model_path} has no chat template", file=counter.template_file,
-                        hint="add chat_template.jinja to the model folder (e.g. ChatML)")
-    check_template(counter.render_chat, counter.special_tokens, training_conversations(topics),
-                   run.spec.curriculum.system_prompt, counter.template_file)
+            raise UserError(
+                f"the chat template does not compile: {counter.template_error}",
+                file=counter.template_file,
+                hint="fix the template's jinja syntax",
+            )
+        raise UserError(
+            f"the model at {run.model_path} has no chat template",
+            file=counter.template_file,
+            hint="add chat_template.jinja to the model folder (e.g. ChatML)",
+        )
+    check_template(
+        counter.render_chat,
+        counter.special_tokens,
+        training_conversations(topics),
+        run.spec.curriculum.system_prompt,
+        counter.template_file,
+    )
 
 
 def data_warnings(run: RunPlan) -> list[str]:

@@ -3,10 +3,11 @@
 summary.json layout read here: topics.<topic>.eval.<stage>.<metric>, stages `base`, `after_sft`,
 `after_dpo` for the topic's own eval set; an earlier topic re-evaluated during topic T's stage S is stored
 under that earlier topic as stage `S@T` (see `summary_entries`). Pure Python."""
+
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 from mindprint_ray.evaluation.metrics import compare_stages, stability
 
@@ -52,8 +53,11 @@ def _earlier(summary: dict, spec, topic: str) -> list[str]:
 
 
 def _target_misses(topic: str, stage: str, scores: dict, goal: dict[str, float]) -> list[dict]:
-    return [{"kind": "miss", "topic": topic, "stage": stage, "metric": k, "value": scores[k], "target": goal[k]}
-            for k in GATED if scores.get(k) is not None and scores[k] < goal[k]]
+    return [
+        {"kind": "miss", "topic": topic, "stage": stage, "metric": k, "value": scores[k], "target": goal[k]}
+        for k in GATED
+        if scores.get(k) is not None and scores[k] < goal[k]
+    ]
 
 
 def _general_misses(topic: str, stage: str, evals: dict, increase: float | None) -> list[dict]:
@@ -61,8 +65,18 @@ def _general_misses(topic: str, stage: str, evals: dict, increase: float | None)
     base, now = evals.get("base", {}).get("general_ppl"), evals.get(stage, {}).get("general_ppl")
     if increase is None or base is None or now is None or now <= base * (1 + increase):
         return []
-    return [{"kind": "general", "topic": topic, "stage": stage, "metric": "general_ppl", "value": now,
-             "base": base, "limit": base * (1 + increase), "increase": increase}]
+    return [
+        {
+            "kind": "general",
+            "topic": topic,
+            "stage": stage,
+            "metric": "general_ppl",
+            "value": now,
+            "base": base,
+            "limit": base * (1 + increase),
+            "increase": increase,
+        }
+    ]
 
 
 def _regressions(summary: dict, spec, topic: str, stage: str) -> list[dict]:
@@ -72,22 +86,38 @@ def _regressions(summary: dict, spec, topic: str, stage: str) -> list[dict]:
         own, now = evals.get(latest_stage(evals) or "", {}), evals.get(recheck_key(stage, topic), {})
         for k in GATED:
             if own.get(k) is not None and now.get(k) is not None and own[k] - now[k] > spec.eval.regression_margin:
-                out.append({"kind": "regression", "topic": t, "after": topic, "stage": stage, "metric": k,
-                            "before": own[k], "value": now[k], "margin": spec.eval.regression_margin})
+                out.append(
+                    {
+                        "kind": "regression",
+                        "topic": t,
+                        "after": topic,
+                        "stage": stage,
+                        "metric": k,
+                        "before": own[k],
+                        "value": now[k],
+                        "margin": spec.eval.regression_margin,
+                    }
+                )
     return out
 
 
 def _message(miss: dict) -> str:
     name = miss["metric"].replace("_", " ")
     if miss["kind"] == "general":
-        return (f"topic '{miss['topic']}' {miss['stage']}: general-text perplexity {miss['value']:.2f} is above "
-                f"base {miss['base']:.2f} x {1 + miss['increase']:.2f} = {miss['limit']:.2f}: the adapter may be "
-                f"damaging general ability (eval.max_general_ppl_increase)")
+        return (
+            f"topic '{miss['topic']}' {miss['stage']}: general-text perplexity {miss['value']:.2f} is above "
+            f"base {miss['base']:.2f} x {1 + miss['increase']:.2f} = {miss['limit']:.2f}: the adapter may be "
+            f"damaging general ability (eval.max_general_ppl_increase)"
+        )
     if miss["kind"] == "miss":
-        return (f"topic '{miss['topic']}' {miss['stage']}: {name} {miss['value']:.3f} is below the target "
-                f"{miss['target']:.2f}")
-    return (f"topic '{miss['topic']}' regressed after '{miss['after']}' ({miss['stage']}): {name} "
-            f"{miss['before']:.3f} -> {miss['value']:.3f}, a drop above the margin {miss['margin']:.2f}")
+        return (
+            f"topic '{miss['topic']}' {miss['stage']}: {name} {miss['value']:.3f} is below the target "
+            f"{miss['target']:.2f}"
+        )
+    return (
+        f"topic '{miss['topic']}' regressed after '{miss['after']}' ({miss['stage']}): {name} "
+        f"{miss['before']:.3f} -> {miss['value']:.3f}, a drop above the margin {miss['margin']:.2f}"
+    )
 
 
 def check_gates(summary: dict, spec, topic: str) -> GateResult:
@@ -96,9 +126,11 @@ def check_gates(summary: dict, spec, topic: str) -> GateResult:
     stage = latest_stage(evals)
     if stage is None:
         return GateResult()
-    misses = (_target_misses(topic, stage, evals[stage], targets(spec))
-              + _general_misses(topic, stage, evals, spec.eval.max_general_ppl_increase)
-              + _regressions(summary, spec, topic, stage))
+    misses = (
+        _target_misses(topic, stage, evals[stage], targets(spec))
+        + _general_misses(topic, stage, evals, spec.eval.max_general_ppl_increase)
+        + _regressions(summary, spec, topic, stage)
+    )
     stop = bool(misses) and spec.eval.on_miss == "stop"
     messages = [_message(x) for x in misses]
     if stop:
@@ -154,16 +186,20 @@ def heldout_gains(summary: dict, spec) -> dict[str, dict]:
         evals = entry.get("eval", {})
         stage = latest_stage(evals)
         if stage and "base" in evals and evals[stage].get("voice_fidelity_ci") is not None:
-            out[t] = {"stage": stage, **compare_stages(evals["base"], evals[stage], "voice_fidelity",
-                                                        spec.eval.weights, seed=spec.seed)}
+            out[t] = {
+                "stage": stage,
+                **compare_stages(evals["base"], evals[stage], "voice_fidelity", spec.eval.weights, seed=spec.seed),
+            }
     return out
 
 
 def _gain_line(gains: dict[str, dict]) -> str:
     shown = sum(g["above"] and g["excludes_before"] for g in gains.values())
     paired = sum(bool(g.get("differs")) and (g.get("diff") or 0) > 0 for g in gains.values())
-    return (f"held-out voice fidelity above base with its 95% interval excluding the base score in "
-            f"{shown}/{len(gains)} topics; paired difference above 0 (95% interval) in {paired}/{len(gains)}")
+    return (
+        f"held-out voice fidelity above base with its 95% interval excluding the base score in "
+        f"{shown}/{len(gains)} topics; paired difference above 0 (95% interval) in {paired}/{len(gains)}"
+    )
 
 
 def _metric_line(name: str, target: float, scores: dict[str, dict], key: str) -> tuple[bool, str]:
@@ -197,9 +233,18 @@ def final_statement(summary: dict, spec, records: Iterable[dict] | None = None) 
     stab = stability(records) if records is not None else None
     if stab is not None:
         checks["stability"] = stab["stable"]
-        lines.append(f"stability: {stab['nan_inf']} NaN/inf values, {stab['loss_spikes']} loss spikes "
-                     f"over {stab['steps']} logged steps")
+        lines.append(
+            f"stability: {stab['nan_inf']} NaN/inf values, {stab['loss_spikes']} loss spikes "
+            f"over {stab['steps']} logged steps"
+        )
     met = all(checks.values())
     lines.append("all targets met" if met else "targets not met: " + ", ".join(k for k, v in checks.items() if not v))
-    return {"met": met, "checks": checks, "stability": stab, "dpo_gain": gains, "heldout_gain": heldout, "lines": lines,
-            "statement": "; ".join(lines)}
+    return {
+        "met": met,
+        "checks": checks,
+        "stability": stab,
+        "dpo_gain": gains,
+        "heldout_gain": heldout,
+        "lines": lines,
+        "statement": "; ".join(lines),
+    }

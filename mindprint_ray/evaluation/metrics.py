@@ -1,13 +1,14 @@
 """Pure-Python evaluation metrics: voice markers, lexicon, key facts, composite fidelity, stability.
 
 Every score is in [0, 1]; the formulas are documented in docs/evaluation.md. No torch here."""
+
 from __future__ import annotations
 
 import math
 import random
 import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from statistics import median
-from typing import Callable, Iterable, Mapping, Sequence
 
 from mindprint_ray.errors import UserError
 
@@ -117,11 +118,17 @@ def check_weights(weights: Mapping[str, float] | None) -> dict[str, float]:
     weights = dict(DEFAULT_WEIGHTS if weights is None else weights)
     unknown = sorted(set(weights) - set(COMPONENTS))
     if unknown:
-        raise UserError(f"unknown voice-fidelity component(s) {unknown}", field="eval.weights",
-                        hint=f"use only {', '.join(COMPONENTS)}")
+        raise UserError(
+            f"unknown voice-fidelity component(s) {unknown}",
+            field="eval.weights",
+            hint=f"use only {', '.join(COMPONENTS)}",
+        )
     if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
-        raise UserError("voice-fidelity weights must be non-negative and not all zero", field="eval.weights",
-                        hint="e.g. {markers: 0.3, lexicon: 0.2, semantic: 0.3, preference: 0.2}")
+        raise UserError(
+            "voice-fidelity weights must be non-negative and not all zero",
+            field="eval.weights",
+            hint="e.g. {markers: 0.3, lexicon: 0.2, semantic: 0.3, preference: 0.2}",
+        )
     return weights
 
 
@@ -161,8 +168,13 @@ def item_lists(items: Mapping[str, Mapping]) -> dict[str, list]:
 # ---- bootstrap intervals ------------------------------------------------------------------------------
 
 
-def bootstrap(groups: Mapping[str, Sequence], statistic: Callable[[dict[str, list]], Mapping[str, float | None]],
-              resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL) -> dict[str, list[float] | None]:
+def bootstrap(
+    groups: Mapping[str, Sequence],
+    statistic: Callable[[dict[str, list]], Mapping[str, float | None]],
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+    level: float = LEVEL,
+) -> dict[str, list[float] | None]:
     """Percentile bootstrap: resample each group's items with replacement (independently, same sizes),
     recompute `statistic` (a dict of named values), and return each name's [lo, hi] central `level`
     interval; None for a name that was never computable. Seeded: the same inputs give the same interval."""
@@ -177,14 +189,20 @@ def bootstrap(groups: Mapping[str, Sequence], statistic: Callable[[dict[str, lis
     return {name: [percentile(v, tail), percentile(v, 100 - tail)] if v else None for name, v in draws.items()}
 
 
-def mean_interval(values: Sequence[float], resamples: int = RESAMPLES, seed: int = 0,
-                  level: float = LEVEL) -> list[float] | None:
+def mean_interval(
+    values: Sequence[float], resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL
+) -> list[float] | None:
     """Bootstrap interval of a plain mean (None without values)."""
     return bootstrap({"x": list(values)}, lambda g: {"x": mean(g["x"])}, resamples, seed, level)["x"]
 
 
-def score_intervals(items: Mapping[str, Mapping], weights: Mapping[str, float] | None = None,
-                    resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL) -> dict[str, list[float] | None]:
+def score_intervals(
+    items: Mapping[str, Mapping],
+    weights: Mapping[str, float] | None = None,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+    level: float = LEVEL,
+) -> dict[str, list[float] | None]:
     """`<score>_ci` for every score of `composite`: open items, MC items and pairs resampled independently,
     the composites recomputed with the same weights as the point estimate."""
     weights = check_weights(weights)
@@ -197,9 +215,15 @@ def excludes(interval: Sequence[float] | None, value: float | None) -> bool:
     return interval is not None and value is not None and not interval[0] <= value <= interval[1]
 
 
-def paired_difference(before: Mapping[str, Mapping], after: Mapping[str, Mapping], metric: str,
-                      weights: Mapping[str, float] | None = None, resamples: int = RESAMPLES, seed: int = 0,
-                      level: float = LEVEL) -> dict:
+def paired_difference(
+    before: Mapping[str, Mapping],
+    after: Mapping[str, Mapping],
+    metric: str,
+    weights: Mapping[str, float] | None = None,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+    level: float = LEVEL,
+) -> dict:
     """after - before of one score on the items both stages scored (matched by id), with a paired bootstrap
     interval: each resample draws item ids once and scores both stages on them. `differs`: the interval
     excludes 0."""
@@ -212,22 +236,41 @@ def paired_difference(before: Mapping[str, Mapping], after: Mapping[str, Mapping
         return {"diff": None if a is None or b is None else a - b}
 
     point, ci = diff(ids)["diff"], bootstrap(ids, diff, resamples, seed, level)["diff"]
-    return {"metric": metric, "diff": point, "diff_ci": ci, "differs": excludes(ci, 0.0),
-            "n": {k: len(v) for k, v in ids.items()}}
+    return {
+        "metric": metric,
+        "diff": point,
+        "diff_ci": ci,
+        "differs": excludes(ci, 0.0),
+        "n": {k: len(v) for k, v in ids.items()},
+    }
 
 
-def compare_stages(before: Mapping, after: Mapping, metric: str = "voice_fidelity",
-                   weights: Mapping[str, float] | None = None, seed: int = 0) -> dict:
+def compare_stages(
+    before: Mapping,
+    after: Mapping,
+    metric: str = "voice_fidelity",
+    weights: Mapping[str, float] | None = None,
+    seed: int = 0,
+) -> dict:
     """Whether a stage's score differs from an earlier stage's (two per-topic score dicts from the runner):
     `above` (after > before), `excludes_before` (after's 95% interval leaves out before's point estimate,
     the issue's acceptance test) and the paired difference on shared items (`diff`, `diff_ci`, `differs`)."""
     b, a = before.get(metric), after.get(metric)
-    out = {"before": b, "after": a, "after_ci": after.get(f"{metric}_ci"),
-           "above": a is not None and b is not None and a > b,
-           "excludes_before": excludes(after.get(f"{metric}_ci"), b)}
+    out = {
+        "before": b,
+        "after": a,
+        "after_ci": after.get(f"{metric}_ci"),
+        "above": a is not None and b is not None and a > b,
+        "excludes_before": excludes(after.get(f"{metric}_ci"), b),
+    }
     if "items" in before and "items" in after:
-        out.update({k: v for k, v in paired_difference(before["items"], after["items"], metric, weights,
-                                                        seed=seed).items() if k != "metric"})
+        out.update(
+            {
+                k: v
+                for k, v in paired_difference(before["items"], after["items"], metric, weights, seed=seed).items()
+                if k != "metric"
+            }
+        )
     return out
 
 
@@ -238,8 +281,9 @@ def perplexity(scored: Iterable[tuple[float, int]]) -> float | None:
     return math.exp(-sum(s for s, _ in scored) / tokens) if tokens else None
 
 
-def perplexity_interval(scored: Sequence[tuple[float, int]], resamples: int = RESAMPLES, seed: int = 0,
-                        level: float = LEVEL) -> list[float] | None:
+def perplexity_interval(
+    scored: Sequence[tuple[float, int]], resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL
+) -> list[float] | None:
     """Bootstrap interval of `perplexity` over the items (answers) of the general text."""
     return bootstrap({"x": list(scored)}, lambda g: {"x": perplexity(g["x"])}, resamples, seed, level)["x"]
 
@@ -271,7 +315,7 @@ def loss_spikes(losses: list[float], factor: float = 2.0, window: int = 5, min_j
     """Steps whose loss exceeds `factor` x and `min_jump` + the median of the previous `window` losses."""
     spikes = 0
     for i, loss in enumerate(losses):
-        history = losses[max(0, i - window):i]
+        history = losses[max(0, i - window) : i]
         if len(history) >= min(window, 3):
             base = median(history)
             spikes += loss > factor * base and loss > base + min_jump
@@ -293,6 +337,13 @@ def stability(records: Iterable[dict], spike_factor: float = 2.0, window: int = 
         if _finite(r.get("grad_norm")):
             grads.append(float(r["grad_norm"]))
     spikes = sum(loss_spikes(s, spike_factor, window) for s in series.values())
-    return {"steps": steps, "nan_inf": bad, "loss_spikes": spikes, "stable": bad == 0 and spikes == 0,
-            "grad_norm_p50": percentile(grads, 50), "grad_norm_p90": percentile(grads, 90),
-            "grad_norm_p99": percentile(grads, 99), "grad_norm_max": max(grads) if grads else None}
+    return {
+        "steps": steps,
+        "nan_inf": bad,
+        "loss_spikes": spikes,
+        "stable": bad == 0 and spikes == 0,
+        "grad_norm_p50": percentile(grads, 50),
+        "grad_norm_p90": percentile(grads, 90),
+        "grad_norm_p99": percentile(grads, 99),
+        "grad_norm_max": max(grads) if grads else None,
+    }

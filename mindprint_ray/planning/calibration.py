@@ -4,6 +4,7 @@
 $MINDPRINT_CALIBRATION if set, else $XDG_CACHE_HOME/mindprint-ray/calibration.json (~/.cache/... by default).
 Later estimates for that profile and quantization use the measured MFU instead of the profile's assumption.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -33,8 +34,9 @@ def load_calibration(path: Path | None = None) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as e:  # ValueError: not JSON, not UTF-8
-        raise UserError(f"cannot read the calibration file: {e}", file=path,
-                        hint=f"delete it or point {ENV} elsewhere") from None
+        raise UserError(
+            f"cannot read the calibration file: {e}", file=path, hint=f"delete it or point {ENV} elsewhere"
+        ) from None
     return data if isinstance(data, dict) and isinstance(data.get("entries"), dict) else {"entries": {}}
 
 
@@ -64,16 +66,20 @@ class RunMeasures:
         ms = [s[stage] for s in self.stages.values() if stage in s]
         seconds = sum(m.seconds for m in ms)
         tokens = sum(m.tokens for m in ms)
-        return StageMeasure(tokens, seconds, tokens / seconds if seconds else None,
-                            max((m.peak_memory_gb for m in ms), default=0.0))
+        return StageMeasure(
+            tokens, seconds, tokens / seconds if seconds else None, max((m.peak_memory_gb for m in ms), default=0.0)
+        )
 
 
 def read_run(run_dir: str | Path) -> RunMeasures:
     """Per-stage seconds (first stage_start to last step record), tokens, tokens/s and peak memory."""
     folder = RunFolder(run_dir)
     if not folder.summary_file.is_file() or not folder.spec_file.is_file():
-        raise UserError(f"{folder.root} is not a run folder (needs spec.yaml and summary.json)", file=folder.root,
-                        hint="pass the folder a `train` run wrote: <storage>/<run name>")
+        raise UserError(
+            f"{folder.root} is not a run folder (needs spec.yaml and summary.json)",
+            file=folder.root,
+            hint="pass the folder a `train` run wrote: <storage>/<run name>",
+        )
     summary = folder.summary()
     out = RunMeasures(folder.root, summary.get("profile", ""))
     starts: dict[tuple, float] = {}
@@ -131,8 +137,13 @@ def calibrate(run_dir: str | Path, path: Path | None = None) -> dict:
     if not mfu:
         raise UserError("no topic of the run matches its spec's curriculum", file=measures.root)
     entry = {
-        "profile": run.profile.name, "quant": run.quant, "model": run.arch.name, "run": str(measures.root),
-        "date": datetime.date.today().isoformat(), "devices": run.num_workers, "mfu": mfu,
+        "profile": run.profile.name,
+        "quant": run.quant,
+        "model": run.arch.name,
+        "run": str(measures.root),
+        "date": datetime.date.today().isoformat(),
+        "devices": run.num_workers,
+        "mfu": mfu,
         "tokens_per_s": {s: measures.total(s).tokens_per_s for s in STAGES if s in mfu},
         "peak_memory_gb": {s: measures.total(s).peak_memory_gb for s in STAGES if s in mfu},
         "estimated_peak_memory_gb": {s: round(memory_for_run(run, s).total, 3) for s in STAGES if s in mfu},

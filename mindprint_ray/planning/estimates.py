@@ -1,4 +1,5 @@
 """Estimates for a run plan: memory per device for SFT and DPO, and what would make a plan fit."""
+
 from __future__ import annotations
 
 import math
@@ -12,7 +13,7 @@ from mindprint_ray.planning.zones import ZonePlan, build_plan
 # raises it; we leave this much to macOS and everything else (an assumption, stated in the output).
 RESERVED_FOR_MACOS_GB = 8.0
 WIRED_HEADROOM_GB = 1.0
-MIB = 2 ** 20  # iogpu.wired_limit_mb counts MiB; every other figure here is decimal GB
+MIB = 2**20  # iogpu.wired_limit_mb counts MiB; every other figure here is decimal GB
 
 
 def memory_inputs(run: RunPlan, phase: str = "sft") -> MemoryInputs:
@@ -64,8 +65,9 @@ def remedies(run: RunPlan) -> list[dict]:
 
     def add(what: str, changed: dict[str, MemoryInputs], cap: float = capacity) -> None:
         total = _peak_total(run, changed, run.spec.quantization.double_quant)
-        options.append({"remedy": what, "total_gb": round(total, 2), "capacity_gb": round(cap, 2),
-                        "fits": total <= cap})
+        options.append(
+            {"remedy": what, "total_gb": round(total, 2), "capacity_gb": round(cap, 2), "fits": total <= cap}
+        )
 
     def every(**changes) -> dict[str, MemoryInputs]:
         return {k: replace(m, **changes) for k, m in phases.items()}
@@ -75,8 +77,10 @@ def remedies(run: RunPlan) -> list[dict]:
         add("micro-batch 1", every(micro_batch=1))
     for seq in (2048, 1024, 512):
         if max(p.seq_len for p in phases.values()) > seq:
-            add(f"max_seq_length {seq} (sft and dpo)", {k: replace(p, seq_len=min(p.seq_len, seq))
-                                                         for k, p in phases.items()})
+            add(
+                f"max_seq_length {seq} (sft and dpo)",
+                {k: replace(p, seq_len=min(p.seq_len, seq)) for k, p in phases.items()},
+            )
     if max(z.rank for z in run.zones.zones) > 4:
         add("LoRA rank 4", every(trainable_params=rank_plan(run, 4).trainable_params()))
     if not all(p.gradient_checkpointing for p in phases.values()):
@@ -119,10 +123,16 @@ def _wired_limit_remedies(run: RunPlan, phases: dict[str, MemoryInputs], add) ->
     """On a Mac: raise the GPU wired-memory limit to what the option needs (at most the ceiling), alone and with
     shorter sequences."""
     ceiling = wired_ceiling_gb(run)
-    options = [("", phases)] + [(f" + max_seq_length {seq}", {k: replace(p, seq_len=min(p.seq_len, seq))
-                                                              for k, p in phases.items()}) for seq in (2048, 1024)]
+    options = [("", phases)] + [
+        (f" + max_seq_length {seq}", {k: replace(p, seq_len=min(p.seq_len, seq)) for k, p in phases.items()})
+        for seq in (2048, 1024)
+    ]
     for suffix, changed in options:
         need = _peak_total(run, changed, run.spec.quantization.double_quant)
         limit = wired_limit_mb(need, ceiling)
-        add(f"sudo sysctl iogpu.wired_limit_mb={limit} (GPU may wire {limit * MIB / GB:.1f} of "
-            f"{run.profile.memory_gb:.0f} GB){suffix}", changed, ceiling)
+        add(
+            f"sudo sysctl iogpu.wired_limit_mb={limit} (GPU may wire {limit * MIB / GB:.1f} of "
+            f"{run.profile.memory_gb:.0f} GB){suffix}",
+            changed,
+            ceiling,
+        )

@@ -1,9 +1,10 @@
 """Hardware profiles and hourly prices, read from the data files shipped with the package."""
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from mindprint_ray.errors import UserError
@@ -69,7 +70,7 @@ def _price_number(entry: dict, name: str, file: Path, key: str, optional: bool =
         raise UserError(f"'{name}' must be a finite number >= 0", file=file, field=f"prices.{key}.{name}")
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_prices(path: str | None = None) -> dict[str, Price]:
     """Prices by key; every entry needs on_demand, spot, source and date."""
     file = Path(path) if path else DATA / "prices.yaml"
@@ -79,8 +80,12 @@ def load_prices(path: str | None = None) -> dict[str, Price]:
             raise UserError("each price must be a mapping", file=file, field=f"prices.{key}")
         for f in PRICE_FIELDS:
             if f not in entry:
-                raise UserError(f"missing field '{f}'", file=file, field=f"prices.{key}.{f}",
-                                hint=f"every price needs: {', '.join(PRICE_FIELDS)}")
+                raise UserError(
+                    f"missing field '{f}'",
+                    file=file,
+                    field=f"prices.{key}.{f}",
+                    hint=f"every price needs: {', '.join(PRICE_FIELDS)}",
+                )
         for f in ("on_demand", "spot", "previous_list_price"):
             _price_number(entry, f, file, key, optional=f == "previous_list_price")
         for f in ("source", "date", "spot_source", "previous_list_note"):
@@ -90,15 +95,16 @@ def load_prices(path: str | None = None) -> dict[str, Price]:
     return prices
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_profiles(prices_path: str | None = None) -> dict[str, Profile]:
     prices = load_prices(prices_path)
     profiles = {}
     for name, p in _read_yaml(DATA / "hardware.yaml", "profiles").items():
         price_key = p.pop("price")
         if price_key not in prices:
-            raise UserError(f"profile '{name}' names price '{price_key}', which the price file lacks",
-                            field=f"prices.{price_key}")
+            raise UserError(
+                f"profile '{name}' names price '{price_key}', which the price file lacks", field=f"prices.{price_key}"
+            )
         profiles[name] = Profile(name=name, price=prices[price_key], **p)
     return profiles
 
@@ -106,6 +112,9 @@ def load_profiles(prices_path: str | None = None) -> dict[str, Profile]:
 def get_profile(name: str, prices_path: str | None = None) -> Profile:
     profiles = load_profiles(prices_path)
     if name not in profiles:
-        raise UserError(f"unknown hardware profile '{name}'", field="hardware.profile",
-                        hint=f"known profiles: {', '.join(profiles)}")
+        raise UserError(
+            f"unknown hardware profile '{name}'",
+            field="hardware.profile",
+            hint=f"known profiles: {', '.join(profiles)}",
+        )
     return profiles[name]

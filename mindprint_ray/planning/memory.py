@@ -2,6 +2,7 @@
 
 All figures are decimal GB (1e9 bytes). Every term is explained in TERMS (the report prints them).
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
@@ -62,7 +63,9 @@ class MemoryBudget:
 
     @property
     def total(self) -> float:
-        return self.base_weights + self.lora_weights + self.optimizer + self.gradients + self.activations + self.overhead
+        return (
+            self.base_weights + self.lora_weights + self.optimizer + self.gradients + self.activations + self.overhead
+        )
 
     def as_dict(self, digits: int = 3) -> dict:
         d = {k: round(v, digits) for k, v in asdict(self).items()}
@@ -95,7 +98,9 @@ def activation_bytes(arch: ModelArch, m: MemoryInputs) -> float:
         saved = arch.num_layers * tokens * h * a + layer_working_set
     else:
         saved = arch.num_layers * layer_working_set
-    dequant = max(i * o for i, o in map(arch.module_shape, ("q_proj", "up_proj", "down_proj"))) * 2 if m.quant == "nf4" else 0
+    dequant = (
+        max(i * o for i, o in map(arch.module_shape, ("q_proj", "up_proj", "down_proj"))) * 2 if m.quant == "nf4" else 0
+    )
     logits = tokens * arch.vocab_size * (a + LOGIT_EXTRA_BYTES)
     return saved + dequant + logits
 

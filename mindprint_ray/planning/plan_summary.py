@@ -1,8 +1,9 @@
 """The plan as data: zones, parameter counts, adapter size, memory per device, time, cost and the step budget."""
+
 from __future__ import annotations
 
-from mindprint_ray.planning.costs import time_cost
 from mindprint_ray.errors import UserError
+from mindprint_ray.planning.costs import time_cost
 from mindprint_ray.planning.estimates import memory_for_run, peak_memory, remedies
 from mindprint_ray.planning.memory import TERMS
 from mindprint_ray.planning.run_plan import RunPlan
@@ -28,28 +29,48 @@ def plan_summary(run: RunPlan, price_override: float | None = None) -> dict:
     summary = {
         "run": run.spec.name,
         "model": {
-            "name": arch.name, "path": run.model_path, "total_params": arch.total_params(),
-            "non_embedding_params": arch.non_embedding_params(), "layers": arch.num_layers,
-            "hidden_size": arch.hidden_size, "vocab_size": arch.vocab_size,
+            "name": arch.name,
+            "path": run.model_path,
+            "total_params": arch.total_params(),
+            "non_embedding_params": arch.non_embedding_params(),
+            "layers": arch.num_layers,
+            "hidden_size": arch.hidden_size,
+            "vocab_size": arch.vocab_size,
         },
         "lora": {
-            "strategy": zones.strategy, "rank": zones.rank, "alpha": zones.alpha, "dropout": zones.dropout,
-            "use_rslora": zones.use_rslora, "trainable_params": trainable,
+            "strategy": zones.strategy,
+            "rank": zones.rank,
+            "alpha": zones.alpha,
+            "dropout": zones.dropout,
+            "use_rslora": zones.use_rslora,
+            "trainable_params": trainable,
             "trainable_percent": round(100 * trainable / arch.total_params(), 4),
             "zones": [
-                {"name": z.name, "layers": [z.first, z.last], "num_layers": len(z.layers), "modules": list(z.modules),
-                 "rank": z.rank, "alpha": z.alpha, "dropout": z.dropout, "params": z.params(arch)}
+                {
+                    "name": z.name,
+                    "layers": [z.first, z.last],
+                    "num_layers": len(z.layers),
+                    "modules": list(z.modules),
+                    "rank": z.rank,
+                    "alpha": z.alpha,
+                    "dropout": z.dropout,
+                    "params": z.params(arch),
+                }
                 for z in zones.zones
             ],
         },
         "adapter": {
-            "bf16_mb": round(trainable * 2 / 1e6, 1), "fp32_mb": round(trainable * 4 / 1e6, 1),
+            "bf16_mb": round(trainable * 2 / 1e6, 1),
+            "fp32_mb": round(trainable * 4 / 1e6, 1),
             "seed_claim_mb": SEED_ADAPTER_MB,
         },
         "quantization": run.quant,
         "hardware": {
-            "profile": profile.name, "description": profile.description, "devices": run.num_workers,
-            "backend": profile.backend, "deepspeed_stage": run.deepspeed_stage,
+            "profile": profile.name,
+            "description": profile.description,
+            "devices": run.num_workers,
+            "backend": profile.backend,
+            "deepspeed_stage": run.deepspeed_stage,
         },
         "memory": {
             "phase": phase,

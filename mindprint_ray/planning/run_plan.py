@@ -1,4 +1,5 @@
 """A run plan: the validated spec resolved against the model registry, the zone plan and the hardware profile."""
+
 from __future__ import annotations
 
 import json
@@ -7,11 +8,17 @@ from pathlib import Path
 
 from mindprint_ray.errors import UserError
 from mindprint_ray.planning.hardware import Profile, get_profile
-from mindprint_ray.spec.inputs import looks_like_local_path
-from mindprint_ray.planning.registry import (ALIASES, BUILT_ON_FIRST_USE, MODELS, ModelArch, arch_from_hf_config,
-                                             get_arch)
-from mindprint_ray.spec.run_spec import RunSpec, load_spec
+from mindprint_ray.planning.registry import (
+    ALIASES,
+    BUILT_ON_FIRST_USE,
+    MODELS,
+    ModelArch,
+    arch_from_hf_config,
+    get_arch,
+)
 from mindprint_ray.planning.zones import ZonePlan, build_plan
+from mindprint_ray.spec.inputs import looks_like_local_path
+from mindprint_ray.spec.run_spec import RunSpec, load_spec
 
 
 @dataclass(frozen=True)
@@ -58,8 +65,12 @@ def read_hf_config(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise UserError(f"not a readable JSON file ({type(e).__name__})", file=path, field="model.path",
-                        hint="the model folder is damaged; download or convert it again") from None
+        raise UserError(
+            f"not a readable JSON file ({type(e).__name__})",
+            file=path,
+            field="model.path",
+            hint="the model folder is damaged; download or convert it again",
+        ) from None
     if not isinstance(data, dict):
         raise UserError("must be a JSON object", file=path, field="model.path")
     return data  # raises the unknown-model error with the list of known models
@@ -76,12 +87,18 @@ def check_model_path(spec: RunSpec) -> None:
         return
     folder = Path(path).expanduser()
     if not folder.exists():
-        raise UserError(f"model folder '{path}' does not exist", field="model.path",
-                        hint="point model.path at a local model folder (with config.json), or at a hub id "
-                             "such as Qwen/Qwen2.5-7B-Instruct")
+        raise UserError(
+            f"model folder '{path}' does not exist",
+            field="model.path",
+            hint="point model.path at a local model folder (with config.json), or at a hub id "
+            "such as Qwen/Qwen2.5-7B-Instruct",
+        )
     if not folder.is_dir() or not (folder / "config.json").is_file():
-        raise UserError(f"'{path}' is not a model folder (no config.json in it)", field="model.path",
-                        hint="point model.path at the folder holding config.json and the weights")
+        raise UserError(
+            f"'{path}' is not a model folder (no config.json in it)",
+            field="model.path",
+            hint="point model.path at the folder holding config.json and the weights",
+        )
 
 
 def build_run(spec: RunSpec, prices_path: str | None = None) -> RunPlan:
@@ -90,8 +107,13 @@ def build_run(spec: RunSpec, prices_path: str | None = None) -> RunPlan:
     arch = resolve_arch(spec)
     lora = spec.lora
     zones = build_plan(
-        arch, lora.strategy, [z.model_dump() for z in lora.zones] if lora.zones else None,
-        lora.rank, lora.alpha, lora.dropout, lora.use_rslora,
+        arch,
+        lora.strategy,
+        [z.model_dump() for z in lora.zones] if lora.zones else None,
+        lora.rank,
+        lora.alpha,
+        lora.dropout,
+        lora.use_rslora,
     )
     profile = get_profile(spec.hardware.profile, prices_path)
     for section in ("sft", "dpo"):
@@ -105,8 +127,9 @@ def build_run(spec: RunSpec, prices_path: str | None = None) -> RunPlan:
     return RunPlan(spec, arch, zones, profile)
 
 
-def load_run(path: str | Path, overrides: list[str] | None = None, prices_path: str | None = None,
-             name: str | None = None) -> RunPlan:
+def load_run(
+    path: str | Path, overrides: list[str] | None = None, prices_path: str | None = None, name: str | None = None
+) -> RunPlan:
     """The spec at `path` with its overrides (and `--name`), resolved into a run plan."""
     spec = load_spec(path, overrides, name)
     try:

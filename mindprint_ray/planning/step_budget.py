@@ -23,15 +23,17 @@ How the Ray backend's HF Trainer (transformers 5.24, TRL 1.16, accelerate 1.15) 
   `sft.scheduler`; DPO the trainer's default, linear.
 Pure Python: no torch.
 """
+
 from __future__ import annotations
 
 import math
 from bisect import bisect_left, insort
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
-from mindprint_ray.planning.run_plan import RunPlan
 from mindprint_ray.curriculum.tokens import TokenCounter
+from mindprint_ray.planning.run_plan import RunPlan
 
 if TYPE_CHECKING:  # time_model imports this module for its rules
     from mindprint_ray.planning.time_model import TopicTokens
@@ -65,9 +67,17 @@ class StageBudget:
         return self.steps / self.steps_per_epoch
 
     def as_dict(self) -> dict:
-        return {"rows": self.rows, "global_batch": self.global_batch, "steps_per_epoch": self.steps_per_epoch,
-                "steps": self.steps, "warmup_steps": self.warmup_steps, "learning_rate": self.learning_rate,
-                "peak_lr": self.peak_lr, "peak_fraction": self.peak_fraction, "passes": round(self.passes, 3)}
+        return {
+            "rows": self.rows,
+            "global_batch": self.global_batch,
+            "steps_per_epoch": self.steps_per_epoch,
+            "steps": self.steps,
+            "warmup_steps": self.warmup_steps,
+            "learning_rate": self.learning_rate,
+            "peak_lr": self.peak_lr,
+            "peak_fraction": self.peak_fraction,
+            "passes": round(self.passes, 3),
+        }
 
 
 @dataclass(frozen=True)
@@ -93,8 +103,13 @@ class BudgetWarning:
     fix: str
 
     def as_dict(self) -> dict:
-        return {"stage": self.stage, "kind": self.kind, "topics": list(self.topics), "message": self.message,
-                "fix": self.fix}
+        return {
+            "stage": self.stage,
+            "kind": self.kind,
+            "topics": list(self.topics),
+            "message": self.message,
+            "fix": self.fix,
+        }
 
 
 @dataclass(frozen=True)
@@ -108,11 +123,17 @@ class StepBudget:
     warnings: list[BudgetWarning]
 
     def as_dict(self) -> dict:
-        return {"backend": self.backend, "workers": self.workers, "sft_rows": self.sft_rows,
-                "thresholds": {"min_steps": MIN_STEPS, "max_dpo_passes": MAX_DPO_PASSES},
-                "topics": [{"topic": t.topic, "sft": t.sft.as_dict(), "dpo": t.dpo.as_dict() if t.dpo else None}
-                           for t in self.topics],
-                "warnings": [w.as_dict() for w in self.warnings]}
+        return {
+            "backend": self.backend,
+            "workers": self.workers,
+            "sft_rows": self.sft_rows,
+            "thresholds": {"min_steps": MIN_STEPS, "max_dpo_passes": MAX_DPO_PASSES},
+            "topics": [
+                {"topic": t.topic, "sft": t.sft.as_dict(), "dpo": t.dpo.as_dict() if t.dpo else None}
+                for t in self.topics
+            ],
+            "warnings": [w.as_dict() for w in self.warnings],
+        }
 
 
 # ---- the rules --------------------------------------------------------------------------------------------
@@ -142,7 +163,7 @@ def packed_rows(lengths: list[int] | tuple[int, ...], capacity: int) -> int:
     total = 0
     for start in range(0, len(lengths), PACK_BATCH):
         rooms: list[int] = []  # free space of the open sequences, sorted
-        for n in sorted((min(x, capacity) for x in lengths[start:start + PACK_BATCH] if x > 0), reverse=True):
+        for n in sorted((min(x, capacity) for x in lengths[start : start + PACK_BATCH] if x > 0), reverse=True):
             i = bisect_left(rooms, n)
             room = rooms.pop(i) if i < len(rooms) else capacity
             total += room == capacity
@@ -198,8 +219,17 @@ def stage_budget(run: RunPlan, t: TopicTokens, stage: str) -> StageBudget:
     s = _section(run, stage)
     rows = sft_rows(run, t) if stage == "sft" else t.dpo_pairs
     steps = stage_steps(run, stage, rows)
-    return StageBudget(stage, t.topic, rows, global_batch(run, stage), steps_per_epoch(run, stage, rows), steps,
-                       s.warmup_steps, s.learning_rate, peak_fraction(run, stage, steps))
+    return StageBudget(
+        stage,
+        t.topic,
+        rows,
+        global_batch(run, stage),
+        steps_per_epoch(run, stage, rows),
+        steps,
+        s.warmup_steps,
+        s.learning_rate,
+        peak_fraction(run, stage, steps),
+    )
 
 
 def topic_budget(run: RunPlan, t: TopicTokens) -> TopicBudget:
@@ -209,7 +239,9 @@ def topic_budget(run: RunPlan, t: TopicTokens) -> TopicBudget:
 
 def budget_for_run(run: RunPlan, counter: TokenCounter | None = None) -> StepBudget:
     """The step budget from the curriculum, counted with `counter` (validate's) or the model's tokenizer."""
-    from mindprint_ray.planning.time_model import count_topic_tokens  # time_model uses this module's rules: imported here, not above
+    from mindprint_ray.planning.time_model import (
+        count_topic_tokens,
+    )  # time_model uses this module's rules: imported here, not above
 
     return step_budget(run, count_topic_tokens(run, counter)[0])
 
@@ -218,8 +250,11 @@ def step_budget(run: RunPlan, tokens: list[TopicTokens]) -> StepBudget:
     """The budget of every topic (tokens from time_model.count_topic_tokens) and its warnings."""
     topics = [topic_budget(run, t) for t in tokens]
     s = run.spec.sft
-    rows = (f"packed sequences of {s.max_seq_length:,} tokens (best-fit decreasing, as TRL's bfd)"
-            if s.packing and not _mlx(run) else "examples (no packing)")
+    rows = (
+        f"packed sequences of {s.max_seq_length:,} tokens (best-fit decreasing, as TRL's bfd)"
+        if s.packing and not _mlx(run)
+        else "examples (no packing)"
+    )
     return StepBudget(run.profile.backend, workers(run), rows, topics, budget_warnings(run, topics))
 
 
@@ -227,7 +262,7 @@ def step_budget(run: RunPlan, tokens: list[TopicTokens]) -> StepBudget:
 
 
 def span(values: list[float], fmt: str = "{:,.0f}") -> str:
-    """"3" or "2-3": the range of the values, formatted."""
+    """ "3" or "2-3": the range of the values, formatted."""
     low, high = fmt.format(min(values)), fmt.format(max(values))
     return low if low == high else f"{low}-{high}"
 
@@ -257,10 +292,12 @@ def _warmup_hit(run: RunPlan, b: StageBudget) -> bool:
 def _warmup_warning(run: RunPlan, hits: list[StageBudget]) -> tuple[str, str]:
     b, low = hits[0], min(h.steps for h in hits)
     first = "" if _mlx(run) else "; the first step applies 0"
-    message = (f"{b.stage.upper()} trains {span([h.steps for h in hits])} optimizer steps per topic "
-               f"({_topics(run, hits)}) against {b.stage}.warmup_steps {b.warmup_steps}: the learning rate never "
-               f"leaves warmup and peaks at {span([h.peak_lr for h in hits], '{:.2g}')} "
-               f"({span([100 * h.peak_fraction for h in hits], '{:.0f}')}% of {b.learning_rate:g}){first}")
+    message = (
+        f"{b.stage.upper()} trains {span([h.steps for h in hits])} optimizer steps per topic "
+        f"({_topics(run, hits)}) against {b.stage}.warmup_steps {b.warmup_steps}: the learning rate never "
+        f"leaves warmup and peaks at {span([h.peak_lr for h in hits], '{:.2g}')} "
+        f"({span([100 * h.peak_fraction for h in hits], '{:.0f}')}% of {b.learning_rate:g}){first}"
+    )
     limit = "to 0" if low <= 1 else f"<= {low - 1} (e.g. {low // 10})"
     return message, f"set {b.stage}.warmup_steps {limit} so that the learning rate reaches its peak"
 
@@ -275,6 +312,7 @@ def _few_steps_fix(run: RunPlan, hits: list[StageBudget]) -> str:
         return f"raise dpo.steps_per_topic to {MIN_STEPS}"
     if s.max_steps:
         return f"raise sft.max_steps to {MIN_STEPS}"
+
     def enough(accumulation: int) -> bool:
         return all(stage_steps(run, stage, h.rows, accumulation) >= MIN_STEPS for h in hits)
 
@@ -285,16 +323,20 @@ def _few_steps_fix(run: RunPlan, hits: list[StageBudget]) -> str:
     if low:
         return f"lower sft.gradient_accumulation to {low}"
     epochs = max(math.ceil(MIN_STEPS / h.steps_per_epoch) for h in hits)
-    return (f"raise sft.epochs_per_topic to {epochs} ({epochs} passes over the data) or set sft.max_steps: "
-            f"{MIN_STEPS}; more examples per topic give more steps per epoch")
+    return (
+        f"raise sft.epochs_per_topic to {epochs} ({epochs} passes over the data) or set sft.max_steps: "
+        f"{MIN_STEPS}; more examples per topic give more steps per epoch"
+    )
 
 
 def _few_steps_warning(run: RunPlan, hits: list[StageBudget]) -> tuple[str, str]:
     b = hits[0]
-    message = (f"{b.stage.upper()} has {span([h.steps for h in hits])} optimizer steps per topic "
-               f"({_topics(run, hits)}), fewer than {MIN_STEPS}: one pass is {span([h.rows for h in hits])} "
-               f"{_rows_are(run, b.stage)} against a global batch of {b.global_batch} ({_batch_terms(run, b.stage)}), "
-               f"{span([h.steps_per_epoch for h in hits], '{:,.3g}')} step(s) per epoch")
+    message = (
+        f"{b.stage.upper()} has {span([h.steps for h in hits])} optimizer steps per topic "
+        f"({_topics(run, hits)}), fewer than {MIN_STEPS}: one pass is {span([h.rows for h in hits])} "
+        f"{_rows_are(run, b.stage)} against a global batch of {b.global_batch} ({_batch_terms(run, b.stage)}), "
+        f"{span([h.steps_per_epoch for h in hits], '{:,.3g}')} step(s) per epoch"
+    )
     return message, _few_steps_fix(run, hits)
 
 
@@ -306,11 +348,13 @@ def _revisits_warning(run: RunPlan, hits: list[StageBudget]) -> tuple[str, str]:
     b = hits[0]
     steps = max(1, math.floor(min(MAX_DPO_PASSES * h.steps_per_epoch for h in hits)))
     pairs = math.ceil(b.steps * b.global_batch / MAX_DPO_PASSES)
-    message = (f"DPO revisits each topic's {span([h.rows for h in hits])} pairs "
-               f"{span([h.passes for h in hits], '{:,.0f}')} times ({_topics(run, hits)}): {b.steps} steps of a global "
-               f"batch of {b.global_batch} ({_batch_terms(run, 'dpo')}), "
-               f"{span([h.steps_per_epoch for h in hits], '{:,.3g}')} step(s) per pass; more than "
-               f"{MAX_DPO_PASSES:g} passes risks learning these pairs by heart")
+    message = (
+        f"DPO revisits each topic's {span([h.rows for h in hits])} pairs "
+        f"{span([h.passes for h in hits], '{:,.0f}')} times ({_topics(run, hits)}): {b.steps} steps of a global "
+        f"batch of {b.global_batch} ({_batch_terms(run, 'dpo')}), "
+        f"{span([h.steps_per_epoch for h in hits], '{:,.3g}')} step(s) per pass; more than "
+        f"{MAX_DPO_PASSES:g} passes risks learning these pairs by heart"
+    )
     fix = f"give each topic at least {pairs:,} pairs"  # fewer steps than MIN_STEPS would be a warning too
     return message, (f"lower dpo.steps_per_topic to {steps}, or {fix}" if steps >= MIN_STEPS else fix)
 
@@ -337,15 +381,28 @@ def budget_warnings(run: RunPlan, topics: list[TopicBudget]) -> list[BudgetWarni
 
 # ---- the budget as a text table (plan, validate and the report show the same) ---------------------------------
 
-TABLE_HEADERS = ["topic", "SFT rows", "SFT steps", "SFT peak LR", "SFT passes", "DPO pairs", "DPO steps",
-                 "DPO peak LR", "DPO passes"]
+TABLE_HEADERS = [
+    "topic",
+    "SFT rows",
+    "SFT steps",
+    "SFT peak LR",
+    "SFT passes",
+    "DPO pairs",
+    "DPO steps",
+    "DPO peak LR",
+    "DPO passes",
+]
 
 
 def _cells(stage: dict | None) -> list[str]:
     if stage is None:
         return ["-"] * 4
-    return [f"{stage['rows']:,}", f"{stage['steps']:,} ({stage['steps_per_epoch']:,.3g}/epoch)",
-            f"{stage['peak_lr']:.2g} ({100 * stage['peak_fraction']:.0f}%)", f"{stage['passes']:,.3g}"]
+    return [
+        f"{stage['rows']:,}",
+        f"{stage['steps']:,} ({stage['steps_per_epoch']:,.3g}/epoch)",
+        f"{stage['peak_lr']:.2g} ({100 * stage['peak_fraction']:.0f}%)",
+        f"{stage['passes']:,.3g}",
+    ]
 
 
 def table_rows(budget: dict) -> list[list[str]]:
@@ -362,5 +419,7 @@ def _stage_terms(name: str, stage: dict | None) -> str:
 def headline(budget: dict) -> str:
     """What the table's numbers rest on: backend, devices, global batches, learning rates, warmups, rows."""
     first = budget["topics"][0]
-    return (f"{budget['backend']}, {budget['workers']} device(s), optimizer steps of the whole group: "
-            f"{_stage_terms('SFT', first['sft'])}, rows = {budget['sft_rows']}; {_stage_terms('DPO', first['dpo'])}")
+    return (
+        f"{budget['backend']}, {budget['workers']} device(s), optimizer steps of the whole group: "
+        f"{_stage_terms('SFT', first['sft'])}, rows = {budget['sft_rows']}; {_stage_terms('DPO', first['dpo'])}"
+    )

@@ -6,14 +6,15 @@ checkpointing (one more forward); plus causal attention. DPO runs the policy on 
 the longer of the two) and a reference forward (2N) unless reference log-probs are precomputed.
 Pure Python: no torch.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mindprint_ray.curriculum.tokens import CHARS_PER_TOKEN, TokenCounter
 from mindprint_ray.planning.registry import ModelArch
 from mindprint_ray.planning.run_plan import RunPlan
 from mindprint_ray.planning.step_budget import global_batch, stage_budget
-from mindprint_ray.curriculum.tokens import CHARS_PER_TOKEN, TokenCounter
 
 MFU_SOURCES = ("spec", "calibration", "profile", "measured")
 
@@ -67,8 +68,8 @@ class Mfu:
 
 def count_topic_tokens(run: RunPlan, counter: TokenCounter | None = None) -> tuple[list[TopicTokens], str]:
     """Tokens per topic from the curriculum with the model's tokenizer (or ~4 chars/token), and how counted."""
-    from mindprint_ray.curriculum.topics import load_curriculum
     from mindprint_ray.curriculum.data_stats import pair_lengths, sft_length
+    from mindprint_ray.curriculum.topics import load_curriculum
 
     if counter is None:
         counter = TokenCounter.for_model(run.model_path)
@@ -80,10 +81,22 @@ def count_topic_tokens(run: RunPlan, counter: TokenCounter | None = None) -> tup
         pairs = [pair_lengths(counter, r) for r in t.dpo_train] if spec.dpo.enabled else []  # held-out: not trained
         cap = spec.dpo.max_seq_length
         pairs = [(min(c, cap), min(r, cap)) for c, r in pairs if not (drop and max(c, r) > cap)]
-        rows.append(TopicTokens(t.name, len(sft), sum(sft), len(pairs), sum(c + r for c, r in pairs),
-                                sum(2 * max(c, r) for c, r in pairs), tuple(sft)))
-    how = ("exact: the model's tokenizer and chat template" if counter.exact else
-           f"approximate: ~{CHARS_PER_TOKEN:g} characters per token (no local tokenizer for {run.model_path})")
+        rows.append(
+            TopicTokens(
+                t.name,
+                len(sft),
+                sum(sft),
+                len(pairs),
+                sum(c + r for c, r in pairs),
+                sum(2 * max(c, r) for c, r in pairs),
+                tuple(sft),
+            )
+        )
+    how = (
+        "exact: the model's tokenizer and chat template"
+        if counter.exact
+        else f"approximate: ~{CHARS_PER_TOKEN:g} characters per token (no local tokenizer for {run.model_path})"
+    )
     return rows, how
 
 
@@ -131,8 +144,7 @@ def stage_flops(run: RunPlan, t: TopicTokens, stage: str) -> tuple[float, float]
     padded = seen * t.dpo_padded_tokens / t.dpo_pairs
     checkpointing = run.spec.stage("dpo").gradient_checkpointing
     policy = padded * train_flops_per_token(arch, trainable, t.mean_dpo_length, checkpointing)
-    ref_tokens = (min(seen, t.dpo_pairs) / t.dpo_pairs * t.dpo_padded_tokens) if d.precompute_ref_log_probs \
-        else padded
+    ref_tokens = (min(seen, t.dpo_pairs) / t.dpo_pairs * t.dpo_padded_tokens) if d.precompute_ref_log_probs else padded
     flops = policy + ref_tokens * forward_flops_per_token(arch, trainable, t.mean_dpo_length)
     return seen * t.dpo_tokens / t.dpo_pairs, flops
 
@@ -148,8 +160,12 @@ def resolve_mfu(run: RunPlan, calibration: dict | None = None) -> Mfu:
     if calibration:
         m = calibration["mfu"]
         sft, dpo = m.get("sft") or m.get("dpo"), m.get("dpo") or m.get("sft")
-        return Mfu(sft, dpo, "calibration", f"measured by run {calibration.get('run')} "
-                                            f"({calibration.get('model')}, {calibration.get('date')})")
+        return Mfu(
+            sft,
+            dpo,
+            "calibration",
+            f"measured by run {calibration.get('run')} ({calibration.get('model')}, {calibration.get('date')})",
+        )
     table = run.profile.mfu
     value = table.get(run.quant) or table.get("bf16") or min(table.values())
     return Mfu(value, value, "profile", f"assumed for {run.profile.name} with {run.quant} (hardware.yaml)")

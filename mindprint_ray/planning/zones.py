@@ -1,4 +1,5 @@
 """Zone plan: layer bands with their own LoRA modules and rank, counted exactly and rendered for PEFT and MLX."""
+
 from __future__ import annotations
 
 import re
@@ -104,7 +105,7 @@ class ZonePlan:
 
     def scale(self, zone: Zone) -> float:
         """LoRA scaling as PEFT applies it: alpha / r, or alpha / sqrt(r) with rsLoRA."""
-        return zone.alpha / (zone.rank ** 0.5 if self.use_rslora else zone.rank)
+        return zone.alpha / (zone.rank**0.5 if self.use_rslora else zone.rank)
 
     def mlx_configs(self) -> list[dict]:
         """One mlx-lm `lora_parameters` dict per zone: full module paths as keys, that zone's rank and scale."""
@@ -135,8 +136,9 @@ def build_plan(
 ) -> ZonePlan:
     """Resolve zone specs (layer spans or fractions) against the architecture and validate them."""
     if strategy not in STRATEGIES:
-        raise UserError(f"unknown strategy '{strategy}'", field="lora.strategy",
-                        hint=f"use one of: {', '.join(STRATEGIES)}")
+        raise UserError(
+            f"unknown strategy '{strategy}'", field="lora.strategy", hint=f"use one of: {', '.join(STRATEGIES)}"
+        )
     s_rank, s_alpha, s_dropout, s_modules = STRATEGIES[strategy]
     rank = rank if rank is not None else s_rank
     alpha = alpha if alpha is not None else (2 * rank if rank != s_rank else s_alpha)
@@ -160,16 +162,21 @@ def _resolve_zone(arch: ModelArch, index: int, z: dict, rank: int, alpha: float,
     if not (0 <= first <= last < arch.num_layers):
         raise UserError(
             f"zone '{name}' spans layers {first}-{last}, outside {arch.name}'s layers 0-{arch.num_layers - 1}",
-            field=f"{field}.layers", hint="give first <= last, both within the model's layers",
+            field=f"{field}.layers",
+            hint="give first <= last, both within the model's layers",
         )
     modules = tuple(z.get("modules") or ())
     if not modules:
-        raise UserError(f"zone '{name}' has no modules", field=f"{field}.modules",
-                        hint=f"choose from: {', '.join(ALL_MODULES)}")
+        raise UserError(
+            f"zone '{name}' has no modules", field=f"{field}.modules", hint=f"choose from: {', '.join(ALL_MODULES)}"
+        )
     for m in modules:
         if m not in ALL_MODULES:
-            raise UserError(f"unknown module '{m}' in zone '{name}' for {arch.name}", field=f"{field}.modules",
-                            hint=f"modules of this architecture are: {', '.join(ALL_MODULES)}")
+            raise UserError(
+                f"unknown module '{m}' in zone '{name}' for {arch.name}",
+                field=f"{field}.modules",
+                hint=f"modules of this architecture are: {', '.join(ALL_MODULES)}",
+            )
     if len(set(modules)) != len(modules):
         raise UserError(f"zone '{name}' lists a module twice", field=f"{field}.modules")
     z_rank = z.get("rank") or rank
@@ -187,5 +194,6 @@ def _check_overlaps(zones: tuple[Zone, ...]) -> None:
         if b.first <= a.last:
             raise UserError(
                 f"zones '{a.name}' ({a.first}-{a.last}) and '{b.name}' ({b.first}-{b.last}) overlap",
-                field="lora.zones", hint="each layer may belong to one zone only",
+                field="lora.zones",
+                hint="each layer may belong to one zone only",
             )

@@ -2,6 +2,7 @@
 
 `write_report` gathers the data (data.py), draws the charts (charts.py, matplotlib) and writes report.md and a
 self-contained report.html (document.py)."""
+
 from mindprint_ray.report.build import write_report
 
 __all__ = ["write_report"]

@@ -1,11 +1,18 @@
 """The report's charts as PNG files (matplotlib, Agg backend; imported only when a report is written)."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 TERMS = ("base_weights", "lora_weights", "gradients", "optimizer", "activations", "overhead")
-COLORS = {"base_weights": "#4c72b0", "lora_weights": "#dd8452", "gradients": "#c44e52", "optimizer": "#8172b3",
-          "activations": "#55a868", "overhead": "#937860"}
+COLORS = {
+    "base_weights": "#4c72b0",
+    "lora_weights": "#dd8452",
+    "gradients": "#c44e52",
+    "optimizer": "#8172b3",
+    "activations": "#55a868",
+    "overhead": "#937860",
+}
 
 
 def _plt():
@@ -39,8 +46,15 @@ def memory_chart(options: list[dict], path: Path) -> Path:
         ax.hlines(cap, x - 0.38, x + 0.38, colors="black", linestyles="dashed", linewidth=1.6)
         ax.text(x + 0.40, cap, f"{cap:.0f}", va="center", fontsize=8)
         verdict, color = ("fits", "#2a7d2a") if o["memory"]["fits"] else ("does not fit", "#b00020")
-        ax.text(x, total + top * 0.015, f"{total:.1f} GB\n{o['memory']['phase'].upper()} - {verdict}",
-                ha="center", va="bottom", fontsize=8.5, color=color)
+        ax.text(
+            x,
+            total + top * 0.015,
+            f"{total:.1f} GB\n{o['memory']['phase'].upper()} - {verdict}",
+            ha="center",
+            va="bottom",
+            fontsize=8.5,
+            color=color,
+        )
     ax.plot([], [], "k--", label="capacity per device")
     ax.set_xticks(list(xs), [_label(o) for o in options], fontsize=8.5)
     ax.set_ylim(0, top * 1.22)
@@ -62,8 +76,13 @@ def hours_chart(options: list[dict], path: Path) -> Path:
     totals = [s + d for s, d in zip(sft, dpo)]
     ax.barh(ys, totals, 0.6, color="#4c72b0")
     for y, o, s, d in zip(ys, options, sft, dpo):
-        ax.text((s + d) * 1.1, y, f"{_dur(s + d)}/topic (SFT {_dur(s)} + DPO {_dur(d)}); "
-                f"curriculum {_dur(o['time']['curriculum_hours'])}", va="center", fontsize=8.5)
+        ax.text(
+            (s + d) * 1.1,
+            y,
+            f"{_dur(s + d)}/topic (SFT {_dur(s)} + DPO {_dur(d)}); curriculum {_dur(o['time']['curriculum_hours'])}",
+            va="center",
+            fontsize=8.5,
+        )
     ax.set_xscale("log")
     ax.set_xlim(min(totals) / 3, max(totals) * 60)
     ax.set_yticks(ys, [o["profile"] for o in options], fontsize=9)
@@ -79,8 +98,11 @@ def cost_chart(options: list[dict], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(9, 0.8 * len(options) + 1.8))
     ys = list(range(len(options)))[::-1]
     h = 0.26
-    series = [("on-demand", "cost_on_demand_usd", "#4c72b0", 0), ("spot", "cost_spot_usd", "#55a868", -h),
-              ("previous list price", "cost_previous_list_usd", "#c44e52", h)]
+    series = [
+        ("on-demand", "cost_on_demand_usd", "#4c72b0", 0),
+        ("spot", "cost_spot_usd", "#55a868", -h),
+        ("previous list price", "cost_previous_list_usd", "#c44e52", h),
+    ]
     top = max(max(o["time"].get(k, 0) or 0 for _, k, _, _ in series) for o in options) or 1.0
     for name, key, color, dy in series:
         vals = [o["time"].get(key) for o in options]

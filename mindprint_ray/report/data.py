@@ -1,8 +1,9 @@
 """Everything the report shows, as plain data: one entry per hardware option, the model comparison, corrections."""
+
 from __future__ import annotations
 
-from mindprint_ray.planning.costs import time_cost
 from mindprint_ray.errors import UserError
+from mindprint_ray.planning.costs import time_cost
 from mindprint_ray.planning.estimates import memory_for_run, peak_memory, remedies
 from mindprint_ray.planning.hardware import load_profiles
 from mindprint_ray.planning.memory import base_weight_bytes
@@ -23,8 +24,11 @@ def option_names(run: RunPlan, which: str, prices_path: str | None) -> list[str]
         names = [n for n, p in profiles.items() if p.is_gpu or n == run.profile.name]
         return sorted(names, key=lambda n: n != run.profile.name)
     if which not in profiles:
-        raise UserError(f"unknown hardware profile '{which}'", field="--hardware",
-                        hint=f"use 'all' or one of: {', '.join(profiles)}")
+        raise UserError(
+            f"unknown hardware profile '{which}'",
+            field="--hardware",
+            hint=f"use 'all' or one of: {', '.join(profiles)}",
+        )
     return [which]
 
 
@@ -42,8 +46,13 @@ def respec(run: RunPlan, prices_path: str | None = None, **changes) -> RunPlan:
 
 def memory_entry(run: RunPlan) -> dict:
     phase, budget = peak_memory(run)
-    out = {"phase": phase, "peak": budget.as_dict(), "sft": memory_for_run(run, "sft").as_dict(),
-           "capacity_gb": run.profile.capacity_gb, "fits": budget.total <= run.profile.capacity_gb}
+    out = {
+        "phase": phase,
+        "peak": budget.as_dict(),
+        "sft": memory_for_run(run, "sft").as_dict(),
+        "capacity_gb": run.profile.capacity_gb,
+        "fits": budget.total <= run.profile.capacity_gb,
+    }
     if run.spec.dpo.enabled:
         out["dpo"] = memory_for_run(run, "dpo").as_dict()
     if not out["fits"]:
@@ -53,9 +62,17 @@ def memory_entry(run: RunPlan) -> dict:
 
 def option_entry(run: RunPlan, tokens, how: str, price_override: float | None) -> dict:
     p = run.profile
-    return {"profile": p.name, "description": p.description, "devices": run.num_workers, "backend": p.backend,
-            "quant": run.quant, "zero": run.deepspeed_stage, "memory": memory_entry(run),
-            "time": time_cost(run, tokens, how, price_override), "step_budget": step_budget(run, tokens).as_dict()}
+    return {
+        "profile": p.name,
+        "description": p.description,
+        "devices": run.num_workers,
+        "backend": p.backend,
+        "quant": run.quant,
+        "zero": run.deepspeed_stage,
+        "memory": memory_entry(run),
+        "time": time_cost(run, tokens, how, price_override),
+        "step_budget": step_budget(run, tokens).as_dict(),
+    }
 
 
 def gather_options(run: RunPlan, which: str, prices_path: str | None, price_override: float | None) -> list[dict]:
@@ -77,11 +94,17 @@ def model_row(run: RunPlan, name: str, prices_path: str | None) -> dict:
     mac_time = time_cost(mac_int4, tokens, how)
     primary = respec(run, prices_path, model=name)
     return {
-        "model": name, "params": arch.total_params(), "layers": arch.num_layers,
-        "nf4_gb": base_weight_bytes(arch, "nf4") / GB, "mlx4_gb": base_weight_bytes(arch, "nf4", "mlx") / GB,
-        "bf16_gb": base_weight_bytes(arch, "bf16") / GB, "context": arch.max_position_embeddings,
-        "mac_int4_peak_gb": peak_memory(mac_int4)[1].total, "mac_bf16_peak_gb": peak_memory(mac_bf16)[1].total,
-        "mac_capacity_gb": mac_int4.profile.capacity_gb, "mac_hours_per_topic": mac_time["hours_per_topic"],
+        "model": name,
+        "params": arch.total_params(),
+        "layers": arch.num_layers,
+        "nf4_gb": base_weight_bytes(arch, "nf4") / GB,
+        "mlx4_gb": base_weight_bytes(arch, "nf4", "mlx") / GB,
+        "bf16_gb": base_weight_bytes(arch, "bf16") / GB,
+        "context": arch.max_position_embeddings,
+        "mac_int4_peak_gb": peak_memory(mac_int4)[1].total,
+        "mac_bf16_peak_gb": peak_memory(mac_bf16)[1].total,
+        "mac_capacity_gb": mac_int4.profile.capacity_gb,
+        "mac_hours_per_topic": mac_time["hours_per_topic"],
         "primary_profile": primary.profile.name,
         "primary_hours_per_topic": time_cost(primary, tokens, how)["hours_per_topic"],
     }

@@ -1,4 +1,5 @@
 """A tiny document model rendered twice: Markdown (images linked) and self-contained HTML (images embedded)."""
+
 from __future__ import annotations
 
 import base64
@@ -42,8 +43,10 @@ class Document:
 
     def html(self) -> str:
         body = "\n".join(_html_block(b) for b in self.blocks)
-        return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(self.title)}"
-                f"</title><style>{CSS}</style></head><body>\n<h1>{html.escape(self.title)}</h1>\n{body}\n</body></html>\n")
+        return (
+            f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(self.title)}'
+            f"</title><style>{CSS}</style></head><body>\n<h1>{html.escape(self.title)}</h1>\n{body}\n</body></html>\n"
+        )
 
 
 def _md_cell(text: str) -> str:
@@ -68,8 +71,9 @@ def _md_block(b: tuple) -> list[str]:
 def _numeric_columns(b: tuple) -> list[bool]:
     """Right-align a column (except the first) when every cell looks like a number, amount or duration."""
     rows = b[2]
-    return [i > 0 and all(bool(r[i]) and (r[i][0].isdigit() or r[i][0] in "$+-") for r in rows)
-            for i in range(len(b[1]))]
+    return [
+        i > 0 and all(bool(r[i]) and (r[i][0].isdigit() or r[i][0] in "$+-") for r in rows) for i in range(len(b[1]))
+    ]
 
 
 def _inline(text: str) -> str:
@@ -89,8 +93,7 @@ def _html_block(b: tuple) -> str:
     if kind == "table":
         align = ["" if right else ' style="text-align:left"' for right in _numeric_columns(b)]
         head = "".join(f"<th{a}>{_inline(h)}</th>" for h, a in zip(b[1], align))
-        rows = "".join("<tr>" + "".join(f"<td{a}>{_inline(c)}</td>" for c, a in zip(r, align)) + "</tr>"
-                       for r in b[2])
+        rows = "".join("<tr>" + "".join(f"<td{a}>{_inline(c)}</td>" for c, a in zip(r, align)) + "</tr>" for r in b[2])
         return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
     data = base64.b64encode(Path(b[1]).read_bytes()).decode("ascii")
     return f'<p><img alt="{html.escape(b[2])}" src="data:image/png;base64,{data}"></p>'

@@ -1,4 +1,5 @@
 """The evaluation part of a run report: per-topic fidelity and accuracy at each stage, and a chart."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,8 +29,11 @@ def eval_chart(rows: list[dict], targets: dict[str, float], path: Path) -> Path:
     colors = {"base": "#999999", "after_sft": "#4c72b0", "after_dpo": "#dd8452"}
     for ax, metric in zip(axes, ("voice_fidelity", "accuracy")):
         for stage in STAGES:
-            points = [(topics.index(r["topic"]), r.get(metric)) for r in rows if r["stage"] == stage
-                      and r.get(metric) is not None]
+            points = [
+                (topics.index(r["topic"]), r.get(metric))
+                for r in rows
+                if r["stage"] == stage and r.get(metric) is not None
+            ]
             if points:
                 xs, ys = zip(*points)
                 ax.plot(xs, ys, marker="o", color=colors[stage], label=stage.replace("_", " "))
@@ -57,8 +61,16 @@ def with_interval(value: float | None, ci: list[float] | None, digits: int = 3) 
 def eval_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Headers and cells of the evaluation table: each score with its interval, held-out pairs, general ppl."""
     headers = ["topic", "stage", *(k.replace("_", " ") for k in SCORED), "pairs held out", "general ppl"]
-    cells = [[r["topic"], r["stage"], *(with_interval(r.get(k), r.get(f"{k}_ci")) for k in SCORED), _heldout(r),
-              with_interval(r.get("general_ppl"), r.get("general_ppl_ci"), 2)] for r in rows]
+    cells = [
+        [
+            r["topic"],
+            r["stage"],
+            *(with_interval(r.get(k), r.get(f"{k}_ci")) for k in SCORED),
+            _heldout(r),
+            with_interval(r.get("general_ppl"), r.get("general_ppl_ci"), 2),
+        ]
+        for r in rows
+    ]
     return headers, cells
 
 
@@ -73,11 +85,15 @@ def heldout_lines(summary: dict, spec) -> list[str]:
 
     lines = []
     for topic, g in heldout_gains(summary, spec).items():
-        line = (f"{topic}, {g['stage'].replace('_', ' ')} vs base: voice fidelity {with_interval(g['before'], None)} "
-                f"-> {with_interval(g['after'], g['after_ci'])}")
+        line = (
+            f"{topic}, {g['stage'].replace('_', ' ')} vs base: voice fidelity {with_interval(g['before'], None)} "
+            f"-> {with_interval(g['after'], g['after_ci'])}"
+        )
         if g.get("diff") is not None:
-            line += (f"; paired difference {g['diff']:+.3f} [{g['diff_ci'][0]:+.3f}, {g['diff_ci'][1]:+.3f}] on "
-                     f"{g['n']['open']} open, {g['n']['mc']} MC, {g['n']['pairs']} held-out pairs"
-                     + (" (differs)" if g["differs"] else " (within noise)"))
+            line += (
+                f"; paired difference {g['diff']:+.3f} [{g['diff_ci'][0]:+.3f}, {g['diff_ci'][1]:+.3f}] on "
+                f"{g['n']['open']} open, {g['n']['mc']} MC, {g['n']['pairs']} held-out pairs"
+                + (" (differs)" if g["differs"] else " (within noise)")
+            )
         lines.append(line)
     return lines

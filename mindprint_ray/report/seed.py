@@ -1,4 +1,5 @@
 """The seed model guide's figures (docs: qwen2.5-72b-model-guide.md), quoted so the report can check them."""
+
 from __future__ import annotations
 
 SEED_BASE_INT4_GB = 36  # "Base Model (INT4): 36 GB"

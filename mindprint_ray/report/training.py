@@ -1,5 +1,6 @@
 """The results part of a training report: loss curves per topic and stage, DPO reward curves, and the
 generated answers before and after training, from a run folder's metrics.jsonl and summary.json."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -39,8 +40,14 @@ def loss_chart(metrics: list[dict], path: Path) -> Path | None:
 
 
 def reward_chart(metrics: list[dict], path: Path) -> Path | None:
-    return curves_chart(metrics, [("dpo", "rewards/accuracies", "DPO reward accuracy (training batches)"),
-                                  ("dpo", "rewards/margins", "DPO reward margin (chosen - rejected)")], path)
+    return curves_chart(
+        metrics,
+        [
+            ("dpo", "rewards/accuracies", "DPO reward accuracy (training batches)"),
+            ("dpo", "rewards/margins", "DPO reward margin (chosen - rejected)"),
+        ],
+        path,
+    )
 
 
 def sample_rows(summary: dict) -> list[list[str]]:

@@ -3,6 +3,7 @@
 Each rule lives here once; the spec, the command line, the MLX entry point and the Python facade call it.
 Pure Python (no torch, ray or mlx). Every refusal is a UserError, and none echoes a secret it found.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,11 +17,14 @@ NAME_MAX = 100
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 NAME_HINT = f"use letters, digits, '_', '.' and '-' (first a letter or digit, no '..', at most {NAME_MAX} characters)"
 QUERY_SECRET = re.compile(  # query parameters of signed or keyed URLs
-    r"(?:.*[_-])?(?:secret|password|passwd|pwd|token|key|sig|signature|credentials?)|x-amz-.*", re.IGNORECASE)
+    r"(?:.*[_-])?(?:secret|password|passwd|pwd|token|key|sig|signature|credentials?)|x-amz-.*", re.IGNORECASE
+)
 URL_USERINFO = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#\s]*@")
 URL_QUERY_KEY = re.compile(r"://[^\s?#]*\?([^\s#]*)")
-SECRET_HINT = ("remove it and provide credentials through the environment or an instance role "
-               "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, RAY_AUTH_TOKEN, WANDB_API_KEY, ...)")
+SECRET_HINT = (
+    "remove it and provide credentials through the environment or an instance role "
+    "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, RAY_AUTH_TOKEN, WANDB_API_KEY, ...)"
+)
 PATH_MAX, PART_MAX = 4096, 255
 
 
@@ -45,8 +49,13 @@ def check_run_name(name: Any, field: str = "name", file: str | Path | None = Non
     problem = name_problem(name)
     if problem:
         shown = repr(name) if isinstance(name, str) and len(name) <= NAME_MAX and "\0" not in name else "the name"
-        raise UserError(f"run name {shown} {problem}", file=file, line=line, field=field,
-                        hint=f"{NAME_HINT}: a run is one folder under the storage path")
+        raise UserError(
+            f"run name {shown} {problem}",
+            file=file,
+            line=line,
+            field=field,
+            hint=f"{NAME_HINT}: a run is one folder under the storage path",
+        )
     return name
 
 
@@ -54,7 +63,9 @@ def check_topic_name(topic: Any, field: str = "--topic") -> str:
     """A topic name given on the command line (`export --topic`, `eval --topics`): the same folder-name rule."""
     problem = name_problem(topic)
     if problem:
-        raise UserError(f"topic {topic!r} {problem}", field=field, hint=f"{NAME_HINT}: a topic is one folder of data_dir")
+        raise UserError(
+            f"topic {topic!r} {problem}", field=field, hint=f"{NAME_HINT}: a topic is one folder of data_dir"
+        )
     return topic
 
 
@@ -74,7 +85,10 @@ def url_has_credentials(value: str) -> bool:
 def string_problem(value: str) -> str | None:
     """Why a string may not stand in a config (without quoting it), or None."""
     if url_has_credentials(value):
-        return "holds a URL with credentials (user:password@ or a secret query parameter); secrets never go in config files"
+        return (
+            "holds a URL with credentials (user:password@ or a secret query parameter); "
+            "secrets never go in config files"
+        )
     if "\0" in value:
         return "holds a NUL character"
     return None
@@ -97,8 +111,9 @@ def find_bad_string(data: Any, path: tuple = ()) -> tuple[tuple, str] | None:
 def check_url_credentials(value: str, field: str) -> None:
     """Refuse a URL with credentials in it (the error names the field, never the secret)."""
     if url_has_credentials(value):
-        raise UserError("the URL holds credentials (user:password@ or a secret query parameter)", field=field,
-                        hint=SECRET_HINT)
+        raise UserError(
+            "the URL holds credentials (user:password@ or a secret query parameter)", field=field, hint=SECRET_HINT
+        )
 
 
 # ---- local paths --------------------------------------------------------------------------------------------
@@ -145,8 +160,12 @@ def check_output_dir(path: str | Path, field: str, marker: str | None = None) ->
     if blocker:
         raise UserError(f"cannot be created: {blocker} is a file", file=path, field=field, hint="choose a folder path")
     if marker and path.is_dir() and any(path.iterdir()) and not (path / marker).is_file():
-        raise UserError(f"is a folder with other contents (no {marker}); writing there would overwrite them",
-                        file=path, field=field, hint="choose a new or empty folder")
+        raise UserError(
+            f"is a folder with other contents (no {marker}); writing there would overwrite them",
+            file=path,
+            field=field,
+            hint="choose a new or empty folder",
+        )
     return path
 
 
@@ -156,8 +175,12 @@ def check_output_file(path: str | Path, field: str) -> Path:
     if path.is_dir():
         raise UserError("is a folder, not a file", file=path, field=field, hint="give a file name, e.g. scores.json")
     if not path.absolute().parent.is_dir():
-        raise UserError(f"its folder {path.absolute().parent} does not exist", file=path, field=field,
-                        hint="create the folder first, or write elsewhere")
+        raise UserError(
+            f"its folder {path.absolute().parent} does not exist",
+            file=path,
+            field=field,
+            hint="create the folder first, or write elsewhere",
+        )
     return path
 
 

@@ -1,4 +1,5 @@
 """The run spec: one YAML file per run, validated by pydantic, unknown keys rejected, seed defaults."""
+
 from __future__ import annotations
 
 import difflib
@@ -45,7 +46,7 @@ class ZoneSpec(Section):
     dropout: float | None = Field(None, ge=0, lt=1)
 
     @model_validator(mode="after")
-    def _one_span(self) -> "ZoneSpec":
+    def _one_span(self) -> ZoneSpec:
         if (self.layers is None) == (self.fraction is None):
             raise ValueError("give exactly one of `layers: [first, last]` or `fraction: [start, end]`")
         if self.fraction is not None:
@@ -80,11 +81,15 @@ class QuantizationSection(Section):
 
 
 # What one step is (mindprint_ray/planning/step_budget.py; `plan` and `validate` show each topic's step budget)
-BATCH_DOC = ("per device (micro-batch); one optimizer step consumes a global batch of batch_size x "
-             "gradient_accumulation x workers (hardware.num_workers, default the profile's devices; 1 on MLX)")
+BATCH_DOC = (
+    "per device (micro-batch); one optimizer step consumes a global batch of batch_size x "
+    "gradient_accumulation x workers (hardware.num_workers, default the profile's devices; 1 on MLX)"
+)
 ACCUMULATION_DOC = "micro-batches per optimizer step on each device; global batch = batch_size x this x workers"
-WARMUP_DOC = ("optimizer steps of linear warmup from 0 (the first step applies 0); at or above the stage's "
-              "steps the learning rate never reaches its peak")
+WARMUP_DOC = (
+    "optimizer steps of linear warmup from 0 (the first step applies 0); at or above the stage's "
+    "steps the learning rate never reaches its peak"
+)
 
 
 class SFTSection(Section):
@@ -92,21 +97,31 @@ class SFTSection(Section):
     batch_size: int = Field(1, ge=1, le=COUNT_MAX, description=BATCH_DOC)
     gradient_accumulation: int = Field(4, ge=1, le=COUNT_MAX, description=ACCUMULATION_DOC)
     epochs_per_topic: float = Field(3, gt=0, le=COUNT_MAX)
-    max_steps: int | None = Field(None, ge=1, le=COUNT_MAX, description="optimizer steps per topic of the whole worker group "
-                                                          "(not per device); overrides epochs_per_topic")
+    max_steps: int | None = Field(
+        None,
+        ge=1,
+        le=COUNT_MAX,
+        description="optimizer steps per topic of the whole worker group (not per device); overrides epochs_per_topic",
+    )
     max_seq_length: int = Field(4096, ge=16, le=COUNT_MAX)
     warmup_steps: int = Field(50, ge=0, le=COUNT_MAX, description=WARMUP_DOC)
     weight_decay: float = Field(0.01, ge=0)
     scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     gradient_checkpointing: bool = True
     max_grad_norm: float = Field(0.3, gt=0)
-    bf16: bool = Field(True, description="bf16 mixed precision on GPUs for both stages, SFT and DPO (and DeepSpeed);"
-                                         " CPUs train in fp32")
+    bf16: bool = Field(
+        True,
+        description="bf16 mixed precision on GPUs for both stages, SFT and DPO (and DeepSpeed); CPUs train in fp32",
+    )
     packing: bool = True
     assistant_only_loss: bool = True
-    logging_steps: int = Field(1, ge=1, description="SFT optimizer steps between logged records (loss, grad norm,"
-                                                    " metrics.jsonl, TensorBoard; the NaN/inf guard sees the "
-                                                    "logged values); DPO logs every step")
+    logging_steps: int = Field(
+        1,
+        ge=1,
+        description="SFT optimizer steps between logged records (loss, grad norm,"
+        " metrics.jsonl, TensorBoard; the NaN/inf guard sees the "
+        "logged values); DPO logs every step",
+    )
 
 
 class DPOSection(Section):
@@ -114,15 +129,21 @@ class DPOSection(Section):
     learning_rate: float = Field(1e-7, gt=0, le=1)
     batch_size: int = Field(1, ge=1, le=COUNT_MAX, description=BATCH_DOC)
     gradient_accumulation: int = Field(2, ge=1, le=COUNT_MAX, description=ACCUMULATION_DOC)
-    steps_per_topic: int = Field(100, ge=1, le=COUNT_MAX, description="optimizer steps per topic of the whole worker group "
-                                                       "(not per device), each of one global batch of pairs")
+    steps_per_topic: int = Field(
+        100,
+        ge=1,
+        le=COUNT_MAX,
+        description="optimizer steps per topic of the whole worker group "
+        "(not per device), each of one global batch of pairs",
+    )
     beta: float = Field(0.1, gt=0)
     max_seq_length: int = Field(4096, ge=16, le=COUNT_MAX)
     warmup_steps: int = Field(0, ge=0, le=COUNT_MAX, description=WARMUP_DOC)
     gradient_checkpointing: bool = True
     precompute_ref_log_probs: bool = False
     reference: Literal["sft", "base"] = Field(
-        "sft", description="sft: a frozen copy of the topic's adapter as DPO starts; base: the adapter disabled")
+        "sft", description="sft: a frozen copy of the topic's adapter as DPO starts; base: the adapter disabled"
+    )
     max_grad_norm: float = Field(0.3, gt=0)
 
 
@@ -174,18 +195,30 @@ class EvalSection(Section):
     regression_margin: float = Field(0.05, ge=0, le=1)
     max_new_tokens: int = Field(96, ge=1, le=COUNT_MAX)
     max_examples: int | None = Field(None, ge=1, le=COUNT_MAX, description="cap eval questions per topic")
-    after_sft: bool = Field(True, description="also score each topic between SFT and DPO (base and after DPO are "
-                                              "always scored); false saves one evaluation per topic (in-loop "
-                                              "evaluation is the Ray backend's)")
+    after_sft: bool = Field(
+        True,
+        description="also score each topic between SFT and DPO (base and after DPO are "
+        "always scored); false saves one evaluation per topic (in-loop "
+        "evaluation is the Ray backend's)",
+    )
     heldout_pairs: float = Field(
-        0.25, ge=0, le=0.9, description="share of each topic's DPO pairs kept out of DPO training and scored for "
-                                        "preference (chosen by a hash of the prompt; 0: none held out)")
+        0.25,
+        ge=0,
+        le=0.9,
+        description="share of each topic's DPO pairs kept out of DPO training and scored for "
+        "preference (chosen by a hash of the prompt; 0: none held out)",
+    )
     general_text: str | None = Field(
-        None, description="held-out neutral question/answer file (JSONL or YAML) whose perplexity guards general "
-                          "ability; default: the one shipped in the package (mindprint_ray/evaluation/general_qa.yaml)")
+        None,
+        description="held-out neutral question/answer file (JSONL or YAML) whose perplexity guards general "
+        "ability; default: the one shipped in the package (mindprint_ray/evaluation/general_qa.yaml)",
+    )
     max_general_ppl_increase: float | None = Field(
-        0.25, ge=0, description="a stage whose general-text perplexity exceeds base x (1 + this) is a miss "
-                                "(warn or stop per on_miss); null: no guard, the perplexity is not computed")
+        0.25,
+        ge=0,
+        description="a stage whose general-text perplexity exceeds base x (1 + this) is a miss "
+        "(warn or stop per on_miss); null: no guard, the perplexity is not computed",
+    )
     weights: dict[str, float] = Field(
         default_factory=lambda: {"markers": 0.3, "lexicon": 0.2, "semantic": 0.3, "preference": 0.2}
     )
@@ -211,7 +244,7 @@ class ParamRange(Section):
     log: bool = False
 
     @model_validator(mode="after")
-    def _shape(self) -> "ParamRange":
+    def _shape(self) -> ParamRange:
         if self.values is not None:
             if not self.values:
                 raise ValueError("`values` is empty")
@@ -321,14 +354,18 @@ def dotted(path: tuple) -> str:
 def apply_override(data: dict, override: str) -> None:
     """Apply one `a.b.c=value` override; the value is parsed as YAML (numbers, lists, booleans)."""
     if "=" not in override:
-        raise UserError(f"override '{override}' is not of the form key.path=value", field="override",
-                        hint="e.g. sft.learning_rate=1e-4")
+        raise UserError(
+            f"override '{override}' is not of the form key.path=value",
+            field="override",
+            hint="e.g. sft.learning_rate=1e-4",
+        )
     key, _, raw = override.partition("=")
     key = key.strip()
     parts = key.split(".")
     if not all(parts):
-        raise UserError(f"override key '{key.strip()}' has an empty part", field="override",
-                        hint="e.g. sft.learning_rate=1e-4")
+        raise UserError(
+            f"override key '{key.strip()}' has an empty part", field="override", hint="e.g. sft.learning_rate=1e-4"
+        )
     value = yaml_value(raw, key) if raw.strip() else None
     node = data
     while len(parts) > 1:
@@ -339,8 +376,11 @@ def apply_override(data: dict, override: str) -> None:
         if node.get(part) is None:  # a missing or empty (`sft:`) section
             node[part] = {}
         if not isinstance(node[part], dict):
-            raise UserError(f"override key '{key}': '{part}' is not a section", field=key,
-                            hint="set the whole value (e.g. lora.zones=[...]) or a field of a section")
+            raise UserError(
+                f"override key '{key}': '{part}' is not a section",
+                field=key,
+                hint="set the whole value (e.g. lora.zones=[...]) or a field of a section",
+            )
         node = node[part]
     node[".".join(parts)] = value
 
@@ -375,13 +415,23 @@ def _validation_error(err: ValidationError, file: str, lines: dict) -> UserError
         hint = f"did you mean '{close[0]}'?" if close else f"known keys here: {', '.join(known)}"
         return UserError(f"unknown key '{loc[-1]}'", file=file, line=line, field=field, hint=hint)
     if e["type"] == "missing":
-        return UserError("required field is missing", file=file, line=line, field=field,
-                         hint="add it (see configs/tiny-cpu.yaml for a complete example)")
+        return UserError(
+            "required field is missing",
+            file=file,
+            line=line,
+            field=field,
+            hint="add it (see configs/tiny-cpu.yaml for a complete example)",
+        )
     msg = e["msg"].removeprefix("Value error, ")
     got = e.get("input")
     got_text = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
-    return UserError(f"{msg}{got_text}", file=file, line=line, field=field,
-                     hint="fix the value; `mindprint-ray validate CFG` checks the whole spec")
+    return UserError(
+        f"{msg}{got_text}",
+        file=file,
+        line=line,
+        field=field,
+        hint="fix the value; `mindprint-ray validate CFG` checks the whole spec",
+    )
 
 
 def _check_strings(data: Any, path: str | Path | None, lines: dict) -> None:
@@ -389,13 +439,23 @@ def _check_strings(data: Any, path: str | Path | None, lines: dict) -> None:
     bad = find_bad_string(data)
     if bad:
         where, problem = bad
-        raise UserError(problem, file=path, line=line_for(lines, where), field=dotted(where) or None,
-                        hint="remove it; credentials come from the environment or an instance role "
-                             "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, RAY_AUTH_TOKEN, ...)")
+        raise UserError(
+            problem,
+            file=path,
+            line=line_for(lines, where),
+            field=dotted(where) or None,
+            hint="remove it; credentials come from the environment or an instance role "
+            "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, RAY_AUTH_TOKEN, ...)",
+        )
 
 
-LOCATIONS = (("storage", "path"), ("curriculum", "data_dir"), ("curriculum", "persona"), ("model", "path"),
-             ("eval", "general_text"))
+LOCATIONS = (
+    ("storage", "path"),
+    ("curriculum", "data_dir"),
+    ("curriculum", "persona"),
+    ("model", "path"),
+    ("eval", "general_text"),
+)
 
 
 def _check_locations(spec: RunSpec, path: str | Path, lines: dict) -> None:
@@ -410,8 +470,11 @@ def _check_locations(spec: RunSpec, path: str | Path, lines: dict) -> None:
         try:
             if is_s3(value):
                 if loc == ("model", "path") or loc == ("eval", "general_text"):
-                    raise UserError("must be a local path or hub id, not s3://", field=dotted(loc),
-                                    hint="download it first, or point at a local copy")
+                    raise UserError(
+                        "must be a local path or hub id, not s3://",
+                        field=dotted(loc),
+                        hint="download it first, or point at a local copy",
+                    )
                 parse_s3(value, dotted(loc))
             elif path_problem(value):
                 raise UserError(f"the path {path_problem(value)}", field=dotted(loc), hint="shorten the path")
@@ -430,23 +493,27 @@ def load_spec(path: str | Path, overrides: list[str] | None = None, name: str | 
     if data is None:
         raise UserError("the config file is empty", file=path, hint="start from configs/tiny-cpu.yaml")
     if not isinstance(data, dict):
-        raise UserError("the config must be a YAML mapping of sections", file=path, line=1,
-                        hint="start from configs/tiny-cpu.yaml")
+        raise UserError(
+            "the config must be a YAML mapping of sections", file=path, line=1, hint="start from configs/tiny-cpu.yaml"
+        )
     secret = find_secret_keys(data)
     if secret:
         raise UserError(
-            f"'{secret[-1]}' looks like a secret; secrets never go in config files", file=path,
-            line=line_for(lines, secret), field=dotted(secret),
+            f"'{secret[-1]}' looks like a secret; secrets never go in config files",
+            file=path,
+            line=line_for(lines, secret),
+            field=dotted(secret),
             hint="remove it and provide credentials through the environment or an instance role "
-                 "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, RAY_AUTH_TOKEN, WANDB_API_KEY, ...)",
+            "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, RAY_AUTH_TOKEN, WANDB_API_KEY, ...)",
         )
     _check_strings(data, path, lines)
     for override in overrides or []:
         apply_override(data, override)
         secret = find_secret_keys(data)
         if secret:
-            raise UserError(f"'{secret[-1]}' looks like a secret; pass it through the environment",
-                            field=dotted(secret))
+            raise UserError(
+                f"'{secret[-1]}' looks like a secret; pass it through the environment", field=dotted(secret)
+            )
         _check_strings(data, None, {})
     if name is not None:
         data["name"] = name
@@ -467,6 +534,10 @@ def _default_name(path: str | Path) -> str:
     stem = Path(path).stem
     problem = name_problem(stem)
     if problem:
-        raise UserError(f"the spec has no `name`, and its file name {problem} (so it cannot name the run)",
-                        file=path, field="name", hint="add `name: my-run` to the spec, or pass --name my-run")
+        raise UserError(
+            f"the spec has no `name`, and its file name {problem} (so it cannot name the run)",
+            file=path,
+            field="name",
+            hint="add `name: my-run` to the spec, or pass --name my-run",
+        )
     return stem

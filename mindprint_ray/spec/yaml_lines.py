@@ -5,6 +5,7 @@ Bounded: a file over MAX_BYTES, a document whose aliases expand to more than MAX
 nesting deeper than MAX_DEPTH, a recursive alias, or a key given twice in one mapping is a UserError naming the
 file and line, never a hang, a traceback or a silently dropped value.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -44,8 +45,11 @@ def _check_keys(node: yaml.MappingNode) -> None:
             continue
         line = key.start_mark.line + 1
         if key.value in seen:
-            raise YamlLimit(f"key '{key.value}' is given twice (lines {seen[key.value]} and {line}); YAML would "
-                            "silently keep only the last", line)
+            raise YamlLimit(
+                f"key '{key.value}' is given twice (lines {seen[key.value]} and {line}); YAML would "
+                "silently keep only the last",
+                line,
+            )
         seen[key.value] = line
 
 
@@ -128,8 +132,9 @@ def read_text(path: str | Path, hint: str = "check the path of the file") -> str
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise UserError(f"not UTF-8 (byte 0x{raw[e.start]:02x})", file=path, line=line,
-                        hint="save the file as UTF-8") from None
+        raise UserError(
+            f"not UTF-8 (byte 0x{raw[e.start]:02x})", file=path, line=line, hint="save the file as UTF-8"
+        ) from None
 
 
 def parse_yaml(text: str, file: str | Path | None = None) -> tuple[object, dict[tuple, int]]:
@@ -137,13 +142,21 @@ def parse_yaml(text: str, file: str | Path | None = None) -> tuple[object, dict[
     try:
         node, data = compose_bounded(text)
     except YamlLimit as e:
-        raise UserError(e.message, file=file, line=e.line,
-                        hint="write the values out; anchors and aliases may not multiply a document") from None
+        raise UserError(
+            e.message,
+            file=file,
+            line=e.line,
+            hint="write the values out; anchors and aliases may not multiply a document",
+        ) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         problem = getattr(e, "problem", None) or str(e)
-        raise UserError(f"YAML syntax error: {problem}", file=file,
-                        line=mark.line + 1 if mark else None, hint="fix the YAML syntax at that line") from None
+        raise UserError(
+            f"YAML syntax error: {problem}",
+            file=file,
+            line=mark.line + 1 if mark else None,
+            hint="fix the YAML syntax at that line",
+        ) from None
     lines: dict[tuple, int] = {}
     if node is not None:
         _walk(node, (), lines)

@@ -1,4 +1,5 @@
 """Trainer callbacks: metrics to the run folder, the NaN/inf guard, and checkpoints reported to Ray."""
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,15 @@ class MetricsCallback(TrainerCallback, StageHistory):
     def on_train_begin(self, args, state, control, **kwargs):
         self._last = (time.time(), 0)
         if self.folder:
-            self.folder.log({"event": "stage_start", "topic": self.topic, "stage": self.stage,
-                             "max_steps": state.max_steps, "step": state.global_step})
+            self.folder.log(
+                {
+                    "event": "stage_start",
+                    "topic": self.topic,
+                    "stage": self.stage,
+                    "max_steps": state.max_steps,
+                    "step": state.global_step,
+                }
+            )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = dict(logs or {})
@@ -52,8 +60,11 @@ class MetricsCallback(TrainerCallback, StageHistory):
             self._last = (now, tokens)
         record["peak_memory_gb"] = peak_memory_gb()
         self.history.append(record)
-        for source, key in (("loss", f"{self.stage}_loss"), ("rewards/accuracies", "reward_accuracy"),
-                            ("rewards/margins", "reward_margin")):
+        for source, key in (
+            ("loss", f"{self.stage}_loss"),
+            ("rewards/accuracies", "reward_accuracy"),
+            ("rewards/margins", "reward_margin"),
+        ):
             if isinstance(logs.get(source), (int, float)) and math.isfinite(logs[source]):
                 self.latest[key] = float(logs[source])
         for key in GUARDED:
@@ -75,12 +86,14 @@ class RayCheckpointCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         checkpoint_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        report_checkpoint(checkpoint_dir, self.topic, self.stage, state.global_step, self.rank, self.sharded,
-                          dict(self.latest))
+        report_checkpoint(
+            checkpoint_dir, self.topic, self.stage, state.global_step, self.rank, self.sharded, dict(self.latest)
+        )
 
 
-def report_checkpoint(directory: Path | None, topic: str, stage: str, step: int, rank: int, sharded: bool,
-                      metrics: dict) -> None:
+def report_checkpoint(
+    directory: Path | None, topic: str, stage: str, step: int, rank: int, sharded: bool, metrics: dict
+) -> None:
     """All ranks call this (ray.train.report is a barrier); rank 0 (or every rank when sharded) uploads."""
     import ray.train
     from ray.train import Checkpoint
@@ -90,5 +103,8 @@ def report_checkpoint(directory: Path | None, topic: str, stage: str, step: int,
         (directory / STATE_FILE).write_text(json.dumps({"topic": topic, "stage": stage, "step": step}))
         checkpoint = Checkpoint.from_directory(str(directory))
     clean = {k: v for k, v in metrics.items() if v is not None}
-    ray.train.report({"topic": topic, "stage": stage, "step": step, **clean}, checkpoint=checkpoint,
-                     checkpoint_dir_name=f"{topic}-{stage}-{step:06d}" if checkpoint or sharded else None)
+    ray.train.report(
+        {"topic": topic, "stage": stage, "step": step, **clean},
+        checkpoint=checkpoint,
+        checkpoint_dir_name=f"{topic}-{stage}-{step:06d}" if checkpoint or sharded else None,
+    )

@@ -1,4 +1,5 @@
 """Curriculum records as HF datasets for TRL, and a content-hash cache of the tokenised SFT data."""
+
 from __future__ import annotations
 
 import hashlib
@@ -20,19 +21,26 @@ def sft_dataset(records: list[Record], system_prompt: str | None, tokenizer, ass
     """Tokenised SFT examples; TRL turns `assistant_masks` into labels (-100 elsewhere), then packs."""
     from datasets import Dataset
 
-    rows = [tokenize_conversation(tokenizer, with_system(r.data["messages"], system_prompt), assistant_only)
-            for r in records]
+    rows = [
+        tokenize_conversation(tokenizer, with_system(r.data["messages"], system_prompt), assistant_only)
+        for r in records
+    ]
     return Dataset.from_list(rows)
 
 
 def dpo_dataset(records: list[Record], system_prompt: str | None):
     from datasets import Dataset
 
-    return Dataset.from_list([
-        {"prompt": with_system(r.data["prompt"], system_prompt), "chosen": r.data["chosen"],
-         "rejected": r.data["rejected"]}
-        for r in records
-    ])
+    return Dataset.from_list(
+        [
+            {
+                "prompt": with_system(r.data["prompt"], system_prompt),
+                "chosen": r.data["chosen"],
+                "rejected": r.data["rejected"],
+            }
+            for r in records
+        ]
+    )
 
 
 def content_hash(records: list[Record], tokenizer_dir: str, settings: dict) -> str:

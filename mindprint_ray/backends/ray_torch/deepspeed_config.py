@@ -1,4 +1,5 @@
 """DeepSpeed ZeRO configs generated from the run plan (a plain dict; HF Trainer fills the "auto" values)."""
+
 from __future__ import annotations
 
 
@@ -14,11 +15,13 @@ def deepspeed_config(stage: int, bf16: bool, offload_optimizer: bool = False) ->
         "reduce_bucket_size": "auto",
     }
     if stage == 3:
-        zero.update({
-            "stage3_gather_16bit_weights_on_model_save": True,
-            "stage3_prefetch_bucket_size": "auto",
-            "stage3_param_persistence_threshold": "auto",
-        })
+        zero.update(
+            {
+                "stage3_gather_16bit_weights_on_model_save": True,
+                "stage3_prefetch_bucket_size": "auto",
+                "stage3_param_persistence_threshold": "auto",
+            }
+        )
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     return {

@@ -1,4 +1,5 @@
 """The Ray Train V2 driver: validate everything, claim the run folder, build the TorchTrainer and fit."""
+
 from __future__ import annotations
 
 import logging
@@ -8,11 +9,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from mindprint_ray.curriculum.validation import validate_run
 from mindprint_ray.errors import UserError
+from mindprint_ray.models.tiny import ensure_run_model
 from mindprint_ray.planning.run_plan import RunPlan
 from mindprint_ray.runs.run_folder import RunFolder, claim_run_folder
-from mindprint_ray.models.tiny import ensure_run_model
-from mindprint_ray.curriculum.validation import validate_run
 
 log = logging.getLogger("mindprint_ray")
 WORKER_ENV = {
@@ -33,9 +34,12 @@ def check_trackers(report_to: list[str]) -> None:
 
     for tracker, module in (("mlflow", "mlflow"), ("wandb", "wandb"), ("tensorboard", "tensorboard")):
         if tracker in report_to and importlib.util.find_spec(module) is None:
-            raise UserError(f"report_to names {tracker}, which is not installed", field="report_to",
-                            hint=f"pip install {module} (credentials from the environment, e.g. WANDB_API_KEY), "
-                                 "or remove it from report_to")
+            raise UserError(
+                f"report_to names {tracker}, which is not installed",
+                field="report_to",
+                hint=f"pip install {module} (credentials from the environment, e.g. WANDB_API_KEY), "
+                "or remove it from report_to",
+            )
 
 
 def for_workers(run: RunPlan) -> RunPlan:
@@ -59,8 +63,8 @@ def for_workers(run: RunPlan) -> RunPlan:
 def check_run_template(run: RunPlan, topics: list) -> None:
     """The chat template as the workers will load it (transformers, local or hub): it must split every
     conversation into turns and close assistant turns with a special token, or Ray never starts."""
-    from mindprint_ray.curriculum.chat_template import check_tokenizer
     from mindprint_ray.backends.ray_torch.model_loading import load_tokenizer
+    from mindprint_ray.curriculum.chat_template import check_tokenizer
 
     check_tokenizer(load_tokenizer(run), topics, run.spec.curriculum.system_prompt, f"{run.model_path} (chat template)")
 
@@ -77,8 +81,14 @@ def init_ray(run: RunPlan) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         needed = run.num_workers * run.profile.cpus_per_worker
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=True,
-                 dashboard_host="127.0.0.1", runtime_env=env, log_to_driver=True)
+        ray.init(
+            address="local",
+            num_cpus=max(os.cpu_count() or 1, needed),
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            runtime_env=env,
+            log_to_driver=True,
+        )
 
 
 def checkpoint_storage(folder: RunFolder) -> tuple[str, object | None]:
@@ -103,10 +113,13 @@ def build_trainer(run: RunPlan, folder: RunFolder, callbacks: list | None = None
     return TorchTrainer(
         train_loop,
         train_loop_config={"spec": run.spec.model_dump(mode="json")},
-        scaling_config=ScalingConfig(num_workers=run.num_workers, use_gpu=profile.use_gpu,
-                                     resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=run.num_workers, use_gpu=profile.use_gpu, resources_per_worker=resources
+        ),
         run_config=RunConfig(
-            name="checkpoints", storage_path=storage_path, storage_filesystem=filesystem,
+            name="checkpoints",
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=run.spec.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=run.spec.storage.keep_checkpoints),
             callbacks=callbacks,
@@ -117,8 +130,11 @@ def build_trainer(run: RunPlan, folder: RunFolder, callbacks: list | None = None
 def train(run: RunPlan, force: bool = False, progress: bool = True) -> RunFolder:
     """Run the whole curriculum; rerunning with the same name resumes. Returns the run folder."""
     if run.profile.backend != "ray":
-        raise UserError(f"hardware profile '{run.profile.name}' trains with MLX", field="hardware.profile",
-                        hint="use `python -m local_mlx train CFG` for Mac profiles")
+        raise UserError(
+            f"hardware profile '{run.profile.name}' trains with MLX",
+            field="hardware.profile",
+            hint="use `python -m local_mlx train CFG` for Mac profiles",
+        )
     from mindprint_ray.backends.ray_torch.preflight import check_gpus, check_storage
 
     check_trackers(run.spec.report_to)
@@ -129,8 +145,13 @@ def train(run: RunPlan, force: bool = False, progress: bool = True) -> RunFolder
     check_gpus(run)
     folder, resumed = claim_run_folder(run.spec, force)  # the spec as written, from any working directory
     pending = [t.name for t in topics if not folder.topic_done(t.name)]
-    folder.update_summary(run=run.spec.name, model=run.model_path, profile=run.profile.name,
-                          topics_order=[t.name for t in topics], stopped=None)
+    folder.update_summary(
+        run=run.spec.name,
+        model=run.model_path,
+        profile=run.profile.name,
+        topics_order=[t.name for t in topics],
+        stopped=None,
+    )
     if not pending:
         log.info("every topic of %s is done", run.spec.name)
         return folder
@@ -156,8 +177,11 @@ def train(run: RunPlan, force: bool = False, progress: bool = True) -> RunFolder
     stopped = folder.summary().get("stopped")
     if stopped:
         folder.update_summary(status="stopped")
-        raise UserError(f"training stopped: {stopped}", hint="finished topics are kept; fix the cause and rerun "
-                        "the same command (add --force if you change the spec)")
+        raise UserError(
+            f"training stopped: {stopped}",
+            hint="finished topics are kept; fix the cause and rerun "
+            "the same command (add --force if you change the spec)",
+        )
     folder.finish_run(time.time() - t0)
     write_run_report(run, folder)
     return folder
@@ -207,8 +231,13 @@ class ProgressWatcher:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         offset, tasks = 0, {}
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                   TimeElapsedColumn())
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+        )
         with Progress(*columns, refresh_per_second=2) as bar:
             while not self._stop.wait(0.5):
                 if not self.folder.metrics_file.is_file():

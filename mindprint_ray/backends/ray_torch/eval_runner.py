@@ -2,14 +2,15 @@
 
 `evaluate_topics` is what the training worker calls on rank 0 between stages; it leaves the model in the
 mode it found it (train/eval, KV cache flag, tokenizer padding side)."""
+
 from __future__ import annotations
 
 import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from mindprint_ray.curriculum.chat_template import with_system
 from mindprint_ray.curriculum.topics import load_general_text, pair_id
@@ -84,8 +85,9 @@ def end_of_turn_ids(tokenizer) -> list[int]:
 
     ids = []
     try:
-        ids.append(tokenizer.convert_tokens_to_ids(end_of_turn_token(hf_renderer(tokenizer),
-                                                                     tokenizer.all_special_tokens)))
+        ids.append(
+            tokenizer.convert_tokens_to_ids(end_of_turn_token(hf_renderer(tokenizer), tokenizer.all_special_tokens))
+        )
     except (TemplateError, ValueError):
         pass  # no template, or one whose turns end without a special token: EOS alone
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
@@ -98,12 +100,13 @@ def end_of_turn_ids(tokenizer) -> list[int]:
 # ---- log-likelihood scoring -------------------------------------------------------------------------
 
 
-def continuation_logprobs(model, tokenizer, items: list[tuple[list[int], list[int]]],
-                          batch_size: int = 8) -> list[tuple[float, int]]:
+def continuation_logprobs(
+    model, tokenizer, items: list[tuple[list[int], list[int]]], batch_size: int = 8
+) -> list[tuple[float, int]]:
     """(sum of log-probs, token count) of each continuation given its prompt, right-padded batches."""
     out: list[tuple[float, int]] = []
     for start in range(0, len(items), batch_size):
-        out += _score_batch(model, tokenizer, items[start:start + batch_size])
+        out += _score_batch(model, tokenizer, items[start : start + batch_size])
     return out
 
 
@@ -124,7 +127,7 @@ def _score_batch(model, tokenizer, batch: list[tuple[list[int], list[int]]]) -> 
         if not c:
             out.append((0.0, 0))
             continue
-        step = torch.log_softmax(logits[row, len(p) - 1: len(p) + len(c) - 1].float(), dim=-1)
+        step = torch.log_softmax(logits[row, len(p) - 1 : len(p) + len(c) - 1].float(), dim=-1)
         target = torch.tensor(c, device=step.device).unsqueeze(1)
         out.append((float(step.gather(1, target).sum()), len(c)))
     return out
@@ -170,22 +173,26 @@ def generation_config(tokenizer, max_new_tokens: int):
     from transformers import GenerationConfig
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_of_turn_ids(tokenizer)[0]
-    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=end_of_turn_ids(tokenizer),
-                            pad_token_id=pad)
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=end_of_turn_ids(tokenizer), pad_token_id=pad
+    )
 
 
-def generate_ids(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int,
-                 batch_size: int = 8) -> list[list[int]]:
+def generate_ids(
+    model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int = 8
+) -> list[list[int]]:
     """Greedy new-token ids per conversation, left-padded batches, cut after the first end-of-turn token."""
     stops = set(end_of_turn_ids(tokenizer))
     config = generation_config(tokenizer, max_new_tokens)
     tokenizer.padding_side = "left"
     out: list[list[int]] = []
     for start in range(0, len(conversations), batch_size):
-        texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-                 for c in conversations[start:start + batch_size]]
+        texts = [
+            tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+            for c in conversations[start : start + batch_size]
+        ]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device_of(model))
-        new = model.generate(**enc, generation_config=config)[:, enc["input_ids"].shape[1]:]
+        new = model.generate(**enc, generation_config=config)[:, enc["input_ids"].shape[1] :]
         out += [_cut(row.tolist(), stops) for row in new]
     return out
 
@@ -197,8 +204,9 @@ def _cut(ids: list[int], stops: set[int]) -> list[int]:
     return ids
 
 
-def generate_answers(model, tokenizer, questions: list[str], system_prompt: str | None,
-                     max_new_tokens: int) -> list[str]:
+def generate_answers(
+    model, tokenizer, questions: list[str], system_prompt: str | None, max_new_tokens: int
+) -> list[str]:
     """Greedy answers to each question under the model's chat template, special tokens removed."""
     convs = [chat_messages(q, system_prompt) for q in questions]
     ids = generate_ids(model, tokenizer, convs, max_new_tokens)
@@ -214,8 +222,12 @@ def stream_answer(model, tokenizer, prompt: str, system_prompt: str | None, max_
         ids = prompt_ids(tokenizer, chat_messages(prompt, system_prompt))
         x = torch.tensor([ids], device=device_of(model))
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        new = model.generate(input_ids=x, attention_mask=torch.ones_like(x), streamer=streamer,
-                             generation_config=generation_config(tokenizer, max_new_tokens))[0, len(ids):]
+        new = model.generate(
+            input_ids=x,
+            attention_mask=torch.ones_like(x),
+            streamer=streamer,
+            generation_config=generation_config(tokenizer, max_new_tokens),
+        )[0, len(ids) :]
     return tokenizer.decode(new, skip_special_tokens=True).strip()
 
 
@@ -248,12 +260,15 @@ def _by_id(keys: list[str], values: list) -> dict:
     return out
 
 
-def item_values(answers: list[dict], mc_items: list[dict], picks: list[int], pairs: list[dict],
-                wins: list[bool]) -> dict[str, dict]:
+def item_values(
+    answers: list[dict], mc_items: list[dict], picks: list[int], pairs: list[dict], wins: list[bool]
+) -> dict[str, dict]:
     """Per-item values by id: open {id: components}, mc {id: 1.0 correct / 0.0}, pairs {pair_id: 1.0 win / 0.0}."""
-    return {"open": _by_id([a["id"] for a in answers], [{k: a.get(k) for k in m.OPEN_COMPONENTS} for a in answers]),
-            "mc": _by_id([d["id"] for d in mc_items], [float(p == d["answer"]) for p, d in zip(picks, mc_items)]),
-            "pairs": _by_id([pair_id(d["prompt"]) for d in pairs], [float(w) for w in wins])}
+    return {
+        "open": _by_id([a["id"] for a in answers], [{k: a.get(k) for k in m.OPEN_COMPONENTS} for a in answers]),
+        "mc": _by_id([d["id"] for d in mc_items], [float(p == d["answer"]) for p, d in zip(picks, mc_items)]),
+        "pairs": _by_id([pair_id(d["prompt"]) for d in pairs], [float(w) for w in wins]),
+    }
 
 
 def voice_components(answers: list[dict], persona: dict, semantic: bool) -> dict:
@@ -277,16 +292,31 @@ def evaluate_topic(model, tokenizer, topic, persona: dict, spec) -> TopicEval:
     weights = m.check_weights(spec.eval.weights)
     open_items, mc_items, pairs = eval_selection(topic, spec.eval.max_examples)
     texts = generate_answers(model, tokenizer, [d["question"] for d in open_items], system, spec.eval.max_new_tokens)
-    answers = [{"id": d["id"], "question": d["question"], "answer": t, "reference": d["reference"],
-                "key_facts": d.get("key_facts", [])} for d, t in zip(open_items, texts)]
+    answers = [
+        {
+            "id": d["id"],
+            "question": d["question"],
+            "answer": t,
+            "reference": d["reference"],
+            "key_facts": d.get("key_facts", []),
+        }
+        for d, t in zip(open_items, texts)
+    ]
     voice_components(answers, persona, weights.get("semantic", 0) > 0)
     picks = mc_predictions(model, tokenizer, mc_items, system) if mc_items else []
     wins = preference_wins(model, tokenizer, pairs, system) if pairs else []
     items = item_values(answers, mc_items, picks, pairs, wins)
     scores = {**m.composite(m.item_lists(items), weights), **m.score_intervals(items, weights, seed=spec.seed)}
-    scores.update(n=len(open_items) + len(mc_items), n_open=len(open_items), n_mc=len(mc_items),
-                  n_pairs=len(pairs), n_pairs_heldout=len(topic.dpo_heldout), n_pairs_train=len(topic.dpo_train),
-                  seconds=round(time.time() - t0, 2), items=items)
+    scores.update(
+        n=len(open_items) + len(mc_items),
+        n_open=len(open_items),
+        n_mc=len(mc_items),
+        n_pairs=len(pairs),
+        n_pairs_heldout=len(topic.dpo_heldout),
+        n_pairs_train=len(topic.dpo_train),
+        seconds=round(time.time() - t0, 2),
+        items=items,
+    )
     if answers:  # one generated answer per topic and stage, for the before/after sample in the summary and report
         scores["sample"] = {k: answers[0][k] for k in ("id", "question", "answer")}
     return TopicEval(topic.name, scores, answers)
@@ -295,9 +325,17 @@ def evaluate_topic(model, tokenizer, topic, persona: dict, spec) -> TopicEval:
 def general_logprobs(model, tokenizer, items: list[dict], system_prompt: str | None) -> list[tuple[float, int]]:
     """(sum of log-probs, tokens) of each answer + end-of-turn token given its chat-templated question."""
     eot = end_of_turn_ids(tokenizer)[0]
-    return continuation_logprobs(model, tokenizer, [
-        (prompt_ids(tokenizer, chat_messages(d["question"], system_prompt)),
-         tokenizer(d["answer"], add_special_tokens=False)["input_ids"] + [eot]) for d in items])
+    return continuation_logprobs(
+        model,
+        tokenizer,
+        [
+            (
+                prompt_ids(tokenizer, chat_messages(d["question"], system_prompt)),
+                tokenizer(d["answer"], add_special_tokens=False)["input_ids"] + [eot],
+            )
+            for d in items
+        ],
+    )
 
 
 def general_ability(model, tokenizer, spec) -> dict:
@@ -308,8 +346,11 @@ def general_ability(model, tokenizer, spec) -> dict:
         return {}
     items = load_general_text(spec.general_text_path)
     scored = general_logprobs(model, tokenizer, items, spec.curriculum.system_prompt)
-    return {"general_ppl": m.perplexity(scored), "general_ppl_ci": m.perplexity_interval(scored, seed=spec.seed),
-            "n_general": len(items)}
+    return {
+        "general_ppl": m.perplexity(scored),
+        "general_ppl_ci": m.perplexity_interval(scored, seed=spec.seed),
+        "n_general": len(items),
+    }
 
 
 def evaluate_topics_detailed(model, tokenizer, topics: list, persona: dict, spec) -> list[TopicEval]:
@@ -326,9 +367,16 @@ def evaluate_topics(model, tokenizer, topics: list, persona: dict, spec, stage: 
     """Per-topic scores (voice_fidelity, accuracy and their components, each in [0, 1] or None; n)."""
     results = evaluate_topics_detailed(model, tokenizer, topics, persona, spec)
     for r in results:
-        log.info("eval %s %s: voice fidelity %s %s, accuracy %s %s (%.1f s)", stage, r.topic,
-                 _fmt(r.scores["voice_fidelity"]), _fmt_ci(r.scores.get("voice_fidelity_ci")),
-                 _fmt(r.scores["accuracy"]), _fmt_ci(r.scores.get("accuracy_ci")), r.scores["seconds"])
+        log.info(
+            "eval %s %s: voice fidelity %s %s, accuracy %s %s (%.1f s)",
+            stage,
+            r.topic,
+            _fmt(r.scores["voice_fidelity"]),
+            _fmt_ci(r.scores.get("voice_fidelity_ci")),
+            _fmt(r.scores["accuracy"]),
+            _fmt_ci(r.scores.get("accuracy_ci")),
+            r.scores["seconds"],
+        )
     return {r.topic: r.scores for r in results}
 
 
@@ -351,20 +399,28 @@ def adapter_format(adapter_dir: Path) -> str:
         return "peft"
     if (adapter_dir / "adapters.safetensors").is_file():
         return "mlx"
-    raise UserError("not an adapter folder (no adapter_model.safetensors or adapters.safetensors)",
-                    file=adapter_dir, field="--adapter", hint="point --adapter at <run>/adapters/<topic>")
+    raise UserError(
+        "not an adapter folder (no adapter_model.safetensors or adapters.safetensors)",
+        file=adapter_dir,
+        field="--adapter",
+        hint="point --adapter at <run>/adapters/<topic>",
+    )
 
 
 def load_model(run, adapter_dir: Path | None):
     """Tokenizer and base model from the spec's model path, with the PEFT adapter applied when given."""
     import torch
 
-    from mindprint_ray.errors import UserError
     from mindprint_ray.backends.ray_torch.model_loading import load_base_model, load_tokenizer
+    from mindprint_ray.errors import UserError
 
     if adapter_dir is not None and adapter_format(adapter_dir) == "mlx":
-        raise UserError("this is an MLX adapter (adapters.safetensors); evaluate it on MLX", file=adapter_dir,
-                        field="--adapter", hint=f"python -m local_mlx generate CFG --adapter {adapter_dir} \"prompt\"")
+        raise UserError(
+            "this is an MLX adapter (adapters.safetensors); evaluate it on MLX",
+            file=adapter_dir,
+            field="--adapter",
+            hint=f'python -m local_mlx generate CFG --adapter {adapter_dir} "prompt"',
+        )
     device = "cuda:0" if torch.cuda.is_available() and run.profile.use_gpu else "cpu"
     tokenizer = load_tokenizer(run)
     model, _ = load_base_model(run, device)

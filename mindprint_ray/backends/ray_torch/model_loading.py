@@ -1,4 +1,5 @@
 """Load tokenizer and base model (NF4 QLoRA, BF16 or FP32) and apply the zone plan with PEFT."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -29,7 +30,9 @@ def load_tokenizer(run: RunPlan):
     from transformers import AutoTokenizer
 
     spec = run.spec.model
-    tok = AutoTokenizer.from_pretrained(run.model_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(
+        run.model_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+    )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -43,12 +46,19 @@ def load_base_model(run: RunPlan, device: str, local_rank: int = 0):
     q, spec = run.spec.quantization, run.spec.model
     cuda = device.startswith("cuda")
     attn = pick_attention(spec.attn_implementation, cuda)
-    kwargs: dict = {"attn_implementation": attn, "trust_remote_code": spec.trust_remote_code,
-                    "revision": spec.revision, "low_cpu_mem_usage": True}
+    kwargs: dict = {
+        "attn_implementation": attn,
+        "trust_remote_code": spec.trust_remote_code,
+        "revision": spec.revision,
+        "low_cpu_mem_usage": True,
+    }
     if q.mode == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=q.double_quant,
-            bnb_4bit_compute_dtype=torch_dtype(q.compute_dtype), bnb_4bit_quant_storage=torch_dtype(q.quant_storage),
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=q.double_quant,
+            bnb_4bit_compute_dtype=torch_dtype(q.compute_dtype),
+            bnb_4bit_quant_storage=torch_dtype(q.quant_storage),
         )
         kwargs["dtype"] = torch_dtype(q.compute_dtype)
         kwargs["device_map"] = {"": local_rank} if cuda else "cpu"
@@ -84,13 +94,17 @@ def apply_zone_plan(model, run: RunPlan, gradient_checkpointing: bool):
         missing, extra = sorted(expected - wrapped)[:3], sorted(wrapped - expected)[:3]
         raise UserError(
             f"the model's modules do not match the zone plan (missing {missing}, unexpected {extra})",
-            field="lora.zones", hint="check model.name matches the checkpoint's architecture",
+            field="lora.zones",
+            hint="check model.name matches the checkpoint's architecture",
         )
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     if trainable != plan.trainable_params():
-        raise UserError(f"PEFT made {trainable:,} parameters trainable, the zone plan counts "
-                        f"{plan.trainable_params():,}: the checkpoint's module shapes differ from {run.arch.name}'s",
-                        field="model.name", hint="check model.name matches the checkpoint's architecture")
+        raise UserError(
+            f"PEFT made {trainable:,} parameters trainable, the zone plan counts "
+            f"{plan.trainable_params():,}: the checkpoint's module shapes differ from {run.arch.name}'s",
+            field="model.name",
+            hint="check model.name matches the checkpoint's architecture",
+        )
     return peft_model
 
 

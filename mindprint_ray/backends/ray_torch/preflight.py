@@ -1,4 +1,5 @@
 """Preflight: what must hold before a job uses cluster resources (also run at job start)."""
+
 from __future__ import annotations
 
 import os
@@ -37,8 +38,11 @@ def check_storage(run: RunPlan) -> str:
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise UserError(f"storage folder is not writable: {e.strerror}", field="storage.path",
-                        hint="choose a writable folder or an s3:// path") from None
+        raise UserError(
+            f"storage folder is not writable: {e.strerror}",
+            field="storage.path",
+            hint="choose a writable folder or an s3:// path",
+        ) from None
     return f"{folder.absolute()} is writable"
 
 
@@ -48,20 +52,29 @@ def runtime_env_excludes(path: Path) -> list[str]:
         return []
     data = load_yaml(path, hint="check --runtime-env") or {}
     if not isinstance(data, dict):
-        raise UserError("a runtime env must be a YAML mapping", file=path, field="--runtime-env",
-                        hint="see cluster/runtime_env.yaml")
+        raise UserError(
+            "a runtime env must be a YAML mapping",
+            file=path,
+            field="--runtime-env",
+            hint="see cluster/runtime_env.yaml",
+        )
     excludes = data.get("excludes") or []
     if not isinstance(excludes, list) or not all(isinstance(e, str) and e.strip() for e in excludes):
-        raise UserError("must be a list of path patterns", file=path, field="excludes",
-                        hint="e.g. excludes: [runs/, models/]")
+        raise UserError(
+            "must be a list of path patterns", file=path, field="excludes", hint="e.g. excludes: [runs/, models/]"
+        )
     return excludes
 
 
 def working_dir_files(root: Path, excludes: list[str]) -> list[Path]:
     """The files `ray job submit --working-dir` uploads: git's view (it honours .gitignore) minus excludes."""
     try:
-        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
-                             capture_output=True, check=True).stdout.decode()
+        out = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=root,
+            capture_output=True,
+            check=True,
+        ).stdout.decode()
         files = [root / f for f in out.split("\0") if f]
     except (OSError, subprocess.CalledProcessError):
         files = [p for p in root.rglob("*") if p.is_file()]
@@ -77,15 +90,20 @@ def working_dir_files(root: Path, excludes: list[str]) -> list[Path]:
 
 def check_working_dir(root: Path, runtime_env: Path) -> str:
     if not root.is_dir():
-        raise UserError("the working dir is not a folder", file=root, field="--working-dir",
-                        hint="pass the folder `ray job submit --working-dir` uploads (the repository root)")
+        raise UserError(
+            "the working dir is not a folder",
+            file=root,
+            field="--working-dir",
+            hint="pass the folder `ray job submit --working-dir` uploads (the repository root)",
+        )
     files = working_dir_files(root, runtime_env_excludes(runtime_env))
     size = sum(f.stat().st_size for f in files)
     if size >= RAY_UPLOAD_LIMIT:
         biggest = sorted(files, key=lambda f: f.stat().st_size, reverse=True)[:3]
         raise UserError(
             f"the working dir is {size / MIB:.1f} MiB, over Ray's upload limit of {RAY_UPLOAD_LIMIT / MIB:.0f} MiB",
-            file=root, hint="add large paths to `excludes` in cluster/runtime_env.yaml or .gitignore; largest: "
+            file=root,
+            hint="add large paths to `excludes` in cluster/runtime_env.yaml or .gitignore; largest: "
             + ", ".join(f"{f.relative_to(root)} ({f.stat().st_size / MIB:.1f} MiB)" for f in biggest),
         )
     note = " (over 100 MiB: consider excluding more)" if size > UPLOAD_WARNING else ""
@@ -110,23 +128,30 @@ def check_gpus(run: RunPlan) -> str:
 
         have, where = torch.cuda.device_count(), "this machine"
     if have < needed:
-        raise UserError(f"profile '{run.profile.name}' needs {needed} GPUs; {where} has {have}",
-                        field="hardware.profile",
-                        hint="submit to the GPU cluster (RAY_ADDRESS) or choose a profile that matches")
+        raise UserError(
+            f"profile '{run.profile.name}' needs {needed} GPUs; {where} has {have}",
+            field="hardware.profile",
+            hint="submit to the GPU cluster (RAY_ADDRESS) or choose a profile that matches",
+        )
     return f"{have} GPUs available, {needed} needed"
 
 
-def preflight(run: RunPlan, working_dir: Path | None = None, runtime_env: Path | None = None,
-              check_gpu: bool = True) -> PreflightReport:
+def preflight(
+    run: RunPlan, working_dir: Path | None = None, runtime_env: Path | None = None, check_gpu: bool = True
+) -> PreflightReport:
     from mindprint_ray.curriculum.validation import validate_run
 
     report = PreflightReport()
     topics, rows, _ = validate_run(run)
-    report.ok("data", f"{len(topics)} topics, {sum(r.sft for r in rows)} SFT and {sum(r.dpo for r in rows)} DPO "
-                      "examples valid")
+    report.ok(
+        "data",
+        f"{len(topics)} topics, {sum(r.sft for r in rows)} SFT and {sum(r.dpo for r in rows)} DPO examples valid",
+    )
     report.ok("storage", check_storage(run))
     if working_dir is not None:
-        report.ok("working dir", check_working_dir(working_dir, runtime_env or working_dir / "cluster/runtime_env.yaml"))
+        report.ok(
+            "working dir", check_working_dir(working_dir, runtime_env or working_dir / "cluster/runtime_env.yaml")
+        )
     if check_gpu:
         report.ok("gpus", check_gpus(run))
     return report

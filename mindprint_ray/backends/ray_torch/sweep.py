@@ -3,6 +3,7 @@
 Outputs in <storage>/<sweep name>/: results.csv, results.md, heatmap.png, best.yaml (the full curriculum
 with the best values, ready for `mindprint-ray train`), best_adapter/ and trials/<trial>/ run folders.
 """
+
 from __future__ import annotations
 
 import csv
@@ -13,12 +14,12 @@ from pathlib import Path
 
 import yaml
 
+from mindprint_ray.backends.ray_torch.driver import build_trainer, for_workers, init_ray
+from mindprint_ray.curriculum.validation import validate_run
+from mindprint_ray.models.tiny import ensure_run_model
 from mindprint_ray.planning.run_plan import RunPlan, build_run
 from mindprint_ray.runs.run_folder import RunFolder
 from mindprint_ray.spec.sweep_space import SearchSpace, apply_params, best_spec, check_space
-from mindprint_ray.curriculum.validation import validate_run
-from mindprint_ray.models.tiny import ensure_run_model
-from mindprint_ray.backends.ray_torch.driver import build_trainer, for_workers, init_ray
 
 
 def distributions(space: SearchSpace, search: str) -> dict:
@@ -29,7 +30,9 @@ def distributions(space: SearchSpace, search: str) -> dict:
         if r.values is not None:
             out[path] = tune.grid_search(r.values) if search == "grid" else tune.choice(r.values)
         elif path.endswith(("rank", "steps", "steps_per_topic", "warmup_steps")):
-            out[path] = tune.lograndint(int(r.min), int(r.max) + 1) if r.log else tune.randint(int(r.min), int(r.max) + 1)
+            out[path] = (
+                tune.lograndint(int(r.min), int(r.max) + 1) if r.log else tune.randint(int(r.min), int(r.max) + 1)
+            )
         else:
             out[path] = tune.loguniform(r.min, r.max) if r.log else tune.uniform(r.min, r.max)
     return out
@@ -89,10 +92,14 @@ def run_sweep(run: RunPlan) -> Path:
         from ray.tune.search.optuna import OptunaSearch
 
         search_alg = OptunaSearch(seed=run.spec.seed)
-    scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=t.grace_period, reduction_factor=2,
-                              max_t=10_000) if t.scheduler == "asha" else None
-    trainable = tune.with_resources(make_trial(run.spec.model_dump(mode="json"), space, trials_storage, workers),
-                                    {"memory": 64 * 1024**2})  # the trial driver itself: no CPU held
+    scheduler = (
+        ASHAScheduler(time_attr="training_iteration", grace_period=t.grace_period, reduction_factor=2, max_t=10_000)
+        if t.scheduler == "asha"
+        else None
+    )
+    trainable = tune.with_resources(
+        make_trial(run.spec.model_dump(mode="json"), space, trials_storage, workers), {"memory": 64 * 1024**2}
+    )  # the trial driver itself: no CPU held
     tune_storage, filesystem = str(root), None
     if sweep_folder.remote:
         from mindprint_ray.runs.storage import parse_s3, pyarrow_filesystem
@@ -100,10 +107,16 @@ def run_sweep(run: RunPlan) -> Path:
         loc = parse_s3(sweep_folder.remote)
         tune_storage, filesystem = f"{loc.bucket}/{loc.prefix}", pyarrow_filesystem()
     tuner = tune.Tuner(
-        trainable, param_space=distributions(space, t.search),
-        tune_config=tune.TuneConfig(metric=space.metric, mode=space.mode, num_samples=t.num_samples,
-                                    search_alg=search_alg, scheduler=scheduler,
-                                    max_concurrent_trials=concurrency(run, workers)),
+        trainable,
+        param_space=distributions(space, t.search),
+        tune_config=tune.TuneConfig(
+            metric=space.metric,
+            mode=space.mode,
+            num_samples=t.num_samples,
+            search_alg=search_alg,
+            scheduler=scheduler,
+            max_concurrent_trials=concurrency(run, workers),
+        ),
         run_config=tune.RunConfig(name="tune", storage_path=tune_storage, storage_filesystem=filesystem),
     )
     results = tuner.fit()
@@ -127,23 +140,33 @@ def collect_rows(results, space: SearchSpace, trials_storage: str, run: RunPlan,
         folder = RunFolder.for_storage(trials_storage, f"trial-{trial_id}")
         folder.pull()
         summary = folder.summary()
-        steps = sum((e.get("sft", {}).get("steps") or 0) + (e.get("dpo", {}).get("steps") or 0)
-                    for e in summary.get("topics", {}).values())
+        steps = sum(
+            (e.get("sft", {}).get("steps") or 0) + (e.get("dpo", {}).get("steps") or 0)
+            for e in summary.get("topics", {}).values()
+        )
         wall = float(m.get("time_total_s") or 0.0)
         done = all(folder.topic_done(t) for t in space.topics)
-        rows.append({
-            "trial": f"trial-{trial_id}", **{p: r.config.get(p) for p in space.params},
-            space.metric: m.get(space.metric), "steps": steps, "wall_s": round(wall, 1),
-            "est_cost_usd": round(wall / 3600 * price * workers / max(run.profile.devices, 1), 4),
-            "status": "finished" if done else ("error" if r.error else "stopped early"),
-            "adapter": str(folder.adapter_dir(space.topics[-1])) if done else "",
-        })
+        rows.append(
+            {
+                "trial": f"trial-{trial_id}",
+                **{p: r.config.get(p) for p in space.params},
+                space.metric: m.get(space.metric),
+                "steps": steps,
+                "wall_s": round(wall, 1),
+                "est_cost_usd": round(wall / 3600 * price * workers / max(run.profile.devices, 1), 4),
+                "status": "finished" if done else ("error" if r.error else "stopped early"),
+                "adapter": str(folder.adapter_dir(space.topics[-1])) if done else "",
+            }
+        )
     return rows
 
 
 def best_row(rows: list[dict], space: SearchSpace) -> dict | None:
-    scored = [r for r in rows if isinstance(r[space.metric], (int, float)) and math.isfinite(r[space.metric])
-              and r["status"] == "finished"]
+    scored = [
+        r
+        for r in rows
+        if isinstance(r[space.metric], (int, float)) and math.isfinite(r[space.metric]) and r["status"] == "finished"
+    ]
     if not scored:
         return None
     return (max if space.mode == "max" else min)(scored, key=lambda r: r[space.metric])
@@ -156,15 +179,23 @@ def write_outputs(run: RunPlan, space: SearchSpace, rows: list[dict], root: Path
         writer.writeheader()
         writer.writerows(rows)
     best = best_row(rows, space)
-    lines = [f"# Sweep {run.spec.name}", "",
-             f"metric: `{space.metric}` ({space.mode}), topics: {', '.join(space.topics)}, "
-             f"search: {run.spec.tune.search}, scheduler: {run.spec.tune.scheduler}", "",
-             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines = [
+        f"# Sweep {run.spec.name}",
+        "",
+        f"metric: `{space.metric}` ({space.mode}), topics: {', '.join(space.topics)}, "
+        f"search: {run.spec.tune.search}, scheduler: {run.spec.tune.scheduler}",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
     for r in rows:
         lines.append("| " + " | ".join(_cell(r.get(c)) for c in columns) + " |")
     if best:
-        lines += ["", f"best: {best['trial']} with {', '.join(f'{p}={_cell(best[p])}' for p in space.params)} "
-                      f"({space.metric} = {_cell(best[space.metric])}); config: best.yaml"]
+        lines += [
+            "",
+            f"best: {best['trial']} with {', '.join(f'{p}={_cell(best[p])}' for p in space.params)} "
+            f"({space.metric} = {_cell(best[space.metric])}); config: best.yaml",
+        ]
         spec = best_spec(run, {p: best[p] for p in space.params})
         (root / "best.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
         target = root / "best_adapter"
@@ -172,8 +203,9 @@ def write_outputs(run: RunPlan, space: SearchSpace, rows: list[dict], root: Path
         shutil.copytree(best["adapter"], target)
     (root / "results.md").write_text("\n".join(lines) + "\n")
     heatmap(rows, space, root / "heatmap.png")
-    (root / "sweep.json").write_text(json.dumps({"metric": space.metric, "mode": space.mode, "rows": rows,
-                                                 "best": best}, indent=2, default=str))
+    (root / "sweep.json").write_text(
+        json.dumps({"metric": space.metric, "mode": space.mode, "rows": rows, "best": best}, indent=2, default=str)
+    )
 
 
 def _cell(x) -> str:
@@ -197,8 +229,14 @@ def heatmap(rows: list[dict], space: SearchSpace, path: Path) -> Path:
     grid = [[float("nan")] * len(xs) for _ in ys]
     for i, y in enumerate(ys):
         for j, x in enumerate(xs):
-            vals = [r[space.metric] for r in rows if r[y_key] == y and r[x_key] == x
-                    and isinstance(r[space.metric], (int, float)) and math.isfinite(r[space.metric])]
+            vals = [
+                r[space.metric]
+                for r in rows
+                if r[y_key] == y
+                and r[x_key] == x
+                and isinstance(r[space.metric], (int, float))
+                and math.isfinite(r[space.metric])
+            ]
             if vals:
                 grid[i][j] = sum(vals) / len(vals)
     fig, ax = plt.subplots(figsize=(1.6 * len(xs) + 3, 1.0 * len(ys) + 2))
@@ -211,8 +249,9 @@ def heatmap(rows: list[dict], space: SearchSpace, path: Path) -> Path:
         for j in range(len(xs)):
             if not math.isnan(grid[i][j]):
                 light = im.norm(grid[i][j]) > 0.6 if space.mode == "max" else im.norm(grid[i][j]) < 0.4
-                ax.text(j, i, f"{grid[i][j]:.3f}", ha="center", va="center", fontsize=9,
-                        color="black" if light else "white")
+                ax.text(
+                    j, i, f"{grid[i][j]:.3f}", ha="center", va="center", fontsize=9, color="black" if light else "white"
+                )
     fig.colorbar(im, ax=ax, label=f"{space.metric} ({space.mode})")
     ax.set_title(f"sweep: {space.metric} by {y_key} x {x_key}")
     fig.tight_layout()

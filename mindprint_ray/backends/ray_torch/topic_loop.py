@@ -3,6 +3,7 @@
 Resume: finished topics (complete adapter folders) are skipped; the current topic continues from the
 latest Ray checkpoint, tagged with topic and stage (sft, sft_done, dpo).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -15,18 +16,28 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mindprint_ray.curriculum.topics import TopicData
-from mindprint_ray.errors import UserError
+from mindprint_ray.backends.ray_torch import datasets as ds
+from mindprint_ray.backends.ray_torch.callbacks import (
+    STATE_FILE,
+    MetricsCallback,
+    RayCheckpointCallback,
+    report_checkpoint,
+)
 from mindprint_ray.backends.ray_torch.deepspeed_config import deepspeed_config
-
+from mindprint_ray.backends.ray_torch.model_loading import (
+    apply_zone_plan,
+    load_adapter_weights,
+    load_base_model,
+    load_tokenizer,
+    set_checkpointing,
+)
+from mindprint_ray.backends.ray_torch.trainer_args import trainer_args
+from mindprint_ray.curriculum.topics import TopicData
+from mindprint_ray.curriculum.validation import validate_run
+from mindprint_ray.errors import UserError
 from mindprint_ray.planning.run_plan import RunPlan, build_run
 from mindprint_ray.runs.run_folder import RunFolder
 from mindprint_ray.spec.run_spec import RunSpec
-from mindprint_ray.curriculum.validation import validate_run
-from mindprint_ray.backends.ray_torch import datasets as ds
-from mindprint_ray.backends.ray_torch.callbacks import STATE_FILE, MetricsCallback, RayCheckpointCallback, report_checkpoint
-from mindprint_ray.backends.ray_torch.model_loading import apply_zone_plan, load_adapter_weights, load_base_model, load_tokenizer, set_checkpointing
-from mindprint_ray.backends.ray_torch.trainer_args import trainer_args
 
 log = logging.getLogger("mindprint_ray")
 
@@ -76,8 +87,9 @@ def restore_checkpoint(local_root: Path) -> Restored | None:
 class Worker:
     """State of one Ray Train worker across the curriculum."""
 
-    def __init__(self, run: RunPlan, folder: RunFolder, rank: int, world: int, local_rank: int,
-                 local_world: int = 1) -> None:
+    def __init__(
+        self, run: RunPlan, folder: RunFolder, rank: int, world: int, local_rank: int, local_world: int = 1
+    ) -> None:
         import torch
 
         self.run, self.spec, self.folder = run, run.spec, folder
@@ -95,8 +107,14 @@ class Worker:
         self.model = apply_zone_plan(base, run, False)  # each stage switches its own on (stage_args)
         self._last_trainer = None
         # the latest value of every metric a sweep may optimise, sent with each report to Ray (and Tune)
-        self.latest: dict[str, float] = {"sft_loss": float("inf"), "dpo_loss": float("inf"), "reward_accuracy": 0.0,
-                                         "reward_margin": 0.0, "voice_fidelity": 0.0, "accuracy": 0.0}
+        self.latest: dict[str, float] = {
+            "sft_loss": float("inf"),
+            "dpo_loss": float("inf"),
+            "reward_accuracy": 0.0,
+            "reward_margin": 0.0,
+            "voice_fidelity": 0.0,
+            "accuracy": 0.0,
+        }
         self.persona = None
         self.eval_note = None
         if self.spec.eval.enabled:
@@ -108,8 +126,9 @@ class Worker:
                 self.persona = load_persona(self.spec.persona_path)
 
     # ---- one topic ------------------------------------------------------------------------------
-    def train_topic(self, topic: TopicData, previous: str | None, restored: Restored | None,
-                    seen: list[TopicData] | None = None) -> None:
+    def train_topic(
+        self, topic: TopicData, previous: str | None, restored: Restored | None, seen: list[TopicData] | None = None
+    ) -> None:
         t0 = time.time()
         seen = seen or [topic]
         stage = restored.stage if restored else None
@@ -135,12 +154,16 @@ class Worker:
         self.publish(topic, sft_metrics, dpo_metrics, time.time() - t0)
         self.gate(topic.name)
 
-    def finish_stage(self, topic: TopicData, stage: str, metrics: MetricsCallback, trainer, checkpoint: bool = True) -> dict:
+    def finish_stage(
+        self, topic: TopicData, stage: str, metrics: MetricsCallback, trainer, checkpoint: bool = True
+    ) -> dict:
         if metrics.bad:
             key, value, step = metrics.bad
-            message = (f"topic '{topic.name}': {stage} {key} became {value} at step {step}; the topic was stopped "
-                       f"and the last good adapter is kept. Remedies: lower {stage}.learning_rate, raise warmup, "
-                       f"keep max_grad_norm at 0.3")
+            message = (
+                f"topic '{topic.name}': {stage} {key} became {value} at step {step}; the topic was stopped "
+                f"and the last good adapter is kept. Remedies: lower {stage}.learning_rate, raise warmup, "
+                f"keep max_grad_norm at 0.3"
+            )
             if self.writer:
                 self.writer.update_topic(topic.name, status="failed", error=message)
                 self.writer.log({"event": "nan_guard", "topic": topic.name, "stage": stage, "key": key, "step": step})
@@ -150,8 +173,15 @@ class Worker:
             self.writer.update_topic(topic.name, **{stage: summary})
         if checkpoint:  # the end of SFT is a resume point: a restart goes straight to DPO
             path = self.save_adapter(trainer, self.local / f"{topic.name}-sft-done")
-            report_checkpoint(path, topic.name, "sft_done", trainer.state.global_step, self.rank,
-                              sharded=False, metrics=dict(self.latest))
+            report_checkpoint(
+                path,
+                topic.name,
+                "sft_done",
+                trainer.state.global_step,
+                self.rank,
+                sharded=False,
+                metrics=dict(self.latest),
+            )
         return summary
 
     def publish(self, topic: TopicData, sft: dict, dpo: dict, wall_s: float) -> None:
@@ -159,14 +189,26 @@ class Worker:
         staging = self.folder.staging_dir(topic.name) if self.rank == 0 else self.local / "discard"
         self.save_adapter(self._last_trainer, staging)
         if self.rank == 0:
-            manifest = {"topic": topic.name, "run": self.spec.name, "model": self.run.model_path,
-                        "zones": [z.name for z in self.run.zones.zones],
-                        "trainable_params": self.run.zones.trainable_params(), "format": "peft",
-                        "created": time.time()}
+            manifest = {
+                "topic": topic.name,
+                "run": self.spec.name,
+                "model": self.run.model_path,
+                "zones": [z.name for z in self.run.zones.zones],
+                "trainable_params": self.run.zones.trainable_params(),
+                "format": "peft",
+                "created": time.time(),
+            }
             self.folder.publish_adapter(topic.name, staging, manifest)
             self.folder.finish_topic(topic.name, wall_s, (sft.get("tokens") or 0) + (dpo.get("tokens") or 0))
-        report_checkpoint(None, topic.name, "done", 0, self.rank, sharded=False,
-                          metrics={**self.latest, "wall_s": wall_s, "topics_done": self.topics_done()})
+        report_checkpoint(
+            None,
+            topic.name,
+            "done",
+            0,
+            self.rank,
+            sharded=False,
+            metrics={**self.latest, "wall_s": wall_s, "topics_done": self.topics_done()},
+        )
 
     def topics_done(self) -> int:
         return sum(self.folder.topic_done(t) for t in self.spec.curriculum.topics)
@@ -220,7 +262,9 @@ class Worker:
 
         saved = torch.get_num_threads()
         if not self.gpu:
-            torch.set_num_threads(max(saved, min(os.cpu_count() or 1, self.run.profile.cpus_per_worker * self.local_world)))
+            torch.set_num_threads(
+                max(saved, min(os.cpu_count() or 1, self.run.profile.cpus_per_worker * self.local_world))
+            )
         try:
             yield
         finally:
@@ -245,8 +289,9 @@ class Worker:
             self.folder.update_topic(topic, gates=result.messages)
         stop = broadcast_from_rank0(bool(result and result.stop), self.world)
         if stop:  # every rank stops together (the decision was rank 0's)
-            raise TrainingStopped(f"eval gate stopped the run after '{topic}'"
-                                  + (": " + "; ".join(result.messages) if result else ""))
+            raise TrainingStopped(
+                f"eval gate stopped the run after '{topic}'" + (": " + "; ".join(result.messages) if result else "")
+            )
 
     # ---- trainers ---------------------------------------------------------------------------------
     def stage_args(self, stage: str, topic: str) -> dict:
@@ -261,15 +306,23 @@ class Worker:
         from trl import SFTConfig, SFTTrainer
 
         s = self.spec.sft
-        settings = {"mask": "template-spans-1", "max_length": s.max_seq_length, "packing": s.packing,
-                    "assistant_only_loss": s.assistant_only_loss,
-                    "system": self.spec.curriculum.system_prompt, "overlong": self.spec.curriculum.overlong}
+        settings = {
+            "mask": "template-spans-1",
+            "max_length": s.max_seq_length,
+            "packing": s.packing,
+            "assistant_only_loss": s.assistant_only_loss,
+            "system": self.spec.curriculum.system_prompt,
+            "overlong": self.spec.curriculum.overlong,
+        }
         key = ds.content_hash(topic.sft, self.run.model_path, settings)
         cache_root = self.folder.root.parent / ".cache" / "tokenized"
         prepared = ds.cached(cache_root, key)
         args = SFTConfig(
-            **self.stage_args("sft", topic.name), num_train_epochs=s.epochs_per_topic,
-            max_steps=s.max_steps or -1, lr_scheduler_type=s.scheduler, weight_decay=s.weight_decay,
+            **self.stage_args("sft", topic.name),
+            num_train_epochs=s.epochs_per_topic,
+            max_steps=s.max_steps or -1,
+            lr_scheduler_type=s.scheduler,
+            weight_decay=s.weight_decay,
             packing=s.packing,
             # our own tokenisation carries the assistant-only mask (`assistant_masks`), for any chat template;
             # TRL's own would need `{% generation %}` markers in the template
@@ -281,15 +334,25 @@ class Worker:
             # is then computed over the whole (batch x length)^2 square. Same effective batch, no waste:
             args.gradient_accumulation_steps *= s.batch_size
             args.per_device_train_batch_size = 1
-            log.info("packing with %s: micro-batch 1 x %d accumulation steps", self.attention,
-                     args.gradient_accumulation_steps)
-        train_data = prepared if prepared is not None else ds.sft_dataset(
-            topic.sft, self.spec.curriculum.system_prompt, self.tokenizer, s.assistant_only_loss)
+            log.info(
+                "packing with %s: micro-batch 1 x %d accumulation steps",
+                self.attention,
+                args.gradient_accumulation_steps,
+            )
+        train_data = (
+            prepared
+            if prepared is not None
+            else ds.sft_dataset(topic.sft, self.spec.curriculum.system_prompt, self.tokenizer, s.assistant_only_loss)
+        )
         metrics = MetricsCallback(self.writer, topic.name, "sft", self.latest)
         sharded = self.run.deepspeed_stage > 0
-        trainer = SFTTrainer(model=self.model, args=args, train_dataset=train_data, processing_class=self.tokenizer,
-                             callbacks=[metrics, RayCheckpointCallback(topic.name, "sft", self.rank, sharded,
-                                                                       self.latest)])
+        trainer = SFTTrainer(
+            model=self.model,
+            args=args,
+            train_dataset=train_data,
+            processing_class=self.tokenizer,
+            callbacks=[metrics, RayCheckpointCallback(topic.name, "sft", self.rank, sharded, self.latest)],
+        )
         if prepared is None and self.rank == 0:
             ds.store(cache_root, key, trainer.train_dataset)
         self._train(trainer, resume)
@@ -299,14 +362,22 @@ class Worker:
         from trl import DPOConfig, DPOTrainer
 
         d = self.spec.dpo
-        args = DPOConfig(**self.stage_args("dpo", topic.name), max_steps=d.steps_per_topic, beta=d.beta,
-                         precompute_ref_log_probs=d.precompute_ref_log_probs)
+        args = DPOConfig(
+            **self.stage_args("dpo", topic.name),
+            max_steps=d.steps_per_topic,
+            beta=d.beta,
+            precompute_ref_log_probs=d.precompute_ref_log_probs,
+        )
         metrics = MetricsCallback(self.writer, topic.name, "dpo", self.latest)
         sharded = self.run.deepspeed_stage > 0
-        trainer = DPOTrainer(model=self.model, ref_model=None, args=args, processing_class=self.tokenizer,
-                             train_dataset=ds.dpo_dataset(topic.dpo_train, self.spec.curriculum.system_prompt),
-                             callbacks=[metrics, RayCheckpointCallback(topic.name, "dpo", self.rank, sharded,
-                                                                       self.latest)])
+        trainer = DPOTrainer(
+            model=self.model,
+            ref_model=None,
+            args=args,
+            processing_class=self.tokenizer,
+            train_dataset=ds.dpo_dataset(topic.dpo_train, self.spec.curriculum.system_prompt),
+            callbacks=[metrics, RayCheckpointCallback(topic.name, "dpo", self.rank, sharded, self.latest)],
+        )
         if d.reference == "base":  # without TRL's frozen "ref" copy, TRL scores the reference with adapters off
             drop_reference_adapter(self.model)
         self._train(trainer, resume)
@@ -374,9 +445,15 @@ def train_curriculum(run: RunPlan, folder: RunFolder, ctx) -> None:
     worker = Worker(run, folder, rank, world, local_rank, ctx.get_local_world_size())
     restored = restore_checkpoint(worker.local)
     if rank == 0:
-        folder.log({"event": "worker_group_start", "world_size": world,
-                    "restored": None if restored is None else {"topic": restored.topic, "stage": restored.stage,
-                                                               "step": restored.step}})
+        folder.log(
+            {
+                "event": "worker_group_start",
+                "world_size": world,
+                "restored": None
+                if restored is None
+                else {"topic": restored.topic, "stage": restored.stage, "step": restored.step},
+            }
+        )
     if restored and restored.stage == "done":
         restored = None
     if worker.eval_note and rank == 0:

@@ -3,6 +3,7 @@
 The worker (topic_loop.Worker.stage_args) builds SFTConfig/DPOConfig from this dict, so every setting it carries
 is the spec's: the stage's own section (RunSpec.stage) for the per-stage ones, storage for checkpoints.
 """
+
 from __future__ import annotations
 
 from mindprint_ray.spec.run_spec import RunSpec
@@ -15,16 +16,25 @@ def trainer_args(spec: RunSpec, stage: str, output_dir: str, gpu: bool, deepspee
     """Keyword arguments shared by SFTConfig and DPOConfig for `stage` ("sft" or "dpo")."""
     section = spec.stage(stage)
     return dict(
-        output_dir=output_dir, learning_rate=section.learning_rate,
-        per_device_train_batch_size=section.batch_size, gradient_accumulation_steps=section.gradient_accumulation,
-        warmup_steps=section.warmup_steps, max_grad_norm=section.max_grad_norm,
+        output_dir=output_dir,
+        learning_rate=section.learning_rate,
+        per_device_train_batch_size=section.batch_size,
+        gradient_accumulation_steps=section.gradient_accumulation,
+        warmup_steps=section.warmup_steps,
+        max_grad_norm=section.max_grad_norm,
         logging_steps=section.logging_steps if stage == "sft" else 1,  # DPO's section has no logging_steps
-        save_strategy="steps", save_steps=spec.storage.checkpoint_every_steps,
+        save_strategy="steps",
+        save_steps=spec.storage.checkpoint_every_steps,
         save_total_limit=spec.storage.keep_checkpoints,
-        bf16=gpu and spec.sft.bf16, use_cpu=not gpu, seed=spec.seed,
-        report_to=[r for r in spec.report_to if r != "none"], disable_tqdm=True,
+        bf16=gpu and spec.sft.bf16,
+        use_cpu=not gpu,
+        seed=spec.seed,
+        report_to=[r for r in spec.report_to if r != "none"],
+        disable_tqdm=True,
         gradient_checkpointing=section.gradient_checkpointing,
         gradient_checkpointing_kwargs=dict(CHECKPOINTING_KWARGS) if section.gradient_checkpointing else None,
-        deepspeed=deepspeed, ddp_find_unused_parameters=False,
-        dataloader_num_workers=0, max_length=section.max_seq_length,
+        deepspeed=deepspeed,
+        ddp_find_unused_parameters=False,
+        dataloader_num_workers=0,
+        max_length=section.max_seq_length,
     )

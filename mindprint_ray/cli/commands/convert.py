@@ -1,4 +1,5 @@
 """`mindprint-ray convert --to mlx|peft SRC OUT`: move a LoRA adapter between PEFT and mlx-lm formats."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,8 +24,10 @@ def register(app: typer.Typer) -> None:
         ranks = ", ".join(f"{len(g.keys)} modules r={g.rank} scale={g.scale:g}" for g in adapter.groups)
         typer.echo(f"wrote {to.lower()} adapter to {out} ({ranks})")
         if to.lower() == "mlx" and len(adapter.groups) > 1:
-            typer.echo("zones differ in rank/scale: padded to the largest rank with each zone's scale folded into "
-                       "lora_b (exact); the zones' own ranks are kept in adapter_config.json for the way back")
+            typer.echo(
+                "zones differ in rank/scale: padded to the largest rank with each zone's scale folded into "
+                "lora_b (exact); the zones' own ranks are kept in adapter_config.json for the way back"
+            )
 
 
 def _set_base_model(out: Path, to: str, base_model: str) -> None:

@@ -1,19 +1,28 @@
 """`mindprint-ray eval` and `mindprint-ray generate`: score or talk to a trained adapter (PEFT)."""
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-COLUMNS = ("voice_fidelity", "accuracy", "markers", "lexicon", "semantic", "preference", "mc_accuracy",
-           "key_fact_recall")
-AdapterOpt = typer.Option(None, "--adapter", help="PEFT adapter folder, e.g. runs/<run>/adapters/<topic> "
-                                                  "(default: the base model alone)")
+COLUMNS = (
+    "voice_fidelity",
+    "accuracy",
+    "markers",
+    "lexicon",
+    "semantic",
+    "preference",
+    "mc_accuracy",
+    "key_fact_recall",
+)
+AdapterOpt = typer.Option(
+    None, "--adapter", help="PEFT adapter folder, e.g. runs/<run>/adapters/<topic> (default: the base model alone)"
+)
 
 
-def _adapter(path: Optional[Path]) -> Optional[Path]:
+def _adapter(path: Path | None) -> Path | None:
     """--adapter checked before any model loads: a folder with a readable config and weights."""
     from mindprint_ray.runs.adapter_format import check_adapter_folder
 
@@ -22,11 +31,11 @@ def _adapter(path: Optional[Path]) -> Optional[Path]:
     return path
 
 
-def _topics(spec, names: Optional[str]) -> list:
+def _topics(spec, names: str | None) -> list:
     """The topics to score: --topics (any folder in data_dir) or the spec's curriculum."""
     from mindprint_ray.curriculum.topics import load_topic, needed_files
-    from mindprint_ray.runs.storage import materialize_data_dir
     from mindprint_ray.errors import UserError
+    from mindprint_ray.runs.storage import materialize_data_dir
     from mindprint_ray.spec.inputs import check_topic_name
 
     wanted = [t.strip() for t in names.split(",") if t.strip()] if names is not None else list(spec.curriculum.topics)
@@ -46,8 +55,10 @@ def _fmt(x) -> str:
 def _table(results: list, spec):
     from rich.table import Table
 
-    table = Table(title=f"eval (targets: voice fidelity {spec.eval.voice_fidelity_target:.2f}, "
-                        f"accuracy {spec.eval.accuracy_target:.2f})")
+    table = Table(
+        title=f"eval (targets: voice fidelity {spec.eval.voice_fidelity_target:.2f}, "
+        f"accuracy {spec.eval.accuracy_target:.2f})"
+    )
     table.add_column("topic")
     table.add_column("n", justify="right")
     for c in COLUMNS:
@@ -57,17 +68,19 @@ def _table(results: list, spec):
     return table
 
 
-def eval_command(config: Path = typer.Argument(..., help="run spec YAML", show_default=False),
-                 overrides: Optional[list[str]] = typer.Argument(None, help="dotted overrides", show_default=False),
-                 adapter: Optional[Path] = AdapterOpt,
-                 topics: Optional[str] = typer.Option(None, "--topics", help="comma-separated topics (default: the spec's)"),
-                 out: Optional[Path] = typer.Option(None, "--out", help="JSON file (default: eval-<adapter>.json)")) -> None:
+def eval_command(
+    config: Path = typer.Argument(..., help="run spec YAML", show_default=False),
+    overrides: list[str] | None = typer.Argument(None, help="dotted overrides", show_default=False),
+    adapter: Path | None = AdapterOpt,
+    topics: str | None = typer.Option(None, "--topics", help="comma-separated topics (default: the spec's)"),
+    out: Path | None = typer.Option(None, "--out", help="JSON file (default: eval-<adapter>.json)"),
+) -> None:
     """Score an adapter on each topic's eval set: voice fidelity, accuracy and their components."""
+    from mindprint_ray.backends.ray_torch.eval_runner import evaluate_topics_detailed, load_model
     from mindprint_ray.cli.app import _console
     from mindprint_ray.curriculum.topics import load_persona
-    from mindprint_ray.backends.ray_torch.eval_runner import evaluate_topics_detailed, load_model
-    from mindprint_ray.spec.inputs import check_output_file
     from mindprint_ray.planning.run_plan import load_run
+    from mindprint_ray.spec.inputs import check_output_file
 
     run = load_run(config, overrides or [])
     adapter = _adapter(adapter)
@@ -77,27 +90,34 @@ def eval_command(config: Path = typer.Argument(..., help="run spec YAML", show_d
     results = evaluate_topics_detailed(model, tokenizer, topic_data, persona, run.spec)
     console = _console()
     console.print(_table(results, run.spec))
-    payload = {"config": str(config), "adapter": str(adapter) if adapter else None, "model": run.model_path,
-               "topics": {r.topic: {"scores": r.scores, "answers": r.answers} for r in results}}
+    payload = {
+        "config": str(config),
+        "adapter": str(adapter) if adapter else None,
+        "model": run.model_path,
+        "topics": {r.topic: {"scores": r.scores, "answers": r.answers} for r in results},
+    }
     out.write_text(json.dumps(payload, indent=2), encoding="utf-8")
     console.print(f"wrote {out}")
 
 
-def generate_command(config: Path = typer.Argument(..., help="run spec YAML", show_default=False),
-                     overrides: Optional[list[str]] = typer.Argument(None, help="dotted overrides (before the prompt)",
-                                                                     show_default=False),
-                     prompt: str = typer.Argument(..., help="the question to ask", show_default=False),
-                     adapter: Optional[Path] = AdapterOpt,
-                     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1,
-                                                                  help="default: the spec's eval.max_new_tokens")) -> None:
+def generate_command(
+    config: Path = typer.Argument(..., help="run spec YAML", show_default=False),
+    overrides: list[str] | None = typer.Argument(None, help="dotted overrides (before the prompt)", show_default=False),
+    prompt: str = typer.Argument(..., help="the question to ask", show_default=False),
+    adapter: Path | None = AdapterOpt,
+    max_new_tokens: int | None = typer.Option(
+        None, "--max-new-tokens", min=1, help="default: the spec's eval.max_new_tokens"
+    ),
+) -> None:
     """Answer one prompt with the chat template applied, streamed token by token (greedy)."""
     from mindprint_ray.backends.ray_torch.eval_runner import load_model, stream_answer
     from mindprint_ray.planning.run_plan import load_run
 
     run = load_run(config, overrides or [])
     model, tokenizer = load_model(run, _adapter(adapter))
-    stream_answer(model, tokenizer, prompt, run.spec.curriculum.system_prompt,
-                  max_new_tokens or run.spec.eval.max_new_tokens)
+    stream_answer(
+        model, tokenizer, prompt, run.spec.curriculum.system_prompt, max_new_tokens or run.spec.eval.max_new_tokens
+    )
 
 
 def register(app: typer.Typer) -> None:
