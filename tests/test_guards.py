@@ -2,7 +2,8 @@
 
 import math
 
-from mindprint_ray.backends.ray_torch.driver import _stopped_message
+from mindprint_ray.backends.ray_torch.driver import worker_stop
+from mindprint_ray.errors import UserError
 
 
 def test_nan_loss_stops_the_trainer_at_the_bad_step(tmp_path, tiny_model_dir):
@@ -48,21 +49,38 @@ def test_nan_loss_stops_the_trainer_at_the_bad_step(tmp_path, tiny_model_dir):
     assert any(r.get("stage") == "sft" for r in folder.read_metrics())
 
 
+def worker_group_error(failures: dict):
+    """Ray Train's own failure, as trainer.fit() raises it, after a pickle round trip (as from a worker)."""
+    import pickle
+
+    from ray.train import WorkerGroupError
+
+    return pickle.loads(pickle.dumps(WorkerGroupError("rank errors", failures)))
+
+
 def test_a_stopped_worker_becomes_one_message():
-    text = (
-        "ray.train.WorkerGroupError: Training failed due to worker errors:\n[Rank 0 Error Snippet]:\n"
-        "Traceback (most recent call last):\n  File ...\nmindprint_ray.train.topic_loop.TrainingStopped: topic 'x': "
-        "sft loss became nan at step 3; the topic was stopped and the last good adapter is kept.\n"
-    )
-    assert _stopped_message(RuntimeError(text)).startswith("topic 'x': sft loss became nan at step 3")
-    assert _stopped_message(RuntimeError("some other failure")) is None
+    from mindprint_ray.backends.ray_torch.topic_loop import TrainingStopped
+
+    stop = TrainingStopped("topic 'x': sft loss became nan at step 3; the last good adapter is kept.")
+    message = worker_stop(worker_group_error({1: RuntimeError("rank 1 saw the stop"), 0: stop}))
+    assert isinstance(message, UserError) and str(message).startswith("topic 'x': sft loss became nan at step 3")
+    # a crash, a lost node or Ray's text mentioning our error names are Ray's to retry
+    assert worker_stop(worker_group_error({0: RuntimeError("TrainingStopped: topic 'x'")})) is None
+    assert worker_stop(RuntimeError("mindprint_ray...TrainingStopped: topic 'x'")) is None
+
+
+def test_a_user_error_from_a_worker_keeps_its_file_field_and_hint():
+    error = UserError("no chat template", file="models/x/tokenizer_config.json", field="model.path", hint="add one")
+    stop = worker_stop(worker_group_error({0: error}))
+    assert (stop.file, stop.field, stop.hint) == ("models/x/tokenizer_config.json", "model.path", "add one")
 
 
 def test_out_of_memory_message_keeps_the_remedies():
+    from mindprint_ray.backends.ray_torch.topic_loop import OutOfMemoryStop
+
     text = (
-        "Error: OutOfMemoryStop: CUDA out of memory on 4xa100-80gb. The seed's remedies, in order:\n"
-        "  - max_seq_length 2048: 61.2 GB per device (fits)\n  - LoRA rank 4: 70.1 GB per device (fits)\n"
-        "Traceback (most recent call last):\n"
+        "CUDA out of memory on 4xa100-80gb. The seed's remedies, in order:\n"
+        "  - max_seq_length 2048: 61.2 GB per device (fits)\n  - LoRA rank 4: 70.1 GB per device (fits)"
     )
-    message = _stopped_message(RuntimeError(text))
+    message = str(worker_stop(worker_group_error({0: OutOfMemoryStop(text)})))
     assert message.splitlines()[0].startswith("CUDA out of memory") and len(message.splitlines()) == 3

@@ -76,7 +76,7 @@ def init_ray(run: RunPlan) -> None:
     if ray.is_initialized():
         return
     address = run.spec.ray.address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": WORKER_ENV}
+    env = {"env_vars": WORKER_ENV}  # the Train workers also get it from RunConfig.worker_runtime_env
     if address:  # a submitted job already carries its runtime env (cluster/runtime_env.yaml): keep it
         ray.init(address=address, log_to_driver=True)
     else:
@@ -102,7 +102,7 @@ def checkpoint_storage(folder: RunFolder) -> tuple[str, object | None]:
 
 
 def build_trainer(run: RunPlan, folder: RunFolder, callbacks: list | None = None):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from mindprint_ray.backends.ray_torch.topic_loop import train_loop
@@ -123,6 +123,12 @@ def build_trainer(run: RunPlan, folder: RunFolder, callbacks: list | None = None
             failure_config=FailureConfig(max_failures=run.spec.ray.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=run.spec.storage.keep_checkpoints),
             callbacks=callbacks,
+            # every way a run starts (local cluster, RAY_ADDRESS, a submitted job) gives the workers this env;
+            # a job's own runtime env (working_dir, pip) is kept: Ray merges env_vars into it
+            worker_runtime_env={"env_vars": WORKER_ENV},
+            # Ray Train's INFO lines ("Reporting training result N: ...", one per report) stay in the Ray session
+            # logs (/tmp/ray/session_latest/logs), not in the terminal; MINDPRINT_RAY_TRAIN_LOG_LEVEL=INFO shows them
+            logging_config=LoggingConfig(log_level=os.environ.get("MINDPRINT_RAY_TRAIN_LOG_LEVEL", "WARNING")),
         ),
     )
 
@@ -164,10 +170,10 @@ def train(run: RunPlan, force: bool = False, progress: bool = True) -> RunFolder
         if watcher:
             watcher.start()
         trainer.fit()
-    except Exception as e:  # a TrainingStopped from the workers arrives wrapped by Ray
-        message = _stopped_message(e)
-        if message:
-            raise UserError(message) from None
+    except Exception as e:  # our own errors from the workers arrive inside Ray's WorkerGroupError
+        stop = worker_stop(e)
+        if stop:
+            raise stop from None
         raise
     finally:
         if watcher:
@@ -195,18 +201,20 @@ def write_run_report(run: RunPlan, folder: RunFolder) -> None:
     folder.push("report")
 
 
-def _stopped_message(error: Exception) -> str | None:
-    """The worker's stop reason from Ray's error text: its first line and any indented remedy lines."""
-    text = str(error)
-    for marker in ("TrainingStopped: ", "OutOfMemoryStop: ", "UserError: "):
-        if marker in text:
-            first, *rest = text.split(marker, 1)[1].strip().splitlines()
-            remedies = []
-            for line in rest:
-                if not line.startswith("  - "):
-                    break
-                remedies.append(line)
-            return "\n".join([first, *remedies])
+def worker_stop(error: Exception) -> UserError | None:
+    """The run's stop when a worker raised one of our own errors: a UserError as raised (file, field and hint
+    survive pickling), or a guard's TrainingStopped / an out-of-memory stop with its remedies. Read from Ray
+    Train's structured failure (WorkerGroupError.worker_failures: rank -> the worker's exception), never from
+    its text. Anything else (a crash, a lost node) is Ray's to retry and gives None."""
+    from mindprint_ray.backends.ray_torch.topic_loop import OutOfMemoryStop, TrainingStopped
+
+    failures = getattr(error, "worker_failures", None) or {}
+    for rank in sorted(failures):
+        failure = failures[rank]
+        if isinstance(failure, UserError):
+            return failure
+        if isinstance(failure, TrainingStopped | OutOfMemoryStop):
+            return UserError(str(failure))
     return None
 
 
