@@ -15,7 +15,8 @@ from mindprint_ray.models.tiny import ensure_tiny_model
 from mindprint_ray.planning.hardware import load_profiles
 from mindprint_ray.planning.registry import get_arch
 from mindprint_ray.planning.run_plan import RunPlan, build_run, load_run
-from mindprint_ray.planning.time_model import Mfu, count_topic_tokens, resolve_mfu, throughput_mfu
+from mindprint_ray.planning.time_model import Mfu, resolve_mfu, throughput_mfu
+from mindprint_ray.planning.topic_tokens import count_topic_tokens
 from mindprint_ray.spec.run_spec import RunSpec
 
 from .model import cached_model_dir, load_for_training

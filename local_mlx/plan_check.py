@@ -18,7 +18,8 @@ from mindprint_ray.planning.estimates import (
 )
 from mindprint_ray.planning.memory import MemoryBudget
 from mindprint_ray.planning.run_plan import RunPlan
-from mindprint_ray.planning.time_model import Mfu, TopicTokens, topic_times
+from mindprint_ray.planning.time_model import Mfu, topic_times
+from mindprint_ray.planning.topic_tokens import TopicTokens
 
 
 @dataclass(frozen=True)

@@ -7,18 +7,17 @@ import json
 import pytest
 from conftest import ROOT, run_cli
 
-from mindprint_ray.planning.calibration import calibrate, read_run
 from mindprint_ray.planning.costs import hourly_price, time_cost
 from mindprint_ray.planning.registry import get_arch
+from mindprint_ray.planning.run_measures import calibrate, read_run
 from mindprint_ray.planning.run_plan import load_run
 from mindprint_ray.planning.time_model import (
-    TopicTokens,
-    count_topic_tokens,
     matmul_params,
     resolve_mfu,
     stage_flops,
     train_flops_per_token,
 )
+from mindprint_ray.planning.topic_tokens import TopicTokens, count_topic_tokens
 
 QLORA = str(ROOT / "configs" / "qwen72b-qlora-8xh100.yaml")
 

@@ -115,7 +115,7 @@ def test_tiny_model_warm_up_never_sees_held_out_pairs():
 
 def test_time_model_counts_only_the_train_pairs():
     from mindprint_ray.planning.run_plan import load_run
-    from mindprint_ray.planning.time_model import count_topic_tokens
+    from mindprint_ray.planning.topic_tokens import count_topic_tokens
 
     root = Path(__file__).resolve().parents[1]
     run = load_run(

@@ -297,7 +297,8 @@ def test_wired_limit_is_mib_and_plan_and_dry_run_print_the_same_value():
 def test_dry_run_hours_are_plan_hours():
     from local_mlx.plan_check import hours_lines
     from mindprint_ray.planning.plan_summary import plan_summary
-    from mindprint_ray.planning.time_model import count_topic_tokens, resolve_mfu
+    from mindprint_ray.planning.time_model import resolve_mfu
+    from mindprint_ray.planning.topic_tokens import count_topic_tokens
 
     run = mac_run()
     tokens, _ = count_topic_tokens(run)
@@ -306,7 +307,8 @@ def test_dry_run_hours_are_plan_hours():
 
 
 def test_measured_throughput_gives_hours_at_that_throughput():
-    from mindprint_ray.planning.time_model import count_topic_tokens, throughput_mfu, topic_times
+    from mindprint_ray.planning.time_model import throughput_mfu, topic_times
+    from mindprint_ray.planning.topic_tokens import count_topic_tokens
 
     run = mac_run()
     tokens, _ = count_topic_tokens(run)

@@ -10,7 +10,8 @@ from conftest import ROOT, run_cli
 
 from mindprint_ray.planning.run_plan import load_run
 from mindprint_ray.planning.step_budget import packed_rows, step_budget
-from mindprint_ray.planning.time_model import TopicTokens, count_topic_tokens, stage_flops
+from mindprint_ray.planning.time_model import stage_flops
+from mindprint_ray.planning.topic_tokens import TopicTokens, count_topic_tokens
 from mindprint_ray.spec.run_spec import DPOSection, SFTSection
 
 QLORA = "configs/qwen72b-qlora-8xh100.yaml"

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from mindprint_ray.planning.run_plan import RunPlan
-from mindprint_ray.planning.time_model import Mfu, TopicTokens, count_topic_tokens, peak_flops, resolve_mfu, topic_times
+from mindprint_ray.planning.time_model import Mfu, peak_flops, resolve_mfu, topic_times
+from mindprint_ray.planning.topic_tokens import TopicTokens, count_topic_tokens
 
 EXCLUDES = "training compute only: model download and load, evaluation and checkpoint uploads are not included"
 

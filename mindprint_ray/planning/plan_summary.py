@@ -8,7 +8,7 @@ from mindprint_ray.planning.estimates import memory_for_run, peak_memory, remedi
 from mindprint_ray.planning.memory import TERMS
 from mindprint_ray.planning.run_plan import RunPlan
 from mindprint_ray.planning.step_budget import step_budget
-from mindprint_ray.planning.time_model import count_topic_tokens
+from mindprint_ray.planning.topic_tokens import count_topic_tokens
 
 SEED_ADAPTER_MB = 164  # the seed's "~164MB per adapter (BF16)"
 

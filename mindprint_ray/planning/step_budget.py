@@ -30,13 +30,10 @@ import math
 from bisect import bisect_left, insort
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from mindprint_ray.curriculum.tokens import TokenCounter
 from mindprint_ray.planning.run_plan import RunPlan
-
-if TYPE_CHECKING:  # time_model imports this module for its rules
-    from mindprint_ray.planning.time_model import TopicTokens
+from mindprint_ray.planning.topic_tokens import TRAINING_STAGES, TopicTokens, count_topic_tokens
 
 MIN_STEPS = 10  # fewer optimizer steps than this per topic and stage: the stage barely trains
 MAX_DPO_PASSES = 8.0  # more DPO passes over a topic's pairs than this: the same pairs are revisited too often
@@ -239,15 +236,11 @@ def topic_budget(run: RunPlan, t: TopicTokens) -> TopicBudget:
 
 def budget_for_run(run: RunPlan, counter: TokenCounter | None = None) -> StepBudget:
     """The step budget from the curriculum, counted with `counter` (validate's) or the model's tokenizer."""
-    from mindprint_ray.planning.time_model import (
-        count_topic_tokens,
-    )  # time_model uses this module's rules: imported here, not above
-
     return step_budget(run, count_topic_tokens(run, counter)[0])
 
 
 def step_budget(run: RunPlan, tokens: list[TopicTokens]) -> StepBudget:
-    """The budget of every topic (tokens from time_model.count_topic_tokens) and its warnings."""
+    """The budget of every topic (tokens from topic_tokens.count_topic_tokens) and its warnings."""
     topics = [topic_budget(run, t) for t in tokens]
     s = run.spec.sft
     rows = (
@@ -369,7 +362,7 @@ CHECKS: tuple[tuple[str, Callable, Callable], ...] = (
 def budget_warnings(run: RunPlan, topics: list[TopicBudget]) -> list[BudgetWarning]:
     """One warning per stage and problem, naming the topics it concerns, with numbers and a fix."""
     out = []
-    for stage in ("sft", "dpo"):
+    for stage in TRAINING_STAGES:
         budgets = [b for t in topics for b in t.stages() if b.stage == stage]
         for kind, hit, describe in CHECKS:
             hits = [b for b in budgets if hit(run, b)]

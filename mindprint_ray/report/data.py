@@ -10,7 +10,7 @@ from mindprint_ray.planning.memory import base_weight_bytes
 from mindprint_ray.planning.registry import get_arch
 from mindprint_ray.planning.run_plan import RunPlan, build_run
 from mindprint_ray.planning.step_budget import step_budget
-from mindprint_ray.planning.time_model import count_topic_tokens
+from mindprint_ray.planning.topic_tokens import count_topic_tokens
 
 GB = 1e9
 MAC = "mac-studio-m2-ultra-64gb"

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from mindprint_ray.planning.calibration import STAGES, measured_mfu, read_run
 from mindprint_ray.planning.estimates import memory_for_run
+from mindprint_ray.planning.run_measures import measured_mfu, read_run
 from mindprint_ray.planning.run_plan import load_run
-from mindprint_ray.planning.time_model import count_topic_tokens, peak_flops, resolve_mfu, stage_flops
+from mindprint_ray.planning.time_model import peak_flops, resolve_mfu, stage_flops
+from mindprint_ray.planning.topic_tokens import TRAINING_STAGES, count_topic_tokens
 from mindprint_ray.runs.run_folder import RunFolder
 
 
@@ -25,7 +26,7 @@ def measured_vs_estimate(run_dir: str) -> dict:
     assumed = resolve_mfu(run, calibration={})  # the profile's assumption, not a calibration from this run
     rows = []
     for topic, stages in measures.stages.items():
-        for stage in STAGES:
+        for stage in TRAINING_STAGES:
             m = stages.get(stage)
             if not m or topic not in by_topic:
                 continue

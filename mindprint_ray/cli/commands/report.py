@@ -35,8 +35,8 @@ def calibrate(
     run_dir: Path = typer.Argument(..., help="run folder (spec.yaml, summary.json, metrics.jsonl)", show_default=False),
 ) -> None:
     """Measure a run's throughput (MFU) and peak memory; later estimates for its profile use them."""
-    from mindprint_ray.planning.calibration import calibrate as do_calibrate
     from mindprint_ray.planning.calibration import calibration_path
+    from mindprint_ray.planning.run_measures import calibrate as do_calibrate
 
     entry = do_calibrate(run_dir)
     mfu = ", ".join(f"{k.upper()} {v:.4g}" for k, v in entry["mfu"].items())
