@@ -38,8 +38,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 
+# Tests run in a random order (the seed is printed: rerun one order with -p random_order --random-order-seed=N):
+# every test must pass alone and in any order.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --random-order tests
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q tests -m "not slow"
