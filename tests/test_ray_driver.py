@@ -1,0 +1,19 @@
+"""The Ray driver's configuration of Ray Train, checked without starting a cluster."""
+
+from mindprint_ray.backends.ray_torch.driver import WORKER_ENV, build_trainer, for_workers
+from mindprint_ray.planning.run_plan import load_run
+from mindprint_ray.runs.run_folder import RunFolder
+
+
+def test_the_workers_get_their_env_and_ray_train_logs_stay_out_of_the_terminal(tmp_path, monkeypatch):
+    """Whether train starts a local cluster, joins one (RAY_ADDRESS) or runs as a job, the env reaches the
+    workers through RunConfig.worker_runtime_env, and Ray Train's per-report INFO lines stay in its log files."""
+    monkeypatch.delenv("MINDPRINT_RAY_TRAIN_LOG_LEVEL", raising=False)
+    run = load_run("configs/tiny-cpu.yaml", [f"storage.path={tmp_path}"])
+    trainer = build_trainer(for_workers(run), RunFolder(tmp_path / "r"))
+    config = trainer.run_config
+    assert config.worker_runtime_env == {"env_vars": WORKER_ENV}
+    assert WORKER_ENV["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "0" and WORKER_ENV["TOKENIZERS_PARALLELISM"] == "false"
+    assert config.logging_config.log_level == "WARNING"
+    monkeypatch.setenv("MINDPRINT_RAY_TRAIN_LOG_LEVEL", "info")
+    assert build_trainer(for_workers(run), RunFolder(tmp_path / "r")).run_config.logging_config.log_level == "INFO"
