@@ -41,7 +41,7 @@ lint: $(STAMP)
 # Tests run in a random order (the seed is printed: rerun one order with -p random_order --random-order-seed=N):
 # every test must pass alone and in any order.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --random-order tests
+	$(BIN)/python -m pytest -q --random-order --durations=20 tests
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q tests -m "not slow"
