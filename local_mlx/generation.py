@@ -8,23 +8,25 @@ from pathlib import Path
 from mindprint_ray.curriculum.chat_template import with_system
 from mindprint_ray.errors import UserError
 from mindprint_ray.planning.run_plan import RunPlan
+from mindprint_ray.runs.adapter_format import check_adapter_folder
 
 from .model import load_base, model_dir
 
 
 def load_with_adapter(run: RunPlan, adapter: Path | None):
-    """(model, tokenizer): the run's base (4-bit for nf4, as trained) plus an mlx-lm adapter folder."""
+    """(model, tokenizer): the run's base (4-bit for nf4, as trained) plus an mlx-lm adapter folder, checked
+    (runs.adapter_format.check_adapter_folder) before the model loads."""
     from mlx_lm.tuner.utils import load_adapters
 
+    if adapter is not None and check_adapter_folder(adapter, "--adapter") != "mlx":
+        raise UserError(
+            "this is a PEFT adapter; MLX generates with mlx-lm adapters",
+            file=adapter,
+            field="--adapter",
+            hint=f"convert it first: mindprint-ray convert --to mlx {adapter} OUT",
+        )
     model, tokenizer, _ = load_base(model_dir(run), run.quant)
     if adapter is not None:
-        if not (Path(adapter) / "adapters.safetensors").is_file():
-            raise UserError(
-                f"{adapter} is not an mlx-lm adapter folder (no adapters.safetensors)",
-                file=adapter,
-                hint="use runs/<name>/adapters/<topic>, or convert a PEFT adapter with "
-                "`mindprint-ray convert --to mlx`",
-            )
         load_adapters(model, str(adapter))
     model.eval()
     return model, tokenizer
@@ -44,8 +46,3 @@ def stream(
         model, tokenizer, ids, max_tokens=max_tokens, sampler=make_sampler(temp=temperature)
     ):
         yield response.text
-
-
-def generate(run: RunPlan, prompt: str, adapter: Path | None, max_tokens: int = 200, temperature: float = 0.0) -> str:
-    model, tokenizer = load_with_adapter(run, adapter)
-    return "".join(stream(model, tokenizer, prompt, run.spec.curriculum.system_prompt, max_tokens, temperature))

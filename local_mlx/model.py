@@ -142,12 +142,6 @@ def lora_modules(model) -> dict:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def trainable_count(model) -> int:
-    from mlx.utils import tree_flatten
-
-    return sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-
-
 @contextmanager
 def adapter_disabled(model) -> Iterator[None]:
     """Every LoRA module's scale set to 0 (the base model's outputs), restored afterwards."""

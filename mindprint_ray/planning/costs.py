@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mindprint_ray.planning.run_plan import RunPlan
 from mindprint_ray.planning.time_model import Mfu, peak_flops, resolve_mfu, topic_times
-from mindprint_ray.planning.topic_tokens import TopicTokens, count_topic_tokens
+from mindprint_ray.planning.topic_tokens import TopicTokens
 
 EXCLUDES = "training compute only: model download and load, evaluation and checkpoint uploads are not included"
 
@@ -70,8 +70,3 @@ def time_cost(
     if price["previous_list_price"]:
         out["cost_previous_list_usd"] = hours * price["previous_list_price"]
     return out
-
-
-def time_cost_for_run(run: RunPlan, price_override: float | None = None) -> dict:
-    tokens, how = count_topic_tokens(run)
-    return time_cost(run, tokens, how, price_override)

@@ -5,7 +5,7 @@ All figures are decimal GB (1e9 bytes). Every term is explained in TERMS (the re
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 from mindprint_ray.planning.registry import ModelArch
 
@@ -72,9 +72,6 @@ class MemoryBudget:
         d["total"] = round(self.total, digits)
         return d
 
-    def model_states(self) -> float:
-        return self.base_weights + self.lora_weights + self.optimizer + self.gradients
-
 
 def base_weight_bytes(arch: ModelArch, quant: str, backend: str = "ray", double_quant: bool = True) -> float:
     """Bytes of the frozen base model as stored for training."""
@@ -121,7 +118,3 @@ def estimate_memory(arch: ModelArch, m: MemoryInputs, double_quant: bool = True)
     else:
         overhead = CPU_RUNTIME_BYTES
     return MemoryBudget(*(x / GB for x in (base, lora, optim, grads, acts, overhead)))
-
-
-def with_changes(m: MemoryInputs, **changes) -> MemoryInputs:
-    return replace(m, **changes)

@@ -117,9 +117,6 @@ class ZonePlan:
     def layers_for_zone(self, name: str) -> list[int]:
         return self.zone(name).layers
 
-    def adapter_bytes(self, bytes_per_param: int) -> int:
-        return self.trainable_params() * bytes_per_param
-
 
 def fraction_to_span(start: float, end: float, num_layers: int) -> tuple[int, int]:
     return round(start * num_layers), round(end * num_layers) - 1

@@ -41,12 +41,6 @@ class SearchSpace:
     mode: str
     topics: list[str]
 
-    def grid_size(self) -> int:
-        size = 1
-        for r in self.params.values():
-            size *= len(r.values or [])
-        return size
-
 
 def check_space(run: RunPlan) -> SearchSpace:
     """Every parameter path known and sweepable, every range non-empty, the metric one the trainer reports."""

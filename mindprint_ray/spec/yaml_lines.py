@@ -14,7 +14,6 @@ import yaml
 
 from mindprint_ray.errors import UserError
 
-Path_ = tuple  # a field path such as ("sft", "learning_rate") or ("lora", "zones", 0, "modules")
 MAX_BYTES = 16 * 1024**2
 MAX_NODES = 100_000  # nodes after alias expansion; the largest shipped spec has a few hundred
 MAX_DEPTH = 64

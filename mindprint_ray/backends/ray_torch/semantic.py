@@ -57,8 +57,3 @@ def similarities(texts: list[str], references: list[str]) -> list[float]:
     a = model.encode(list(texts), normalize_embeddings=True, convert_to_tensor=True, show_progress_bar=False)
     b = model.encode(list(references), normalize_embeddings=True, convert_to_tensor=True, show_progress_bar=False)
     return [min(1.0, max(0.0, float(x))) for x in (a * b).sum(dim=1).tolist()]
-
-
-def similarity(text: str, reference: str) -> float:
-    """Cosine similarity of two texts' embeddings, clipped to [0, 1]."""
-    return similarities([text], [reference])[0]
