@@ -7,7 +7,6 @@ from pathlib import Path
 import typer
 
 from mindprint_ray.cli.runner import run_app
-from mindprint_ray.errors import UserError
 
 app = typer.Typer(
     add_completion=False,
@@ -79,20 +78,12 @@ def generate(
 ) -> None:
     """Answer one prompt with the spec's model (4-bit for nf4) and an adapter; stops at <|im_end|>."""
     from mindprint_ray.planning.run_plan import load_run
-    from mindprint_ray.runs.adapter_format import check_adapter_folder
     from mindprint_ray.spec.inputs import check_finite
 
     from .generation import load_with_adapter, stream
 
     check_finite(temperature, "--temperature")
     run = load_run(config, overrides or [])
-    if adapter is not None and check_adapter_folder(adapter, "--adapter") != "mlx":
-        raise UserError(
-            "this is a PEFT adapter; MLX generates with mlx-lm adapters",
-            file=adapter,
-            field="--adapter",
-            hint=f"convert it first: mindprint-ray convert --to mlx {adapter} OUT",
-        )
     model, tokenizer = load_with_adapter(run, adapter)
     for piece in stream(model, tokenizer, prompt, run.spec.curriculum.system_prompt, max_tokens, temperature):
         typer.echo(piece, nl=False)

@@ -15,6 +15,7 @@ from pathlib import Path
 from mindprint_ray.curriculum.chat_template import with_system
 from mindprint_ray.curriculum.topics import load_general_text, pair_id
 from mindprint_ray.evaluation import metrics as m
+from mindprint_ray.runs.adapter_format import check_adapter_folder
 
 log = logging.getLogger("mindprint_ray")
 # spec.eval.max_examples caps the items of each kind per topic (configs/tiny-*.yaml set 6); unset: all items
@@ -391,22 +392,6 @@ def _fmt_ci(ci: list[float] | None) -> str:
 # ---- loading an adapter for the CLI ----------------------------------------------------------------------
 
 
-def adapter_format(adapter_dir: Path) -> str:
-    """'peft' or 'mlx' from the files in the folder; a UserError when it is neither."""
-    from mindprint_ray.errors import UserError
-
-    if (adapter_dir / "adapter_model.safetensors").is_file() or (adapter_dir / "adapter_model.bin").is_file():
-        return "peft"
-    if (adapter_dir / "adapters.safetensors").is_file():
-        return "mlx"
-    raise UserError(
-        "not an adapter folder (no adapter_model.safetensors or adapters.safetensors)",
-        file=adapter_dir,
-        field="--adapter",
-        hint="point --adapter at <run>/adapters/<topic>",
-    )
-
-
 def load_model(run, adapter_dir: Path | None):
     """Tokenizer and base model from the spec's model path, with the PEFT adapter applied when given."""
     import torch
@@ -414,7 +399,7 @@ def load_model(run, adapter_dir: Path | None):
     from mindprint_ray.backends.ray_torch.model_loading import load_base_model, load_tokenizer
     from mindprint_ray.errors import UserError
 
-    if adapter_dir is not None and adapter_format(adapter_dir) == "mlx":
+    if adapter_dir is not None and check_adapter_folder(adapter_dir) == "mlx":
         raise UserError(
             "this is an MLX adapter (adapters.safetensors); evaluate it on MLX",
             file=adapter_dir,
