@@ -25,25 +25,65 @@ COUNT_MAX = 1_000_000_000  # an upper bound for counts and sizes that keeps ever
 
 
 class Section(BaseModel):
+    """A part of the run spec: unknown keys are errors, assignments are validated, NaN and infinity refused."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSection(Section):
-    name: str = "tiny"
-    path: str | None = Field(None, description="local folder or hub id; default: the registry's hub id")
-    revision: str | None = None
-    trust_remote_code: bool = False
-    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
+    """The base model to adapt: which architecture the zone plan and the estimates count, and where its weights
+    are. Read by the planner, both backends (Ray: transformers; MLX: mlx-lm) and `eval`/`generate`."""
+
+    name: str = Field(
+        "tiny",
+        description="a model registry name or alias (mindprint_ray/planning/registry.py, e.g. qwen2.5-7b); any "
+        "other name is a Qwen2/Llama/Mistral architecture read from <path or name>/config.json",
+    )
+    path: str | None = Field(
+        None,
+        description="local folder (holding config.json) or hub id of the weights; default: the registry's hub id",
+    )
+    revision: str | None = Field(
+        None,
+        description="hub branch, tag or commit of the weights and tokenizer; default: the hub's default branch",
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="let transformers run Python code shipped with the model repository (Ray backend: train, "
+        "eval, generate, export)",
+    )
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = Field(
+        "auto",
+        description="attention kernel of the Ray backend; auto: flash_attention_2 on CUDA when flash-attn is "
+        "installed, else sdpa (SFT packing without flash-attn runs micro-batches of 1)",
+    )
 
 
 class ZoneSpec(Section):
-    name: str
-    layers: tuple[int, int] | None = None
-    fraction: tuple[float, float] | None = None
-    modules: list[str]
-    rank: int | None = Field(None, ge=1, le=1024)
-    alpha: float | None = Field(None, gt=0)
-    dropout: float | None = Field(None, ge=0, lt=1)
+    """One zone of the zone plan: a contiguous band of decoder layers with its own LoRA modules and, optionally,
+    its own rank, alpha and dropout. Resolved against the architecture by the planner, read by both backends."""
+
+    name: str = Field(description="the zone's name (zone table, adapter manifest, reports); unique in lora.zones")
+    layers: tuple[int, int] | None = Field(
+        None,
+        description="[first, last] decoder layers, 0-based and both included; give this or fraction",
+    )
+    fraction: tuple[float, float] | None = Field(
+        None,
+        description="[start, end) of the layer stack, 0 <= start < end <= 1: layers round(start x layers) to "
+        "round(end x layers) - 1; give this or layers",
+    )
+    modules: list[str] = Field(
+        description="projections adapted in every layer of the zone, each once: q_proj, k_proj, v_proj, o_proj, "
+        "gate_proj, up_proj, down_proj",
+    )
+    rank: int | None = Field(None, ge=1, le=1024, description="this zone's LoRA rank; default: lora.rank")
+    alpha: float | None = Field(
+        None,
+        gt=0,
+        description="this zone's LoRA alpha; default: 2 x the zone's rank when it sets one, else lora.alpha",
+    )
+    dropout: float | None = Field(None, ge=0, lt=1, description="this zone's LoRA dropout; default: lora.dropout")
 
     @model_validator(mode="after")
     def _one_span(self) -> ZoneSpec:
@@ -57,20 +97,70 @@ class ZoneSpec(Section):
 
 
 class LoraSection(Section):
-    strategy: Literal["conservative", "aggressive"] = "conservative"
-    rank: int | None = Field(None, ge=1, le=1024, description="default: the strategy's (8 or 16)")
-    alpha: float | None = Field(None, gt=0, description="default: 2 * rank")
-    dropout: float | None = Field(None, ge=0, lt=1)
-    use_rslora: bool = False
-    zones: list[ZoneSpec] | None = Field(None, description="default: the seed's lexicon/reasoning/voice zones")
-    target: Literal["regex", "list"] = "regex"
+    """The LoRA adapter: strategy, run-wide rank/alpha/dropout and the zones (which layers get which modules).
+    The planner counts it (trainable parameters, memory); the Ray backend renders it for PEFT, MLX for mlx-lm."""
+
+    strategy: Literal["conservative", "aggressive"] = Field(
+        "conservative",
+        description="conservative: rank 8, alpha 16, dropout 0.05, the seed's modules per zone; aggressive: rank "
+        "16, alpha 32, dropout 0.05, all seven projections (the modules apply to the default zones)",
+    )
+    rank: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="LoRA rank r of every zone that sets none; default: the strategy's (8 or 16)",
+    )
+    alpha: float | None = Field(
+        None,
+        gt=0,
+        description="LoRA alpha; the update is scaled by alpha / rank (alpha / sqrt(rank) with use_rslora); "
+        "default: 2 * rank",
+    )
+    dropout: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="dropout on the LoRA input during SFT (DPO trains without dropout, as TRL's "
+        "disable_dropout); default: the strategy's 0.05",
+    )
+    use_rslora: bool = Field(False, description="rank-stabilised LoRA: scale by alpha / sqrt(rank), not alpha / rank")
+    zones: list[ZoneSpec] | None = Field(
+        None,
+        description="the zones, each layer in at most one; default: the seed's lexicon/reasoning/voice zones "
+        "(first 25%, middle 50%, last 25% of the layers)",
+    )
+    target: Literal["regex", "list"] = Field(
+        "regex",
+        description="how the Ray backend names PEFT's target modules: one regex of the zone plan, or the explicit "
+        "list of module names (the same modules either way, checked after wrapping)",
+    )
 
 
 class QuantizationSection(Section):
-    mode: Literal["nf4", "bf16", "fp32"] = "nf4"
-    double_quant: bool = True
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    quant_storage: Literal["bfloat16", "float16", "float32", "uint8"] = "bfloat16"
+    """How the frozen base weights are stored while the adapter trains (QLoRA or 16/32-bit). Read by the memory
+    estimate and both backends (Ray: bitsandbytes; MLX: affine 4-bit, group 64). `quantization: int4` (or
+    `qlora`) is shorthand for `mode: nf4`."""
+
+    mode: Literal["nf4", "bf16", "fp32"] = Field(
+        "nf4",
+        description="nf4: 4-bit base weights (QLoRA; bitsandbytes NF4 on Ray, MLX 4-bit on a Mac); bf16: 16-bit; "
+        "fp32: full precision (CPU)",
+    )
+    double_quant: bool = Field(
+        True,
+        description="nf4 only: quantize the NF4 scales too (bitsandbytes double quant: 0.516 instead of "
+        "0.5625 bytes per weight in the estimate)",
+    )
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16",
+        description="nf4 on Ray only: dtype the 4-bit weights are dequantized to for each matmul, and the dtype "
+        "of the other weights",
+    )
+    quant_storage: Literal["bfloat16", "float16", "float32", "uint8"] = Field(
+        "bfloat16",
+        description="nf4 on Ray only: dtype the packed 4-bit weights are stored in (bitsandbytes quant_storage)",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -90,31 +180,65 @@ WARMUP_DOC = (
     "optimizer steps of linear warmup from 0 (the first step applies 0); at or above the stage's "
     "steps the learning rate never reaches its peak"
 )
+GRAD_NORM_DOC = "clip the LoRA gradients to this global L2 norm at every optimizer step"
+CHECKPOINTING_DOC = (
+    "recompute activations in the backward pass: far less activation memory, about a third more compute "
+    "(6N instead of 4N FLOPs per token); this stage's own setting"
+)
 
 
 class SFTSection(Section):
-    learning_rate: float = Field(2e-4, gt=0, le=1)
+    """Supervised fine-tuning, the first stage of every topic: optimizer, batch, steps and sequence settings.
+    Read by the step budget and estimates, the Ray backend (TRL SFTTrainer) and MLX."""
+
+    learning_rate: float = Field(
+        2e-4, gt=0, le=1, description="SFT's peak AdamW learning rate, reached after warmup_steps (see scheduler)"
+    )
     batch_size: int = Field(1, ge=1, le=COUNT_MAX, description=BATCH_DOC)
     gradient_accumulation: int = Field(4, ge=1, le=COUNT_MAX, description=ACCUMULATION_DOC)
-    epochs_per_topic: float = Field(3, gt=0, le=COUNT_MAX)
+    epochs_per_topic: float = Field(
+        3,
+        gt=0,
+        le=COUNT_MAX,
+        description="passes over a topic's SFT rows (packed sequences with packing), fractions allowed: "
+        "ceil(epochs x steps per epoch) optimizer steps; ignored when max_steps is set",
+    )
     max_steps: int | None = Field(
         None,
         ge=1,
         le=COUNT_MAX,
         description="optimizer steps per topic of the whole worker group (not per device); overrides epochs_per_topic",
     )
-    max_seq_length: int = Field(4096, ge=16, le=COUNT_MAX)
+    max_seq_length: int = Field(
+        4096,
+        ge=16,
+        le=COUNT_MAX,
+        description="tokens per SFT row (the packed length with packing); longer examples follow "
+        "curriculum.overlong; at most the model's context",
+    )
     warmup_steps: int = Field(50, ge=0, le=COUNT_MAX, description=WARMUP_DOC)
-    weight_decay: float = Field(0.01, ge=0)
-    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
-    gradient_checkpointing: bool = True
-    max_grad_norm: float = Field(0.3, gt=0)
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay of SFT (DPO uses none)")
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine",
+        description="SFT's learning-rate schedule after warmup (transformers' lr_scheduler_type; constant has no "
+        "warmup); DPO always decays linearly",
+    )
+    gradient_checkpointing: bool = Field(True, description=CHECKPOINTING_DOC)
+    max_grad_norm: float = Field(0.3, gt=0, description=GRAD_NORM_DOC)
     bf16: bool = Field(
         True,
         description="bf16 mixed precision on GPUs for both stages, SFT and DPO (and DeepSpeed); CPUs train in fp32",
     )
-    packing: bool = True
-    assistant_only_loss: bool = True
+    packing: bool = Field(
+        True,
+        description="Ray only: pack SFT examples into rows of max_seq_length by best-fit decreasing (TRL's bfd, "
+        "padding-free); MLX never packs",
+    )
+    assistant_only_loss: bool = Field(
+        True,
+        description="train on the assistant turns' tokens only (system and user tokens are masked); false: on "
+        "every token",
+    )
     logging_steps: int = Field(
         1,
         ge=1,
@@ -125,8 +249,21 @@ class SFTSection(Section):
 
 
 class DPOSection(Section):
-    enabled: bool = True
-    learning_rate: float = Field(1e-7, gt=0, le=1)
+    """Direct preference optimization, the second stage of each topic, on its dpo.jsonl pairs (the training
+    share, see eval.heldout_pairs). Read by the step budget and estimates, the Ray backend (TRL DPOTrainer)
+    and MLX."""
+
+    enabled: bool = Field(
+        True,
+        description="run DPO after SFT on every topic with training pairs (each topic then needs dpo.jsonl); "
+        "false: SFT only",
+    )
+    learning_rate: float = Field(
+        1e-7,
+        gt=0,
+        le=1,
+        description="DPO's peak learning rate, reached after warmup_steps, then decayed linearly",
+    )
     batch_size: int = Field(1, ge=1, le=COUNT_MAX, description=BATCH_DOC)
     gradient_accumulation: int = Field(2, ge=1, le=COUNT_MAX, description=ACCUMULATION_DOC)
     steps_per_topic: int = Field(
@@ -136,23 +273,61 @@ class DPOSection(Section):
         description="optimizer steps per topic of the whole worker group "
         "(not per device), each of one global batch of pairs",
     )
-    beta: float = Field(0.1, gt=0)
-    max_seq_length: int = Field(4096, ge=16, le=COUNT_MAX)
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="DPO's beta: how strongly the policy is held to the reference (higher: closer to it)",
+    )
+    max_seq_length: int = Field(
+        4096,
+        ge=16,
+        le=COUNT_MAX,
+        description="tokens of prompt + response per side of a pair; longer pairs follow curriculum.overlong; "
+        "at most the model's context",
+    )
     warmup_steps: int = Field(0, ge=0, le=COUNT_MAX, description=WARMUP_DOC)
-    gradient_checkpointing: bool = True
-    precompute_ref_log_probs: bool = False
+    gradient_checkpointing: bool = Field(True, description=CHECKPOINTING_DOC)
+    precompute_ref_log_probs: bool = Field(
+        False,
+        description="Ray: score every pair under the reference once before DPO instead of a reference forward "
+        "at each step (MLX always precomputes)",
+    )
     reference: Literal["sft", "base"] = Field(
         "sft", description="sft: a frozen copy of the topic's adapter as DPO starts; base: the adapter disabled"
     )
-    max_grad_norm: float = Field(0.3, gt=0)
+    max_grad_norm: float = Field(0.3, gt=0, description=GRAD_NORM_DOC)
 
 
 class CurriculumSection(Section):
-    data_dir: str = "data/curriculum"
-    topics: list[str] = Field(..., min_length=1)
-    persona: str | None = Field(None, description="default: <data_dir>/persona.yaml")
-    system_prompt: str | None = None
-    overlong: Literal["drop", "truncate", "error"] = "drop"
+    """The training data: which topics, in which order, from which folder, and how over-long examples are
+    handled. Read by `validate`, the token counts of the estimates and both backends."""
+
+    data_dir: str = Field(
+        "data/curriculum",
+        description="folder with one sub-folder per topic (sft.jsonl, dpo.jsonl, eval.jsonl); local or "
+        "s3://bucket/prefix (downloaded to the local cache)",
+    )
+    topics: list[str] = Field(
+        ...,
+        min_length=1,
+        description="topic folders of data_dir, trained in this order, each continuing from the previous "
+        "topic's adapter; each listed once",
+    )
+    persona: str | None = Field(
+        None,
+        description="the persona profile (lexicon and voice markers) the evaluation scores voice against; "
+        "default: <data_dir>/persona.yaml",
+    )
+    system_prompt: str | None = Field(
+        None,
+        description="system message put first in every training and evaluation conversation that has none; "
+        "default: none",
+    )
+    overlong: Literal["drop", "truncate", "error"] = Field(
+        "drop",
+        description="SFT examples and DPO pairs longer than their stage's max_seq_length: drop them (an error if "
+        "every SFT example of a topic goes), truncate them to it, or stop with an error",
+    )
 
     @field_validator("topics")
     @classmethod
@@ -168,33 +343,127 @@ class CurriculumSection(Section):
 
 
 class HardwareSection(Section):
-    profile: str = "cpu-2"
-    deepspeed: Literal["auto", "none", "zero2", "zero3"] = "auto"
-    num_workers: int | None = Field(None, ge=1, le=COUNT_MAX, description="default: the profile's device count")
-    mfu: float | None = Field(None, gt=0, le=1, description="override the profile's assumed MFU")
-    price_per_hour: float | None = Field(None, ge=0)
-    spot: bool = False
+    """Where the run trains and what it costs: the hardware profile (mindprint_ray/planning/catalog/hardware.yaml)
+    and overrides of its workers, ZeRO stage, MFU and price. Read by the estimates, `plan`/`report`, the Ray
+    backend (workers, DeepSpeed) and MLX (the profile)."""
+
+    profile: str = Field(
+        "cpu-2",
+        description="a profile of catalog/hardware.yaml: its backend (ray or mlx), devices, memory and peak "
+        "FLOP/s per device, CPUs per worker, DeepSpeed default and price",
+    )
+    deepspeed: Literal["auto", "none", "zero2", "zero3"] = Field(
+        "auto",
+        description="Ray's DeepSpeed ZeRO stage; zero2 shards gradients and optimizer states, zero3 the base "
+        "weights too (in-loop eval is then off); auto: the profile's",
+    )
+    num_workers: int | None = Field(
+        None,
+        ge=1,
+        le=COUNT_MAX,
+        description="Ray Train workers, one device each (scales the global batch and the FLOP/s); default: the "
+        "profile's device count",
+    )
+    mfu: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="override the profile's assumed MFU (model-FLOPs utilisation, both stages) in the time "
+        "estimate of this profile; takes precedence over a calibration",
+    )
+    price_per_hour: float | None = Field(
+        None,
+        ge=0,
+        description="USD per node-hour for this profile's cost estimate, over the price file and spot "
+        "(--price-per-hour overrides it); default: the price file's",
+    )
+    spot: bool = Field(False, description="cost this profile at the price file's spot price instead of on-demand")
 
 
 class StorageSection(Section):
-    path: str = "runs"
-    checkpoint_every_steps: int = Field(50, ge=1, le=COUNT_MAX)
-    keep_checkpoints: int = Field(2, ge=1, le=COUNT_MAX)
+    """Where runs are written (spec, metrics, summary, adapters, report, Ray checkpoints) and how many
+    checkpoints are kept. Read by both backends; checkpoints are the Ray backend's."""
+
+    path: str = Field(
+        "runs",
+        description="parent of the run folders (<path>/<run name>): a local folder or s3://bucket/prefix "
+        "(a local mirror in the cache, synced)",
+    )
+    checkpoint_every_steps: int = Field(
+        50,
+        ge=1,
+        le=COUNT_MAX,
+        description="Ray: optimizer steps of a stage between checkpoints a restarted worker group resumes from "
+        "(the end of SFT is always one)",
+    )
+    keep_checkpoints: int = Field(
+        2,
+        ge=1,
+        le=COUNT_MAX,
+        description="checkpoints kept, by the trainer (save_total_limit) and by Ray Train (num_to_keep)",
+    )
 
 
 class RaySection(Section):
+    """The Ray cluster the Ray backend (train, sweep) joins and its fault tolerance."""
+
     address: str | None = Field(None, description="default: RAY_ADDRESS, else a local cluster")
-    max_failures: int = Field(2, ge=-1, le=COUNT_MAX)
+    max_failures: int = Field(
+        2,
+        ge=-1,
+        le=COUNT_MAX,
+        description="worker-group failures Ray Train recovers from by restarting it from the latest checkpoint; "
+        "-1: no limit, 0: none",
+    )
 
 
 class EvalSection(Section):
-    enabled: bool = True
-    voice_fidelity_target: float = Field(0.85, ge=0, le=1)
-    accuracy_target: float = Field(0.85, ge=0, le=1)
-    on_miss: Literal["warn", "stop"] = "warn"
-    regression_margin: float = Field(0.05, ge=0, le=1)
-    max_new_tokens: int = Field(96, ge=1, le=COUNT_MAX)
-    max_examples: int | None = Field(None, ge=1, le=COUNT_MAX, description="cap eval questions per topic")
+    """Evaluation of every topic (voice fidelity, accuracy, held-out preference, general-ability perplexity) and
+    the gates on it. In-loop evaluation is the Ray backend's; `eval` and the report read it too."""
+
+    enabled: bool = Field(
+        True,
+        description="score the base model and each topic after its stages (each topic then needs eval.jsonl, "
+        "and the persona); the gates warn or stop per on_miss",
+    )
+    voice_fidelity_target: float = Field(
+        0.85,
+        ge=0,
+        le=1,
+        description="voice fidelity (0-1) a topic's last stage should reach; below is a miss (see on_miss)",
+    )
+    accuracy_target: float = Field(
+        0.85,
+        ge=0,
+        le=1,
+        description="accuracy (mean of multiple-choice accuracy and key-fact recall, 0-1) a topic's last stage "
+        "should reach; below is a miss",
+    )
+    on_miss: Literal["warn", "stop"] = Field(
+        "warn",
+        description="what a missed target, a regression or the general-ability guard does after a topic: warn, "
+        "or stop the run (finished adapters are kept)",
+    )
+    regression_margin: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="an earlier topic whose voice fidelity or accuracy drops by more than this (absolute) after "
+        "a later topic has regressed",
+    )
+    max_new_tokens: int = Field(
+        96,
+        ge=1,
+        le=COUNT_MAX,
+        description="tokens generated (greedy) per answer to an open question; also `generate`'s default",
+    )
+    max_examples: int | None = Field(
+        None,
+        ge=1,
+        le=COUNT_MAX,
+        description="cap eval questions per topic: the first N open questions, multiple-choice items and "
+        "held-out pairs each; default: all",
+    )
     after_sft: bool = Field(
         True,
         description="also score each topic between SFT and DPO (base and after DPO are "
@@ -220,7 +489,9 @@ class EvalSection(Section):
         "(warn or stop per on_miss); null: no guard, the perplexity is not computed",
     )
     weights: dict[str, float] = Field(
-        default_factory=lambda: {"markers": 0.3, "lexicon": 0.2, "semantic": 0.3, "preference": 0.2}
+        default_factory=lambda: {"markers": 0.3, "lexicon": 0.2, "semantic": 0.3, "preference": 0.2},
+        description="weights of the voice-fidelity components (markers, lexicon, semantic, preference), >= 0, "
+        "renormalised over those present; semantic 0 skips the embedding model",
     )
 
     @field_validator("weights")
@@ -238,10 +509,14 @@ class EvalSection(Section):
 class ParamRange(Section):
     """One searched parameter: explicit `values`, or a `min`/`max` range (log-uniform when `log`)."""
 
-    values: list[float] | None = None
-    min: float | None = None
-    max: float | None = None
-    log: bool = False
+    values: list[float] | None = Field(
+        None, description="the values to try (grid: each; random/optuna: a choice); give this or min and max"
+    )
+    min: float | None = Field(
+        None, description="lower end of the range (random/optuna; integer parameters draw whole numbers)"
+    )
+    max: float | None = Field(None, description="upper end of the range, above min (included for integers)")
+    log: bool = Field(False, description="sample the range log-uniformly (needs min > 0)")
 
     @model_validator(mode="after")
     def _shape(self) -> ParamRange:
@@ -261,33 +536,69 @@ class ParamRange(Section):
 
 
 class TuneSection(Section):
-    space: dict[str, ParamRange] = Field(..., min_length=1)
-    search: Literal["grid", "random", "optuna"] = "grid"
+    """The hyperparameter sweep of `mindprint-ray sweep` (Ray Tune over Ray Train trials); `train` ignores it."""
+
+    space: dict[str, ParamRange] = Field(
+        ...,
+        min_length=1,
+        description="searched parameters by dotted path: lora.rank, lora.alpha, lora.dropout, sft.learning_rate, "
+        "sft.epochs_per_topic, sft.warmup_steps, dpo.learning_rate, dpo.beta, dpo.steps_per_topic",
+    )
+    search: Literal["grid", "random", "optuna"] = Field(
+        "grid",
+        description="grid: every combination of the values; random: Ray Tune's sampling; optuna: Optuna's TPE "
+        "(seeded with seed)",
+    )
     num_samples: int = Field(1, ge=1, le=COUNT_MAX, description="grid: repeats of the grid; random/optuna: trials")
     metric: str | None = Field(None, description="default: voice_fidelity with eval on, else sft_loss")
-    mode: Literal["max", "min"] | None = None
-    scheduler: Literal["asha", "none"] = "asha"
+    mode: Literal["max", "min"] | None = Field(
+        None, description="maximise or minimise the metric; default: the metric's (min for losses, else max)"
+    )
+    scheduler: Literal["asha", "none"] = Field(
+        "asha", description="asha: stop weak trials early (ASHA, reduction factor 2); none: run every trial out"
+    )
     grace_period: int = Field(2, ge=1, le=COUNT_MAX, description="ASHA: reports before a trial may be stopped")
     topics: list[str] | None = Field(None, description="default: the first topic of the curriculum")
-    workers_per_trial: int | None = Field(None, ge=1, le=COUNT_MAX)
-    max_concurrent: int | None = Field(None, ge=1, le=COUNT_MAX)
+    workers_per_trial: int | None = Field(
+        None, ge=1, le=COUNT_MAX, description="Ray Train workers of each trial; default: hardware.num_workers"
+    )
+    max_concurrent: int | None = Field(
+        None,
+        ge=1,
+        le=COUNT_MAX,
+        description="trials at once; default: as many as the cluster's GPUs (CPU profiles: CPUs) hold",
+    )
 
 
 class RunSpec(Section):
+    """One training run: the base model, the adapter, the curriculum, both stages, hardware, storage and
+    evaluation. `mindprint-ray validate`, `plan`, `train`, `sweep` and `python -m local_mlx` read it."""
+
     name: str | None = Field(None, description="the run folder's name; default: the spec file's name")
-    seed: int = Field(42, ge=0, le=2**32 - 1)
-    model: ModelSection = Field(default_factory=ModelSection)
-    lora: LoraSection = Field(default_factory=LoraSection)
-    quantization: QuantizationSection = Field(default_factory=QuantizationSection)
-    sft: SFTSection = Field(default_factory=SFTSection)
-    dpo: DPOSection = Field(default_factory=DPOSection)
-    curriculum: CurriculumSection
-    hardware: HardwareSection = Field(default_factory=HardwareSection)
-    storage: StorageSection = Field(default_factory=StorageSection)
-    ray: RaySection = Field(default_factory=RaySection)
-    eval: EvalSection = Field(default_factory=EvalSection)
-    report_to: list[Literal["tensorboard", "mlflow", "wandb", "none"]] = Field(default_factory=lambda: ["tensorboard"])
-    tune: TuneSection | None = None
+    seed: int = Field(
+        42,
+        ge=0,
+        le=2**32 - 1,
+        description="random seed of the trainers, MLX's data order, the bootstrap intervals and Optuna",
+    )
+    model: ModelSection = Field(default_factory=ModelSection, description="the base model")
+    lora: LoraSection = Field(default_factory=LoraSection, description="the LoRA adapter and its zones")
+    quantization: QuantizationSection = Field(
+        default_factory=QuantizationSection, description="how the frozen base weights are stored"
+    )
+    sft: SFTSection = Field(default_factory=SFTSection, description="the SFT stage of every topic")
+    dpo: DPOSection = Field(default_factory=DPOSection, description="the DPO stage of every topic")
+    curriculum: CurriculumSection = Field(description="the training data: topics in order (required)")
+    hardware: HardwareSection = Field(default_factory=HardwareSection, description="hardware profile and its costs")
+    storage: StorageSection = Field(default_factory=StorageSection, description="where run folders are written")
+    ray: RaySection = Field(default_factory=RaySection, description="the Ray cluster")
+    eval: EvalSection = Field(default_factory=EvalSection, description="evaluation and its gates")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb", "none"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Ray backend's experiment trackers besides metrics.jsonl (tensorboard: <run>/tensorboard); "
+        "mlflow and wandb need their package; none: no tracker",
+    )
+    tune: TuneSection | None = Field(None, description="the sweep of `mindprint-ray sweep`; default: none")
 
     @field_validator("name")
     @classmethod
