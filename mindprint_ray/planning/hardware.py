@@ -1,17 +1,89 @@
-"""Hardware profiles and hourly prices, read from the data files shipped with the package."""
+"""Hardware profiles and hourly prices, read from the data files shipped with the package.
+
+Both files are validated by pydantic models (`HardwareFile`, `PriceFile`), as the run spec is by `RunSpec`."""
 
 from __future__ import annotations
 
-import math
+import datetime
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from mindprint_ray.errors import UserError
-from mindprint_ray.spec.yaml_lines import load_yaml
+from mindprint_ray.spec.run_spec import Section, validation_error
+from mindprint_ray.spec.yaml_lines import parse_yaml, read_text
 
 DATA = Path(__file__).parent / "catalog"
 PRICE_FIELDS = ("on_demand", "spot", "source", "date")
+PRICES_EXAMPLE = "mindprint_ray/planning/catalog/prices.yaml"
+HARDWARE_EXAMPLE = "the other profiles of mindprint_ray/planning/catalog/hardware.yaml"
+
+
+def _as_text(value: Any) -> Any:
+    """Dates and numbers as the text they were written as (YAML reads 2025-01-31 as a date); other values as they
+    are, for the type check."""
+    if isinstance(value, (datetime.date, int, float)) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+Text = Annotated[str, BeforeValidator(_as_text)]
+Dollars = Annotated[float, Field(ge=0)]
+
+
+class Catalog(Section):
+    """An entry of a catalog file: strict types (no "8" for 8, no 1 for true)."""
+
+    model_config = ConfigDict(strict=True)
+
+
+class PriceEntry(Catalog):
+    """One hourly price of catalog/prices.yaml (or of the --prices file): USD per node-hour, with its source."""
+
+    on_demand: Dollars = Field(description="USD per node-hour on demand")
+    spot: Dollars = Field(description="USD per node-hour on the spot market (hardware.spot: true)")
+    source: Text = Field(description="where the figure came from")
+    date: Text = Field(description="when it was recorded, e.g. 2026-11")
+    spot_source: Text = Field("", description="where the spot figure came from, e.g. estimate (50% of on-demand)")
+    previous_list_price: Dollars | None = Field(None, description="an older list price, costed beside the current")
+    previous_list_note: Text = Field("", description="what the older list price was")
+
+
+class PriceFile(Catalog):
+    """A price file: `prices:` by key, each key named by a hardware profile's `price`."""
+
+    prices: dict[str, PriceEntry] = Field(description="hourly prices by key")
+
+
+class ProfileEntry(Catalog):
+    """One hardware profile of catalog/hardware.yaml: devices, memory per device, peak FLOP/s, how Ray places
+    workers, the default ZeRO stage, the assumed MFU and the key of its price."""
+
+    description: str = Field(description="the hardware in words, shown in plans and reports")
+    backend: Literal["ray", "mlx"] = Field(description="ray: the Ray backend (torch); mlx: local_mlx on a Mac")
+    device: str = Field(description="the device model, e.g. H100-SXM-80GB")
+    devices: int = Field(ge=1, description="devices per node: the default Ray Train workers (hardware.num_workers)")
+    memory_gb: float = Field(gt=0, description="memory per device in decimal GB, as the device reports it")
+    peak_tflops: float = Field(gt=0, description="dense BF16 peak TFLOP/s per device")
+    use_gpu: bool = Field(description="each Ray worker takes a GPU; false: CPU workers")
+    cpus_per_worker: int = Field(ge=1, description="CPUs each Ray worker reserves (and its torch threads on CPU)")
+    deepspeed: Literal["none", "zero2", "zero3"] = Field(description="the ZeRO stage of hardware.deepspeed: auto")
+    price: str = Field(description="key of the node's price in the price file")
+    mfu: dict[Literal["nf4", "bf16", "fp32"], Annotated[float, Field(gt=0, le=1)]] = Field(
+        min_length=1, description="assumed model-FLOPs utilisation per quantization mode, in (0, 1]"
+    )
+    wired_limit_fraction: float | None = Field(
+        None, gt=0, le=1, description="share of memory a device may use for training (a Mac's GPU wired limit)"
+    )
+
+
+class HardwareFile(Catalog):
+    """The hardware catalog: `profiles:` by name (hardware.profile in the spec)."""
+
+    profiles: dict[str, ProfileEntry] = Field(description="hardware profiles by name")
 
 
 @dataclass(frozen=True)
@@ -54,58 +126,38 @@ class Profile:
         return self.use_gpu
 
 
-def _read_yaml(path: Path, top: str) -> dict:
-    data = load_yaml(path, hint="check the path given to --prices")
-    if not isinstance(data, dict) or not isinstance(data.get(top), dict):
-        raise UserError(f"expected a top-level mapping '{top}:'", file=path)
-    return data[top]
-
-
-def _price_number(entry: dict, name: str, file: Path, key: str, optional: bool = False) -> None:
-    """A price: a finite number >= 0 (not a boolean, not .nan or .inf)."""
-    value = entry.get(name)
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise UserError(f"'{name}' must be a finite number >= 0", file=file, field=f"prices.{key}.{name}")
+def _read_catalog(path: Path, model: type[BaseModel], example: str, missing_hint: str) -> BaseModel:
+    """A catalog file validated by `model`; a problem is a UserError naming the file, its line and the key."""
+    top = next(iter(model.model_fields))  # the file's one top-level key
+    data, lines = parse_yaml(read_text(path, hint="check the path given to --prices"), path)
+    if not isinstance(data, dict):
+        raise UserError(f"expected a top-level mapping '{top}:'", file=path, line=1)
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise validation_error(err, str(path), lines, model, missing_hint, f"fix the value (see {example})") from None
 
 
 @cache
 def load_prices(path: str | None = None) -> dict[str, Price]:
     """Prices by key; every entry needs on_demand, spot, source and date."""
     file = Path(path) if path else DATA / "prices.yaml"
-    prices = {}
-    for key, entry in _read_yaml(file, "prices").items():
-        if not isinstance(entry, dict):
-            raise UserError("each price must be a mapping", file=file, field=f"prices.{key}")
-        for f in PRICE_FIELDS:
-            if f not in entry:
-                raise UserError(
-                    f"missing field '{f}'",
-                    file=file,
-                    field=f"prices.{key}.{f}",
-                    hint=f"every price needs: {', '.join(PRICE_FIELDS)}",
-                )
-        for f in ("on_demand", "spot", "previous_list_price"):
-            _price_number(entry, f, file, key, optional=f == "previous_list_price")
-        for f in ("source", "date", "spot_source", "previous_list_note"):
-            if f in entry and not isinstance(entry[f], str):
-                entry[f] = str(entry[f])  # YAML reads 2025-01-31 as a date
-        prices[key] = Price(key=key, **{k: entry[k] for k in entry if k in Price.__dataclass_fields__})
-    return prices
+    catalog = _read_catalog(file, PriceFile, PRICES_EXAMPLE, f"every price needs: {', '.join(PRICE_FIELDS)}")
+    return {key: Price(key=key, **entry.model_dump()) for key, entry in catalog.prices.items()}
 
 
 @cache
 def load_profiles(prices_path: str | None = None) -> dict[str, Profile]:
     prices = load_prices(prices_path)
     profiles = {}
-    for name, p in _read_yaml(DATA / "hardware.yaml", "profiles").items():
-        price_key = p.pop("price")
+    catalog = _read_catalog(DATA / "hardware.yaml", HardwareFile, HARDWARE_EXAMPLE, f"add it (see {HARDWARE_EXAMPLE})")
+    for name, entry in catalog.profiles.items():
+        price_key = entry.price
         if price_key not in prices:
             raise UserError(
                 f"profile '{name}' names price '{price_key}', which the price file lacks", field=f"prices.{price_key}"
             )
-        profiles[name] = Profile(name=name, price=prices[price_key], **p)
+        profiles[name] = Profile(name=name, price=prices[price_key], **entry.model_dump(exclude={"price"}))
     return profiles
 
 

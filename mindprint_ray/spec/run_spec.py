@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -696,53 +697,63 @@ def apply_override(data: dict, override: str) -> None:
     node[".".join(parts)] = value
 
 
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation holds, outermost first: X, X | None, list[X], dict[str, X] | None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
+def _is_mapping(annotation: Any) -> bool:
+    """dict[str, X] (or dict[str, X] | None): the next part of a field path is a key the user chose."""
+    return any(typing.get_origin(a) is dict for a in (annotation, *typing.get_args(annotation)))
+
+
 def _known_keys(model: type[BaseModel], path: tuple) -> list[str]:
-    """Field names at `path` inside the spec schema (for 'did you mean' hints)."""
+    """Field names at `path` inside `model`'s schema (for 'did you mean' hints); [] where it is not a model."""
+    keyed = False
     for part in path:
-        if isinstance(part, int):
+        if isinstance(part, int) or keyed:  # a list index, or a key of a mapping (tune.space, prices)
+            keyed = False
             continue
         field = model.model_fields.get(part)
-        if field is None:
-            return []
-        ann = field.annotation
-        inner = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
-        if not inner:
-            for a in getattr(ann, "__args__", ()):
-                inner += [b for b in getattr(a, "__args__", ()) if isinstance(b, type) and issubclass(b, BaseModel)]
+        inner = _models_in(field.annotation) if field is not None else []
         if not inner:
             return []
-        model = inner[0]
+        model, keyed = inner[0], _is_mapping(field.annotation)
     return list(model.model_fields)
 
 
-def _validation_error(err: ValidationError, file: str, lines: dict) -> UserError:
+SPEC_MISSING_HINT = "add it (see configs/tiny-cpu.yaml for a complete example)"
+SPEC_VALUE_HINT = "fix the value; `mindprint-ray validate CFG` checks the whole spec"
+
+
+def validation_error(
+    err: ValidationError,
+    file: str,
+    lines: dict,
+    model: type[BaseModel] = RunSpec,
+    missing_hint: str = SPEC_MISSING_HINT,
+    value_hint: str = SPEC_VALUE_HINT,
+) -> UserError:
+    """The first problem pydantic found in a YAML file validated with `model`, as a UserError naming the file, the
+    line (`lines` from yaml_lines.load_yaml_with_lines), the dotted field and a hint. The one conversion for every
+    YAML file with a pydantic model: run specs, model configs, hardware profiles and prices."""
     e = err.errors()[0]
-    loc = tuple(p for p in e["loc"] if p not in ("function-after", "function-before"))
+    loc = tuple(p for p in e["loc"] if p not in ("function-after", "function-before", "[key]"))
     field = dotted(loc)
     line = line_for(lines, loc)
     if e["type"] == "extra_forbidden":
-        known = _known_keys(RunSpec, loc[:-1])
+        known = _known_keys(model, loc[:-1])
         close = difflib.get_close_matches(str(loc[-1]), known, n=1)
         hint = f"did you mean '{close[0]}'?" if close else f"known keys here: {', '.join(known)}"
         return UserError(f"unknown key '{loc[-1]}'", file=file, line=line, field=field, hint=hint)
     if e["type"] == "missing":
-        return UserError(
-            "required field is missing",
-            file=file,
-            line=line,
-            field=field,
-            hint="add it (see configs/tiny-cpu.yaml for a complete example)",
-        )
+        return UserError(f"missing field '{loc[-1]}'", file=file, line=line, field=field, hint=missing_hint)
     msg = e["msg"].removeprefix("Value error, ")
     got = e.get("input")
     got_text = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
-    return UserError(
-        f"{msg}{got_text}",
-        file=file,
-        line=line,
-        field=field,
-        hint="fix the value; `mindprint-ray validate CFG` checks the whole spec",
-    )
+    return UserError(f"{msg}{got_text}", file=file, line=line, field=field, hint=value_hint)
 
 
 def _check_strings(data: Any, path: str | Path | None, lines: dict) -> None:
@@ -835,7 +846,7 @@ def load_spec(path: str | Path, overrides: list[str] | None = None, name: str | 
     try:
         spec = RunSpec.model_validate(data)
     except ValidationError as err:
-        raise _validation_error(err, str(path), lines) from None
+        raise validation_error(err, str(path), lines) from None
     _check_locations(spec, path, lines)
     return spec
 
