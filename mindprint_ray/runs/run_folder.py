@@ -8,6 +8,7 @@
   summary.json         per topic: status, losses, DPO rewards, eval scores, tokens, wall time
   report/              report.md, report.html, *.png
 """
+
 from __future__ import annotations
 
 import json
@@ -33,12 +34,12 @@ class RunFolder:
         self.remote = remote
 
     @classmethod
-    def for_storage(cls, storage_path: str, name: str) -> "RunFolder":
+    def for_storage(cls, storage_path: str, name: str) -> RunFolder:
         """`<storage>/<name>`; for `s3://` storage, a local mirror in the cache plus the remote URI.
 
         The name is checked here too (`inputs.check_run_name`), so no caller can place a run outside storage."""
-        from mindprint_ray.spec.inputs import check_run_name
         from mindprint_ray.runs.storage import is_s3, local_cache_root, parse_s3
+        from mindprint_ray.spec.inputs import check_run_name
 
         check_run_name(name)
         if not is_s3(storage_path):
@@ -114,7 +115,8 @@ class RunFolder:
                 diff = sorted(_diff(old, new))
                 raise UserError(
                     f"run '{self.root.name}' already exists with a different spec ({', '.join(diff[:4])}"
-                    f"{' ...' if len(diff) > 4 else ''} changed)", file=self.spec_file,
+                    f"{' ...' if len(diff) > 4 else ''} changed)",
+                    file=self.spec_file,
                     hint="pick another --name, or add --force to continue this run with the new spec",
                 )
             atomic_write(self.spec_file, spec_yaml)
@@ -167,11 +169,17 @@ class RunFolder:
         try:
             data = json.loads(self.summary_file.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError) as e:
-            raise UserError(f"not a readable summary: {e}", file=self.summary_file,
-                            hint="the run folder was changed by hand; restore summary.json or start a new run") from None
+            raise UserError(
+                f"not a readable summary: {e}",
+                file=self.summary_file,
+                hint="the run folder was changed by hand; restore summary.json or start a new run",
+            ) from None
         if not isinstance(data, dict) or not isinstance(data.get("topics", {}), dict):
-            raise UserError("not a run summary (a JSON object with `topics`)", file=self.summary_file,
-                            hint="pass the folder `train` wrote: <storage>/<run name>")
+            raise UserError(
+                "not a run summary (a JSON object with `topics`)",
+                file=self.summary_file,
+                hint="pass the folder `train` wrote: <storage>/<run name>",
+            )
         return data
 
     def update_topic(self, topic: str, **fields) -> dict:
@@ -193,8 +201,9 @@ class RunFolder:
     def finish_topic(self, topic: str, wall_s: float, tokens: int) -> None:
         """A topic's adapter is published: record it as done and push the metrics (and TensorBoard logs) to the
         remote, so `calibrate` and `report` work on a pulled run folder whichever backend trained it."""
-        self.update_topic(topic, status="done", wall_s=round(wall_s, 2), tokens=tokens,
-                          adapter=str(self.adapter_dir(topic)))
+        self.update_topic(
+            topic, status="done", wall_s=round(wall_s, 2), tokens=tokens, adapter=str(self.adapter_dir(topic))
+        )
         self.log({"event": "topic_done", "topic": topic, "wall_s": wall_s})
         self.push("metrics.jsonl")
         if (self.root / "tensorboard").is_dir():
