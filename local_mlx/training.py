@@ -18,7 +18,7 @@ from mindprint_ray.curriculum.validation import validate_run
 from mindprint_ray.errors import UserError
 from mindprint_ray.models.tiny import ensure_run_model
 from mindprint_ray.planning.run_plan import RunPlan
-from mindprint_ray.runs.run_folder import RunFolder, claim_run_folder
+from mindprint_ray.runs.run_folder import RunFolder, adapter_manifest, claim_run_folder
 
 from .adapters import load_adapter, save_adapter
 from .data import Pair, dpo_pairs, pad, sft_sequences, shuffled_batches
@@ -141,21 +141,10 @@ class Trainer:
 # ---- one topic, the whole run ----------------------------------------------------------------------
 
 
-def stopped_message(topic: str, stage: str, bad: tuple[str, float, int]) -> str:
-    key, value, step = bad
-    return (
-        f"topic '{topic}': {stage} {key} became {value} at step {step}; the topic was stopped and the last good "
-        f"adapter is kept. Remedies: lower {stage}.learning_rate, raise warmup, keep max_grad_norm at 0.3"
-    )
-
-
 def finish_stage(folder: RunFolder, topic: str, stage: str, result: StageResult) -> dict:
     """Record the stage in summary.json, or stop the run when the NaN/inf guard fired."""
     if result.bad:
-        message = stopped_message(topic, stage, result.bad)
-        folder.update_topic(topic, status="failed", error=message)
-        folder.log({"event": "nan_guard", "topic": topic, "stage": stage, "key": result.bad[0], "step": result.bad[2]})
-        raise UserError(message, field=f"{stage}.learning_rate")
+        raise UserError(folder.stop_stage(topic, stage, result.bad), field=f"{stage}.learning_rate")
     summary = result.summary(stage)
     folder.update_topic(topic, **{stage: summary})
     return summary
@@ -173,18 +162,8 @@ def train_topic(trainer: Trainer, folder: RunFolder, topic: TopicData) -> None:
         dpo = finish_stage(folder, topic.name, "dpo", result) if result else {}
     staging = folder.staging_dir(topic.name)
     save_adapter(trainer.model, run.zones, staging, run.model_path)
-    manifest = {
-        "topic": topic.name,
-        "run": run.spec.name,
-        "model": run.model_path,
-        "zones": [z.name for z in run.zones.zones],
-        "trainable_params": run.zones.trainable_params(),
-        "format": "mlx",
-        "quantization": run.quant,
-        "created": time.time(),
-    }
-    folder.publish_adapter(topic.name, staging, manifest)
-    folder.finish_topic(topic.name, time.time() - t0, (sft.get("tokens") or 0) + (dpo.get("tokens") or 0))
+    folder.publish_adapter(topic.name, staging, adapter_manifest(run, topic.name, "mlx", quantization=run.quant))
+    folder.finish_topic(topic.name, time.time() - t0, [sft, dpo])
 
 
 def progress_bar(enabled: bool):

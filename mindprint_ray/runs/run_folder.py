@@ -16,12 +16,20 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
+from mindprint_ray.curriculum.topics import read_jsonl
 from mindprint_ray.errors import UserError
+from mindprint_ray.runs.storage import download_tree, is_s3, local_cache_root, parse_s3, upload_tree
+from mindprint_ray.spec.inputs import check_run_name
 from mindprint_ray.spec.yaml_lines import load_yaml
+
+if TYPE_CHECKING:
+    from mindprint_ray.planning.run_plan import RunPlan
 
 ADAPTER_MANIFEST = "mindprint_manifest.json"
 
@@ -38,9 +46,6 @@ class RunFolder:
         """`<storage>/<name>`; for `s3://` storage, a local mirror in the cache plus the remote URI.
 
         The name is checked here too (`inputs.check_run_name`), so no caller can place a run outside storage."""
-        from mindprint_ray.runs.storage import is_s3, local_cache_root, parse_s3
-        from mindprint_ray.spec.inputs import check_run_name
-
         check_run_name(name)
         if not is_s3(storage_path):
             return cls(Path(storage_path) / name)
@@ -54,8 +59,6 @@ class RunFolder:
         The whole folder means spec, summary, metrics and adapters -- not Ray's checkpoints."""
         if not self.remote:
             return 0
-        from mindprint_ray.runs.storage import download_tree, parse_s3
-
         loc = parse_s3(self.remote)
         parts = [relative] if relative else ["spec.yaml", "summary.json", "metrics.jsonl", "adapters/"]
         return sum(download_tree(loc, self.root, part) for part in parts)
@@ -64,8 +67,6 @@ class RunFolder:
         """Upload (verified, retried) a file or folder of the run to the remote; a no-op for local storage."""
         if not self.remote:
             return 0
-        from mindprint_ray.runs.storage import parse_s3, upload_tree
-
         return upload_tree(self.root, parse_s3(self.remote), relative)
 
     def ensure_adapter(self, topic: str) -> Path:
@@ -82,10 +83,6 @@ class RunFolder:
     @property
     def adapters(self) -> Path:
         return self.root / "adapters"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
 
     @property
     def metrics_file(self) -> Path:
@@ -156,8 +153,6 @@ class RunFolder:
         """metrics.jsonl, one record per line; a line that is not a JSON object is a UserError naming it."""
         if not self.metrics_file.is_file():
             return []
-        from mindprint_ray.curriculum.topics import read_jsonl
-
         if not self.metrics_file.read_bytes().strip():
             return []
         return [record for _, record in read_jsonl(self.metrics_file)]
@@ -198,9 +193,19 @@ class RunFolder:
         return summary
 
     # ---- finishing (both backends) -------------------------------------------------------------------
-    def finish_topic(self, topic: str, wall_s: float, tokens: int) -> None:
-        """A topic's adapter is published: record it as done and push the metrics (and TensorBoard logs) to the
-        remote, so `calibrate` and `report` work on a pulled run folder whichever backend trained it."""
+    def stop_stage(self, topic: str, stage: str, bad: tuple[str, float, int]) -> str:
+        """The NaN/inf guard stopped `stage` of `topic`: mark the topic failed, log the guard; returns the message
+        the backend stops the run with (finished topics and their adapters are kept)."""
+        message = stopped_message(topic, stage, bad)
+        self.update_topic(topic, status="failed", error=message)
+        self.log({"event": "nan_guard", "topic": topic, "stage": stage, "key": bad[0], "step": bad[2]})
+        return message
+
+    def finish_topic(self, topic: str, wall_s: float, stages: Iterable[dict]) -> None:
+        """A topic's adapter is published: record it as done with the tokens its stages (summaries) trained, and
+        push the metrics (and TensorBoard logs) to the remote, so `calibrate` and `report` work on a pulled run
+        folder whichever backend trained it."""
+        tokens = sum(s.get("tokens") or 0 for s in stages)
         self.update_topic(
             topic, status="done", wall_s=round(wall_s, 2), tokens=tokens, adapter=str(self.adapter_dir(topic))
         )
@@ -214,6 +219,29 @@ class RunFolder:
         self.update_summary(status="done", wall_s=round(wall_s, 2))
         self.log({"event": "run_done", "wall_s": wall_s})
         self.push("metrics.jsonl")
+
+
+def stopped_message(topic: str, stage: str, bad: tuple[str, float, int]) -> str:
+    """What the NaN/inf guard says when `bad` (key, value, step) stopped a stage, with the remedies."""
+    key, value, step = bad
+    return (
+        f"topic '{topic}': {stage} {key} became {value} at step {step}; the topic was stopped and the last good "
+        f"adapter is kept. Remedies: lower {stage}.learning_rate, raise warmup, keep max_grad_norm at 0.3"
+    )
+
+
+def adapter_manifest(run: RunPlan, topic: str, adapter_format: str, **extra) -> dict:
+    """The manifest a topic's adapter folder is published with (its presence marks the topic done)."""
+    return {
+        "topic": topic,
+        "run": run.spec.name,
+        "model": run.model_path,
+        "zones": [z.name for z in run.zones.zones],
+        "trainable_params": run.zones.trainable_params(),
+        "format": adapter_format,
+        **extra,
+        "created": time.time(),
+    }
 
 
 def claim_run_folder(spec, force: bool = False) -> tuple[RunFolder, bool]:

@@ -36,7 +36,7 @@ from mindprint_ray.curriculum.topics import TopicData
 from mindprint_ray.curriculum.validation import validate_run
 from mindprint_ray.errors import UserError
 from mindprint_ray.planning.run_plan import RunPlan, build_run
-from mindprint_ray.runs.run_folder import RunFolder
+from mindprint_ray.runs.run_folder import RunFolder, adapter_manifest, stopped_message
 from mindprint_ray.spec.run_spec import RunSpec
 
 log = logging.getLogger("mindprint_ray")
@@ -157,17 +157,10 @@ class Worker:
     def finish_stage(
         self, topic: TopicData, stage: str, metrics: MetricsCallback, trainer, checkpoint: bool = True
     ) -> dict:
-        if metrics.bad:
-            key, value, step = metrics.bad
-            message = (
-                f"topic '{topic.name}': {stage} {key} became {value} at step {step}; the topic was stopped "
-                f"and the last good adapter is kept. Remedies: lower {stage}.learning_rate, raise warmup, "
-                f"keep max_grad_norm at 0.3"
-            )
+        if metrics.bad:  # every rank stops; rank 0 records it
             if self.writer:
-                self.writer.update_topic(topic.name, status="failed", error=message)
-                self.writer.log({"event": "nan_guard", "topic": topic.name, "stage": stage, "key": key, "step": step})
-            raise TrainingStopped(message)
+                raise TrainingStopped(self.writer.stop_stage(topic.name, stage, metrics.bad))
+            raise TrainingStopped(stopped_message(topic.name, stage, metrics.bad))
         summary = metrics.summary(stage)
         if self.writer:
             self.writer.update_topic(topic.name, **{stage: summary})
@@ -189,17 +182,8 @@ class Worker:
         staging = self.folder.staging_dir(topic.name) if self.rank == 0 else self.local / "discard"
         self.save_adapter(self._last_trainer, staging)
         if self.rank == 0:
-            manifest = {
-                "topic": topic.name,
-                "run": self.spec.name,
-                "model": self.run.model_path,
-                "zones": [z.name for z in self.run.zones.zones],
-                "trainable_params": self.run.zones.trainable_params(),
-                "format": "peft",
-                "created": time.time(),
-            }
-            self.folder.publish_adapter(topic.name, staging, manifest)
-            self.folder.finish_topic(topic.name, wall_s, (sft.get("tokens") or 0) + (dpo.get("tokens") or 0))
+            self.folder.publish_adapter(topic.name, staging, adapter_manifest(self.run, topic.name, "peft"))
+            self.folder.finish_topic(topic.name, wall_s, [sft, dpo])
         report_checkpoint(
             None,
             topic.name,
