@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 from conftest import SAMPLE_DATA
@@ -110,7 +108,6 @@ def test_evaluate_topics_restores_a_training_peft_model(tiny):
         }
     )
     topic = load_topic(SAMPLE_DATA, "cycle_basics", ["sft", "dpo", "eval"])
-    t0 = time.time()
     try:
         out = evaluate_topics(model, tokenizer, [topic], load_persona(SAMPLE_DATA / "persona.yaml"), spec, "base")
         assert model.training and model.config.use_cache is False and tokenizer.padding_side == "right"
@@ -149,7 +146,6 @@ def test_evaluate_topics_restores_a_training_peft_model(tiny):
         lo, hi = scores[f"{key}_ci"]
         assert lo <= scores[key] <= hi, key
     assert scores["general_ppl"] > 1.0 and scores["n_general"] >= 15
-    assert time.time() - t0 < 60
 
 
 def test_general_text_perplexity_matches_a_manual_log_likelihood(tiny):

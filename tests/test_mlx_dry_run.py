@@ -37,8 +37,8 @@ def test_shorter_sequences_fit_after_raising_the_wired_limit():
     assert "sudo sysctl iogpu.wired_limit_mb=" in result.stdout and "result: ready after" in result.stdout
 
 
-def test_local_model_runs_itself_and_measures_hours():
-    result = dry_run("configs/tiny-mlx.yaml", "--steps", "1")
+def test_local_model_runs_itself_and_measures_hours(tiny_model_dir):
+    result = dry_run("configs/tiny-mlx.yaml", f"model.path={tiny_model_dir}", "--steps", "1")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "steps on tiny" in result.stdout and "measured tokens/s of this model" in result.stdout
     assert "stand-in" not in result.stdout

@@ -6,7 +6,7 @@ import base64
 import re
 
 import pytest
-from conftest import ROOT, run_cli
+from conftest import run_cli
 
 QLORA = "configs/qwen72b-qlora-8xh100.yaml"
 
@@ -44,13 +44,10 @@ def test_report_all_hardware_writes_md_html_and_charts(tmp_path, env):
     assert not re.search(r'(src|href)="(?!data:)', html)  # nothing to fetch: self-contained
 
 
-def test_report_with_measured_run_and_price_override(tmp_path, env):
+def test_report_with_measured_run_and_price_override(tmp_path, env, tiny_model_dir):
     from test_estimates_time import _fake_run
 
-    tiny = ROOT / "models" / "tiny"
-    if not (tiny / "tokenizer.json").is_file():
-        pytest.skip("models/tiny not built (make demo)")
-    folder = _fake_run(tmp_path / "run", tiny)
+    folder = _fake_run(tmp_path / "run", tiny_model_dir)
     out = tmp_path / "rep"
     r = run_cli(
         "report",
