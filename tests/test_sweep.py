@@ -66,3 +66,27 @@ def test_tiny_sweep_two_ranks_by_two_learning_rates(tmp_path, tiny_model_dir):
     check = run_cli("plan", str(root / "best.yaml"), "--json")  # `train` accepts the best config
     assert check.returncode == 0, check.stderr
     assert json.loads(check.stdout)["lora"]["rank"] == best["lora"]["rank"]
+
+
+def test_ranges_sample_each_parameter_with_its_declared_type():
+    """Tune's distributions follow the search space's declared types (SWEEPABLE), not the parameter's name."""
+    from ray.tune.search.sample import Float, Integer
+
+    from mindprint_ray.backends.ray_torch.sweep import distributions
+    from mindprint_ray.spec.run_spec import ParamRange
+    from mindprint_ray.spec.sweep_space import SWEEPABLE, SearchSpace
+
+    space = SearchSpace({p: ParamRange(min=1, max=4) for p in SWEEPABLE}, "sft_loss", "min", ["t"])
+    kinds = {p: type(d) for p, d in distributions(space, "random").items()}
+    assert kinds == {p: Integer if t is int else Float for p, t in SWEEPABLE.items()}
+    assert {p for p, t in SWEEPABLE.items() if t is int} == {"lora.rank", "sft.warmup_steps", "dpo.steps_per_topic"}
+
+
+def test_a_swept_rank_sets_the_default_alpha():
+    from mindprint_ray.planning.run_plan import load_run
+    from mindprint_ray.planning.zones import default_alpha
+    from mindprint_ray.spec.sweep_space import apply_params
+
+    spec = load_run(ROOT / "configs" / "tiny-sweep.yaml").spec
+    trial = apply_params(spec, {"lora.rank": 4.0}, "trial", ["capitulation"])
+    assert (trial.lora.rank, trial.lora.alpha) == (4, default_alpha(4)) == (4, 8)

@@ -15,10 +15,15 @@ SEED_ZONES = (
     ("voice", (0.75, 1.0), ("o_proj", "up_proj", "down_proj")),
 )
 STRATEGIES = {
-    # name: (rank, alpha, dropout, modules for every zone or None for the seed's per-zone modules)
-    "conservative": (8, 16, 0.05, None),
-    "aggressive": (16, 32, 0.05, ALL_MODULES),
+    # name: (rank, dropout, modules for every zone or None for the seed's per-zone modules); alpha: default_alpha
+    "conservative": (8, 0.05, None),
+    "aggressive": (16, 0.05, ALL_MODULES),
 }
+
+
+def default_alpha(rank: int) -> float:
+    """LoRA alpha where none is set: 2 x rank (the seed's r=8/alpha=16, r=16/alpha=32), per zone and run-wide."""
+    return 2 * rank
 
 
 @dataclass(frozen=True)
@@ -136,9 +141,9 @@ def build_plan(
         raise UserError(
             f"unknown strategy '{strategy}'", field="lora.strategy", hint=f"use one of: {', '.join(STRATEGIES)}"
         )
-    s_rank, s_alpha, s_dropout, s_modules = STRATEGIES[strategy]
+    s_rank, s_dropout, s_modules = STRATEGIES[strategy]
     rank = rank if rank is not None else s_rank
-    alpha = alpha if alpha is not None else (2 * rank if rank != s_rank else s_alpha)
+    alpha = alpha if alpha is not None else default_alpha(rank)
     dropout = dropout if dropout is not None else s_dropout
     if zones is None:
         zones = [{"name": n, "fraction": list(f), "modules": list(s_modules or m)} for n, f, m in SEED_ZONES]
@@ -177,7 +182,7 @@ def _resolve_zone(arch: ModelArch, index: int, z: dict, rank: int, alpha: float,
     if len(set(modules)) != len(modules):
         raise UserError(f"zone '{name}' lists a module twice", field=f"{field}.modules")
     z_rank = z.get("rank") or rank
-    z_alpha = z.get("alpha") if z.get("alpha") is not None else (2 * z_rank if z.get("rank") else alpha)
+    z_alpha = z.get("alpha") if z.get("alpha") is not None else (default_alpha(z_rank) if z.get("rank") else alpha)
     z_dropout = z.get("dropout") if z.get("dropout") is not None else dropout
     return Zone(name, first, last, modules, z_rank, z_alpha, z_dropout)
 

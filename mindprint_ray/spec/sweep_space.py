@@ -1,6 +1,7 @@
 """The sweep's search space, checked before any trial starts, and applied to a run spec per trial.
 
-Pure Python: the Ray Tune side (train/sweep.py) turns `SearchSpace` into Tune's distributions."""
+Pure Python: the Ray Tune side (backends/ray_torch/sweep.py) turns `SearchSpace` into Tune's distributions, each
+parameter's type (integer or real) read from SWEEPABLE here."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 
 from mindprint_ray.errors import UserError
 from mindprint_ray.planning.run_plan import RunPlan, build_run
+from mindprint_ray.planning.zones import default_alpha
 from mindprint_ray.spec.inputs import NAME_MAX
 from mindprint_ray.spec.run_spec import ParamRange, RunSpec
 
@@ -40,6 +42,10 @@ class SearchSpace:
     metric: str
     mode: str
     topics: list[str]
+
+    def is_integer(self, path: str) -> bool:
+        """Whether the parameter takes whole numbers (its declared type in SWEEPABLE), e.g. lora.rank."""
+        return SWEEPABLE[path] is int
 
 
 def check_space(run: RunPlan) -> SearchSpace:
@@ -104,13 +110,14 @@ def corner_points(space: SearchSpace) -> list[dict]:
 
 
 def apply_params(spec: RunSpec, params: dict, name: str, topics: list[str]) -> RunSpec:
-    """A trial's spec: the swept values set (alpha follows 2 * rank unless swept or set), tune removed."""
+    """A trial's spec: the swept values set (alpha follows the rank, zones.default_alpha, unless swept or set),
+    tune removed."""
     data = copy.deepcopy(spec.model_dump(mode="json"))
     for path, value in params.items():
         section, key = path.split(".")
         data[section][key] = SWEEPABLE[path](value)
     if "lora.rank" in params and "lora.alpha" not in params and spec.lora.alpha is None:
-        data["lora"]["alpha"] = 2 * int(params["lora.rank"])
+        data["lora"]["alpha"] = default_alpha(int(params["lora.rank"]))
     data["name"], data["tune"] = name, None
     data["curriculum"]["topics"] = topics
     return RunSpec.model_validate(data)

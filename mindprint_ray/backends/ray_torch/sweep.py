@@ -29,7 +29,7 @@ def distributions(space: SearchSpace, search: str) -> dict:
     for path, r in space.params.items():
         if r.values is not None:
             out[path] = tune.grid_search(r.values) if search == "grid" else tune.choice(r.values)
-        elif path.endswith(("rank", "steps", "steps_per_topic", "warmup_steps")):
+        elif space.is_integer(path):
             out[path] = (
                 tune.lograndint(int(r.min), int(r.max) + 1) if r.log else tune.randint(int(r.min), int(r.max) + 1)
             )
