@@ -111,4 +111,16 @@ def test_stability_of_a_smooth_run():
     s = m.stability(records)
     assert s["stable"] and s["nan_inf"] == 0 and s["loss_spikes"] == 0
     assert s["grad_norm_p50"] == 5.0 and s["grad_norm_p90"] == pytest.approx(9.0)
-    assert m.percentile([1.0, 2.0], 50) == 1.5
+    assert m.interpolated_percentile([1.0, 2.0], 50) == 1.5
+    assert m.interpolated_percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5  # sorted first; between ranks 1 and 2
+    assert m.interpolated_percentile([1.0, 2.0, 3.0, 4.0, 5.0], 90) == pytest.approx(4.6)
+    assert m.interpolated_percentile([], 50) is None
+
+
+def test_token_length_percentiles_are_the_same_interpolation_rounded_up():
+    from mindprint_ray.curriculum.data_stats import length_percentile
+
+    lengths = [10, 11, 40, 12]
+    assert m.interpolated_percentile(lengths, 50) == 11.5 and length_percentile(lengths, 50) == 12
+    assert m.interpolated_percentile(lengths, 95) == pytest.approx(35.8) and length_percentile(lengths, 95) == 36
+    assert length_percentile([7], 95) == 7 and length_percentile([], 50) == 0

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-from mindprint_ray.curriculum.tokens import TokenCounter, percentile
+from mindprint_ray.curriculum.tokens import TokenCounter
 from mindprint_ray.curriculum.topics import Record, TopicData
 from mindprint_ray.errors import UserError
+from mindprint_ray.evaluation.metrics import interpolated_percentile
 from mindprint_ray.spec.run_spec import RunSpec
 
 
@@ -18,12 +20,18 @@ class TopicStats:
     eval: int
     sft_tokens: int
     dpo_tokens: int
-    p50: int
+    p50: int  # SFT example lengths: interpolated percentiles, rounded up to whole tokens (length_percentile)
     p95: int
     max: int
     sft_over: int
     dpo_over: int
     action: str
+
+
+def length_percentile(lengths: list[int], q: float) -> int:
+    """The interpolated q-th percentile of token lengths, rounded up to a whole token (0 without lengths)."""
+    value = interpolated_percentile(lengths, q)
+    return 0 if value is None else math.ceil(value)
 
 
 def sft_length(counter: TokenCounter, record: Record) -> int:
@@ -87,8 +95,8 @@ def apply_overlong(spec: RunSpec, topics: list[TopicData], counter: TokenCounter
                 eval=len(t.eval),
                 sft_tokens=sum(lengths),
                 dpo_tokens=sum(n for _, n in dpo),
-                p50=percentile(lengths, 50),
-                p95=percentile(lengths, 95),
+                p50=length_percentile(lengths, 50),
+                p95=length_percentile(lengths, 95),
                 max=max(lengths, default=0),
                 sft_over=len(over["sft"]),
                 dpo_over=len(over["dpo"]),

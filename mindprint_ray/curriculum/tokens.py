@@ -141,11 +141,3 @@ class TokenCounter:
         if self.tokenizer is None:
             return max(1, round(len(text) / CHARS_PER_TOKEN))
         return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
-
-
-def percentile(values: list[int], q: float) -> int:
-    if not values:
-        return 0
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]

@@ -186,7 +186,10 @@ def bootstrap(
             if value is not None:
                 draws[name].append(value)
     tail = 100 * (1 - level) / 2
-    return {name: [percentile(v, tail), percentile(v, 100 - tail)] if v else None for name, v in draws.items()}
+    return {
+        name: [interpolated_percentile(v, tail), interpolated_percentile(v, 100 - tail)] if v else None
+        for name, v in draws.items()
+    }
 
 
 def mean_interval(
@@ -291,8 +294,9 @@ def perplexity_interval(
 # ---- stability ------------------------------------------------------------------------------------
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    """The q-th percentile (0-100) with linear interpolation between order statistics."""
+def interpolated_percentile(values: Sequence[float], q: float) -> float | None:
+    """The q-th percentile (0-100), linearly interpolated between the order statistics around rank
+    (n - 1) x q / 100 (numpy's default, Hyndman-Fan type 7): the median of [1, 2] is 1.5. None without values."""
     if not values:
         return None
     s = sorted(values)
@@ -342,8 +346,8 @@ def stability(records: Iterable[dict], spike_factor: float = 2.0, window: int = 
         "nan_inf": bad,
         "loss_spikes": spikes,
         "stable": bad == 0 and spikes == 0,
-        "grad_norm_p50": percentile(grads, 50),
-        "grad_norm_p90": percentile(grads, 90),
-        "grad_norm_p99": percentile(grads, 99),
+        "grad_norm_p50": interpolated_percentile(grads, 50),
+        "grad_norm_p90": interpolated_percentile(grads, 90),
+        "grad_norm_p99": interpolated_percentile(grads, 99),
         "grad_norm_max": max(grads) if grads else None,
     }
