@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from mindprint_ray.evaluation.metrics import compare_stages, stability
 
-STAGES = ("base", "after_sft", "after_dpo")
+STAGES = ("base", "after_sft", "after_dpo")  # the topic's own evaluations, in order (summary.json eval.<stage>)
 GATED = ("voice_fidelity", "accuracy")
 EXCELLENT = 0.90
 
@@ -42,7 +42,7 @@ def summary_entries(results: dict[str, dict], topic: str, stage: str) -> dict[st
 
 def latest_stage(evals: dict) -> str | None:
     """The topic's last trained stage with results: after_dpo, else after_sft."""
-    return next((s for s in ("after_dpo", "after_sft") if s in evals), None)
+    return next((s for s in reversed(STAGES[1:]) if s in evals), None)
 
 
 def _earlier(summary: dict, spec, topic: str) -> list[str]:

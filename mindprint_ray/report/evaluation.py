@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-STAGES = ("base", "after_sft", "after_dpo")
+from mindprint_ray.evaluation.gates import STAGES
 
 
 def eval_rows(summary: dict) -> list[dict]:

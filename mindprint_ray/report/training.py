@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mindprint_ray.evaluation.gates import STAGES
+
 
 def stage_curves(metrics: list[dict], stage: str, key: str) -> dict[str, tuple[list[int], list[float]]]:
     """Per topic, (steps, values) of one logged metric in one stage; later restarts overwrite earlier steps."""
@@ -52,8 +54,6 @@ def reward_chart(metrics: list[dict], path: Path) -> Path | None:
 
 def sample_rows(summary: dict) -> list[list[str]]:
     """(topic, question, stage, answer) for the answer each topic's evaluation kept at each stage."""
-    from mindprint_ray.report.evaluation import STAGES
-
     rows = []
     for topic in summary.get("topics_order") or list(summary.get("topics", {})):
         evals = summary.get("topics", {}).get(topic, {}).get("eval", {})
