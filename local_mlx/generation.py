@@ -39,7 +39,7 @@ def stream(
     from mlx_lm.generate import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
-    messages = with_system([{"role": "user", "content": prompt}], system)
+    messages = with_system(prompt, system)
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = tokenizer.encode(text, add_special_tokens=False)
     for response in stream_generate(

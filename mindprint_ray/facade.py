@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mindprint_ray.curriculum.chat_template import with_system
 from mindprint_ray.errors import UserError
 from mindprint_ray.planning.model_config import ModelConfig
 from mindprint_ray.spec.inputs import check_run_name
@@ -27,9 +28,7 @@ class LoadedModel:
     backend: str
 
     def generate(self, prompt: str, max_length: int = 200, system_prompt: str | None = None) -> str:
-        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-            {"role": "user", "content": prompt}
-        ]
+        messages = with_system(prompt, system_prompt)
         if self.backend == "mlx":
             from mlx_lm import generate
 

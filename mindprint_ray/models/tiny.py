@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mindprint_ray.curriculum.chat_template import with_system
 from mindprint_ray.curriculum.topics import HELDOUT_DEFAULT, split_pairs
 from mindprint_ray.errors import UserError
 from mindprint_ray.planning.registry import get_arch
@@ -51,7 +52,7 @@ def neutral_conversations(data_dir: Path, heldout_fraction: float = HELDOUT_DEFA
     for path in sorted(data_dir.glob("*/dpo.jsonl")):
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         for row in split_pairs(rows, heldout_fraction, prompt=lambda r: r["prompt"])[0]:
-            prompt = row["prompt"] if isinstance(row["prompt"], list) else [{"role": "user", "content": row["prompt"]}]
+            prompt = with_system(row["prompt"], None)  # user text or messages
             rejected = (
                 row["rejected"]
                 if isinstance(row["rejected"], list)
