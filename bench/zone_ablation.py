@@ -40,6 +40,7 @@ from mindprint_ray.evaluation.metrics import (
     item_lists,
 )
 from mindprint_ray.planning.run_plan import build_run
+from mindprint_ray.report.numbers import with_interval
 from mindprint_ray.spec.run_spec import RunSpec
 
 ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -121,9 +122,7 @@ def trainable(spec: dict) -> int:
 
 
 def fmt(mean, lo, hi, digits: int = 3) -> str:
-    if mean is None:
-        return "-"
-    return f"{mean:.{digits}f}" + (f" [{lo:.{digits}f}, {hi:.{digits}f}]" if lo is not None else "")
+    return with_interval(mean, None if lo is None else [lo, hi], digits)
 
 
 def main() -> None:

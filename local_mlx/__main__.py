@@ -7,6 +7,8 @@ from pathlib import Path
 import typer
 
 from mindprint_ray.cli.runner import run_app
+from mindprint_ray.cli.views import topic_result_line
+from mindprint_ray.report.numbers import score
 
 app = typer.Typer(
     add_completion=False,
@@ -42,12 +44,8 @@ def train(
 
     folder = train_run(run, force=force, progress=progress, reference=dpo_reference or run.spec.dpo.reference)
     for topic, entry in folder.summary().get("topics", {}).items():
-        sft, dpo = entry.get("sft", {}), entry.get("dpo", {})
-        typer.echo(
-            f"{topic}: {entry.get('status')} - SFT loss {_fmt(sft.get('first_loss'))} -> "
-            f"{_fmt(sft.get('last_loss'))}, DPO reward acc {_fmt(dpo.get('reward_accuracy'))}, "
-            f"margin {_fmt(dpo.get('reward_margin'))}, peak {_fmt(sft.get('peak_memory_gb'))} GB"
-        )
+        peak = entry.get("sft", {}).get("peak_memory_gb")
+        typer.echo(f"{topic_result_line(topic, entry)}, peak {score(peak)} GB")
     typer.echo(f"adapters: {folder.adapters}\nsummary:  {folder.summary_file}\nmetrics:  {folder.metrics_file}")
 
 
@@ -88,10 +86,6 @@ def generate(
     for piece in stream(model, tokenizer, prompt, run.spec.curriculum.system_prompt, max_tokens, temperature):
         typer.echo(piece, nl=False)
     typer.echo()
-
-
-def _fmt(x) -> str:
-    return "-" if x is None else f"{x:.3f}"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -323,7 +323,8 @@ def test_new_spec_fields_have_descriptions():
 
 
 def test_report_table_shows_intervals_held_out_pairs_and_general_ppl():
-    from mindprint_ray.report.evaluation import eval_table, heldout_lines, with_interval
+    from mindprint_ray.report.evaluation import eval_table, heldout_lines
+    from mindprint_ray.report.numbers import with_interval
 
     assert with_interval(0.54, [0.49, 0.59]) == "0.540 [0.490, 0.590]" and with_interval(None, None) == "-"
     row = {

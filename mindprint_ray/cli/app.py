@@ -84,25 +84,16 @@ def train(
 
 
 def print_run_result(folder) -> None:
-    from mindprint_ray.cli.views import print_before_after
+    from mindprint_ray.cli.views import print_before_after, topic_result_line
 
     summary = folder.summary()
     console = _console()
     for topic, entry in summary.get("topics", {}).items():
-        sft, dpo = entry.get("sft", {}), entry.get("dpo", {})
-        console.print(
-            f"{topic}: {entry.get('status')} - SFT loss {_fmt(sft.get('first_loss'))} -> "
-            f"{_fmt(sft.get('last_loss'))}, DPO reward acc {_fmt(dpo.get('reward_accuracy'))}, "
-            f"margin {_fmt(dpo.get('reward_margin'))}"
-        )
+        console.print(topic_result_line(topic, entry))
     print_before_after(console, summary)
     console.print(f"adapters: {folder.adapters}\nsummary:  {folder.summary_file}\nmetrics:  {folder.metrics_file}")
     if (folder.report_dir / "report.md").is_file():
         console.print(f"report:   {folder.report_dir / 'report.md'}")
-
-
-def _fmt(x) -> str:
-    return "-" if x is None else f"{x:.3f}"
 
 
 @app.command("tiny-model")

@@ -7,8 +7,10 @@ from rich.table import Table
 
 from mindprint_ray.curriculum.data_stats import TopicStats
 from mindprint_ray.curriculum.tokens import TokenCounter
+from mindprint_ray.evaluation.gates import latest_stage
 from mindprint_ray.planning.run_plan import RunPlan
 from mindprint_ray.planning.step_budget import TABLE_HEADERS, headline, table_rows
+from mindprint_ray.report.numbers import duration, gb, score, usd, with_interval
 
 
 def print_validation(
@@ -81,10 +83,6 @@ def print_data_warnings(console: Console, warnings: list[str]) -> None:
         )
 
 
-def _gb(x: float) -> str:
-    return f"{x:,.2f}"
-
-
 def print_plan(console: Console, s: dict) -> None:
     m, lora, hw = s["model"], s["lora"], s["hardware"]
     console.print(
@@ -128,26 +126,22 @@ def print_plan(console: Console, s: dict) -> None:
     if has_dpo:
         table.add_column("DPO", justify="right")
     for term in ("base_weights", "lora_weights", "gradients", "optimizer", "activations", "overhead", "total"):
-        cells = [_gb(mem["sft_per_device_gb"][term])]
+        cells = [gb(mem["sft_per_device_gb"][term])]
         if has_dpo:
-            cells.append(_gb(mem["dpo_per_device_gb"][term]))
+            cells.append(gb(mem["dpo_per_device_gb"][term]))
         table.add_row(term, *cells, style="bold" if term == "total" else None)
     console.print(table)
     console.print("(`mindprint-ray report CFG` explains each term)")
     verdict = "[green]fits[/green]" if mem["fits"] else "[red]does not fit[/red]"
     console.print(
-        f"peak ({mem['phase']}): {_gb(mem['per_device_gb']['total'])} GB of {_gb(mem['capacity_gb'])} GB "
+        f"peak ({mem['phase']}): {gb(mem['per_device_gb']['total'])} GB of {gb(mem['capacity_gb'])} GB "
         f"capacity - {verdict}"
     )
     for r in mem.get("remedies", []):
-        console.print(f"  remedy: {r['remedy']}: {_gb(r['total_gb'])} GB - {'fits' if r['fits'] else 'still too big'}")
+        console.print(f"  remedy: {r['remedy']}: {gb(r['total_gb'])} GB - {'fits' if r['fits'] else 'still too big'}")
     _print_time(console, s.get("time", {}))
     if "step_budget" in s:
         print_step_budget(console, s["step_budget"])
-
-
-def _hours(h: float) -> str:
-    return f"{h:,.2f} h" if h >= 0.1 else f"{h * 60:,.1f} min"
 
 
 def _print_time(console: Console, t: dict) -> None:
@@ -159,7 +153,7 @@ def _print_time(console: Console, t: dict) -> None:
         f"time: {t['effective_tflops']['sft']:,.0f} effective TFLOP/s (MFU {m['sft']:.3g} SFT / "
         f"{m['dpo']:.3g} DPO, {m['source']}: {m['note']}); tokens {t['token_count']}"
     )
-    table = Table(title=f"time and cost per topic - ${p['per_hour']:,.2f}/h ({p['basis']}, {p['key']}, {p['date']})")
+    table = Table(title=f"time and cost per topic - {usd(p['per_hour'])}/h ({p['basis']}, {p['key']}, {p['date']})")
     for col in ("topic", "SFT tokens", "DPO tokens", "SFT", "DPO", "total", "cost"):
         table.add_column(col, justify="left" if col == "topic" else "right")
     for r in t["topics"]:
@@ -168,23 +162,31 @@ def _print_time(console: Console, t: dict) -> None:
             r["topic"],
             f"{r['sft']['tokens']:,}",
             f"{dpo['tokens']:,}",
-            _hours(r["sft"]["hours"]),
-            _hours(dpo["hours"]),
-            _hours(r["hours"]),
-            f"${r['cost_usd']:,.2f}",
+            duration(r["sft"]["hours"]),
+            duration(dpo["hours"]),
+            duration(r["hours"]),
+            usd(r["cost_usd"]),
         )
-    table.add_row("curriculum", "", "", "", "", _hours(t["curriculum_hours"]), f"${t['cost_usd']:,.2f}", style="bold")
+    table.add_row("curriculum", "", "", "", "", duration(t["curriculum_hours"]), usd(t["cost_usd"]), style="bold")
     console.print(table)
-    line = f"curriculum: on-demand ${t['cost_on_demand_usd']:,.2f}, spot ${t['cost_spot_usd']:,.2f}"
+    line = f"curriculum: on-demand {usd(t['cost_on_demand_usd'])}, spot {usd(t['cost_spot_usd'])}"
     if "cost_previous_list_usd" in t:
-        line += f", at the old list price ${p['previous_list_price']}/h: ${t['cost_previous_list_usd']:,.2f}"
+        line += f", at the old list price ${p['previous_list_price']}/h: {usd(t['cost_previous_list_usd'])}"
     console.print(f"{line} ({t['excludes']})")
+
+
+def topic_result_line(topic: str, entry: dict) -> str:
+    """After training, one line per topic of summary.json: its status, SFT loss first -> last, DPO rewards."""
+    sft, dpo = entry.get("sft", {}), entry.get("dpo", {})
+    return (
+        f"{topic}: {entry.get('status')} - SFT loss {score(sft.get('first_loss'))} -> "
+        f"{score(sft.get('last_loss'))}, DPO reward acc {score(dpo.get('reward_accuracy'))}, "
+        f"margin {score(dpo.get('reward_margin'))}"
+    )
 
 
 def before_after_rows(summary: dict) -> list[dict]:
     """Per trained topic: held-out scores of the base model and after the topic's last stage, with intervals."""
-    from mindprint_ray.evaluation.gates import latest_stage
-
     rows = []
     gains = summary.get("targets", {}).get("heldout_gain", {})
     for topic in summary.get("topics_order") or list(summary.get("topics", {})):
@@ -199,8 +201,6 @@ def before_after_rows(summary: dict) -> list[dict]:
 
 def print_before_after(console: Console, summary: dict) -> None:
     """The held-out before/after table (95% bootstrap intervals) and one answer from the base and the adapter."""
-    from mindprint_ray.report.evaluation import with_interval as _ci
-
     rows = before_after_rows(summary)
     if not rows:
         return
@@ -211,11 +211,11 @@ def print_before_after(console: Console, summary: dict) -> None:
         b, a, g = r["base"], r["after"], r["gain"]
         table.add_row(
             r["topic"],
-            _ci(b.get("voice_fidelity"), b.get("voice_fidelity_ci")),
-            _ci(a.get("voice_fidelity"), a.get("voice_fidelity_ci")),
-            _ci(g.get("diff"), g.get("diff_ci")),
-            f"{_ci(b.get('accuracy'), None)} -> {_ci(a.get('accuracy'), None)}",
-            f"{_ci(b.get('general_ppl'), None, 2)} -> {_ci(a.get('general_ppl'), None, 2)}",
+            with_interval(b.get("voice_fidelity"), b.get("voice_fidelity_ci")),
+            with_interval(a.get("voice_fidelity"), a.get("voice_fidelity_ci")),
+            with_interval(g.get("diff"), g.get("diff_ci")),
+            f"{score(b.get('accuracy'))} -> {score(a.get('accuracy'))}",
+            f"{score(b.get('general_ppl'), 2)} -> {score(a.get('general_ppl'), 2)}",
         )
     console.print(table)
     for line in summary.get("targets", {}).get("lines", []):

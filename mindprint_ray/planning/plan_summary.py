@@ -11,6 +11,12 @@ from mindprint_ray.planning.step_budget import step_budget
 from mindprint_ray.planning.topic_tokens import count_topic_tokens
 
 SEED_ADAPTER_MB = 164  # the seed's "~164MB per adapter (BF16)"
+MB = 1e6
+
+
+def adapter_size_mb(trainable_params: int) -> dict[str, float]:
+    """A topic adapter's size in decimal MB: 2 bytes per trainable parameter in bf16, 4 in fp32."""
+    return {"bf16_mb": round(trainable_params * 2 / MB, 1), "fp32_mb": round(trainable_params * 4 / MB, 1)}
 
 
 def time_and_budget(run: RunPlan, price_override: float | None = None) -> tuple[dict, dict]:
@@ -59,11 +65,7 @@ def plan_summary(run: RunPlan, price_override: float | None = None) -> dict:
                 for z in zones.zones
             ],
         },
-        "adapter": {
-            "bf16_mb": round(trainable * 2 / 1e6, 1),
-            "fp32_mb": round(trainable * 4 / 1e6, 1),
-            "seed_claim_mb": SEED_ADAPTER_MB,
-        },
+        "adapter": {**adapter_size_mb(trainable), "seed_claim_mb": SEED_ADAPTER_MB},
         "quantization": run.quant,
         "hardware": {
             "profile": profile.name,

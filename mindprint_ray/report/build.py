@@ -12,17 +12,10 @@ from mindprint_ray.report.corrections import corrections
 from mindprint_ray.report.data import gather_models, gather_options
 from mindprint_ray.report.document import Document
 from mindprint_ray.report.measured import measured_vs_estimate
+from mindprint_ray.report.numbers import duration, signed_percent
 from mindprint_ray.report.seed import SEED_MODELS
 
 ROWS = ("base_weights", "lora_weights", "gradients", "optimizer", "activations", "overhead", "total")
-
-
-def _dur(hours: float) -> str:
-    return charts._dur(hours)
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{x:+.1f}%"
 
 
 def write_report(
@@ -135,8 +128,8 @@ def _time(doc: Document, options: list[dict], out: Path) -> None:
                 o["profile"],
                 f"{t['mfu']['sft']:.3g} ({t['mfu']['source']})",
                 f"{t['effective_tflops']['sft']:,.1f}",
-                _dur(t["hours_per_topic"]),
-                _dur(t["curriculum_hours"]),
+                duration(t["hours_per_topic"]),
+                duration(t["curriculum_hours"]),
                 f"{t['price']['per_hour']:.2f} ({t['price']['basis']})",
                 f"{t['cost_on_demand_usd']:,.2f}",
                 f"{t['cost_spot_usd']:,.2f}",
@@ -159,10 +152,10 @@ def _time(doc: Document, options: list[dict], out: Path) -> None:
                 r["topic"],
                 f"{r['sft']['tokens']:,}",
                 f"{r.get('dpo', {}).get('tokens', 0):,}",
-                _dur(r["sft"]["hours"]),
-                _dur(r.get("dpo", {}).get("hours", 0.0)),
+                duration(r["sft"]["hours"]),
+                duration(r.get("dpo", {}).get("hours", 0.0)),
             ]
-            + [_dur(o["time"]["topics"][i]["hours"]) for o in options]
+            + [duration(o["time"]["topics"][i]["hours"]) for o in options]
             + [f"{r['cost_usd']:,.2f}"]
         )
     doc.table(headers, rows)
@@ -246,8 +239,8 @@ def _models(doc: Document, models: list[dict], primary: str) -> None:
                 f"{m['bf16_gb']:.1f} ({s.get('bf16_gb', '-')})",
                 f"{m['mac_int4_peak_gb']:.1f} - {'fits' if m['mac_int4_peak_gb'] <= cap else 'no'}",
                 f"{m['mac_bf16_peak_gb']:.1f} - {'fits' if m['mac_bf16_peak_gb'] <= cap else 'no'}",
-                _dur(m["mac_hours_per_topic"]),
-                _dur(m["primary_hours_per_topic"]),
+                duration(m["mac_hours_per_topic"]),
+                duration(m["primary_hours_per_topic"]),
             ]
         )
     doc.table(headers, rows)
@@ -272,13 +265,13 @@ def _measured(doc: Document, m: dict) -> None:
             r["stage"],
             f"{r['est_tokens']:,.0f}",
             f"{r['tokens']:,.0f}",
-            _pct(r["tokens_err"]),
+            signed_percent(r["tokens_err"]),
             f"{r['est_s']:.1f}",
             f"{r['s']:.1f}",
-            _pct(r["s_err"]),
+            signed_percent(r["s_err"]),
             f"{r['est_mem']:.3f}",
             f"{r['mem']:.3f}",
-            _pct(r["mem_err"]),
+            signed_percent(r["mem_err"]),
         ]
         for r in m["rows"]
     ]

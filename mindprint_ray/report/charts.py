@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mindprint_ray.report.numbers import duration, usd
+
 TERMS = ("base_weights", "lora_weights", "gradients", "optimizer", "activations", "overhead")
 COLORS = {
     "base_weights": "#4c72b0",
@@ -76,10 +78,11 @@ def hours_chart(options: list[dict], path: Path) -> Path:
     totals = [s + d for s, d in zip(sft, dpo)]
     ax.barh(ys, totals, 0.6, color="#4c72b0")
     for y, o, s, d in zip(ys, options, sft, dpo):
+        label = f"{duration(s + d)}/topic (SFT {duration(s)} + DPO {duration(d)})"
         ax.text(
             (s + d) * 1.1,
             y,
-            f"{_dur(s + d)}/topic (SFT {_dur(s)} + DPO {_dur(d)}); curriculum {_dur(o['time']['curriculum_hours'])}",
+            f"{label}; curriculum {duration(o['time']['curriculum_hours'])}",
             va="center",
             fontsize=8.5,
         )
@@ -111,7 +114,7 @@ def cost_chart(options: list[dict], path: Path) -> Path:
         ax.barh([y + dy for y in ys], [v or 0 for v in vals], h, color=color, label=name)
         for y, v in zip(ys, vals):
             if v:
-                ax.text(v + top * 0.01, y + dy, f"${v:,.2f}", va="center", fontsize=8)
+                ax.text(v + top * 0.01, y + dy, usd(v), va="center", fontsize=8)
     for y, o in zip(ys, options):
         if not o["time"]["cost_on_demand_usd"]:
             ax.text(top * 0.01, y, "owned hardware: no hourly price", va="center", fontsize=8, color="#555")
@@ -136,7 +139,7 @@ def topics_chart(option: dict, path: Path) -> Path:
     ax.barh(ys, sft, 0.6, color="#4c72b0", label="SFT")
     ax.barh(ys, dpo, 0.6, left=sft, color="#dd8452", label="DPO")
     for y, r, s, d in zip(ys, topics, sft, dpo):
-        ax.text(s + d, y, f" {s + d:.2f} {unit}, ${r['cost_usd']:,.2f}", va="center", fontsize=8)
+        ax.text(s + d, y, f" {s + d:.2f} {unit}, {usd(r['cost_usd'])}", va="center", fontsize=8)
     ax.set_xlim(0, max(s + d for s, d in zip(sft, dpo)) * 1.3)
     ax.set_yticks(ys, [r["topic"] for r in topics], fontsize=9)
     ax.set_xlabel(unit)
@@ -144,12 +147,6 @@ def topics_chart(option: dict, path: Path) -> Path:
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(axis="x", alpha=0.3)
     return _save(fig, path)
-
-
-def _dur(hours: float) -> str:
-    if hours < 1:
-        return f"{hours * 60:.1f} min"
-    return f"{hours:.1f} h" if hours < 48 else f"{hours / 24:.1f} days"
 
 
 def _save(fig, path: Path) -> Path:

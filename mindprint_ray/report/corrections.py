@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from mindprint_ray.planning.hardware import load_prices
-from mindprint_ray.planning.memory import NF4_BYTES_PER_PARAM, base_weight_bytes
+from mindprint_ray.planning.memory import GB, NF4_BYTES_PER_PARAM, base_weight_bytes
+from mindprint_ray.planning.plan_summary import SEED_ADAPTER_MB, adapter_size_mb
 from mindprint_ray.planning.registry import get_arch
 from mindprint_ray.planning.zones import build_plan
 from mindprint_ray.report import seed
-
-GB = 1e9
+from mindprint_ray.report.numbers import duration, usd
 
 
 def _option(options: list[dict], name: str) -> dict | None:
@@ -19,13 +19,14 @@ def _hours(o: dict) -> str:
     t = o["time"]
     sft = sum(r["sft"]["hours"] for r in t["topics"]) / max(len(t["topics"]), 1)
     dpo = sum(r.get("dpo", {}).get("hours", 0.0) for r in t["topics"]) / max(len(t["topics"]), 1)
-    return f"SFT {sft:.2f} h + DPO {dpo:.2f} h (this curriculum)"
+    return f"SFT {duration(sft)} + DPO {duration(dpo)} (this curriculum)"
 
 
 def corrections(options: list[dict], prices_path: str | None = None) -> list[dict]:
     """Rows of {item, seed, computed, note}."""
     arch = get_arch("qwen2.5-72b")
-    plan = build_plan(arch, "conservative", None, 8, 16, 0.05)
+    plan = build_plan(arch, "conservative")  # the seed's r=8, alpha=16, dropout 0.05
+    size = adapter_size_mb(plan.trainable_params())
     prices = load_prices(prices_path)
     rows = [
         {
@@ -52,9 +53,8 @@ def corrections(options: list[dict], prices_path: str | None = None) -> list[dic
         },
         {
             "item": "adapter size, bf16",
-            "seed": f"{seed.SEED_ADAPTER_MB} MB",
-            "computed": f"{plan.trainable_params() * 2 / 1e6:.1f} MB "
-            f"(fp32: {plan.trainable_params() * 4 / 1e6:.1f} MB)",
+            "seed": f"{SEED_ADAPTER_MB} MB",
+            "computed": f"{size['bf16_mb']:.1f} MB (fp32: {size['fp32_mb']:.1f} MB)",
             "note": "the seed's figure is neither bf16 nor fp32",
         },
     ]
@@ -107,7 +107,7 @@ def _run_rows(options: list[dict]) -> list[dict]:
                 {
                     "item": f"{name} curriculum cost",
                     "seed": cost,
-                    "computed": f"${o['time']['cost_on_demand_usd']:,.2f} on-demand",
+                    "computed": f"{usd(o['time']['cost_on_demand_usd'])} on-demand",
                     "note": f"{len(o['time']['topics'])} topics of this curriculum, MFU {o['time']['mfu']['sft']:.2g}"
                     f" ({o['time']['mfu']['source']})",
                 }

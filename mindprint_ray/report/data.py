@@ -6,13 +6,12 @@ from mindprint_ray.errors import UserError
 from mindprint_ray.planning.costs import time_cost
 from mindprint_ray.planning.estimates import memory_for_run, peak_memory, remedies
 from mindprint_ray.planning.hardware import load_profiles
-from mindprint_ray.planning.memory import base_weight_bytes
+from mindprint_ray.planning.memory import GB, base_weight_bytes
 from mindprint_ray.planning.registry import get_arch
 from mindprint_ray.planning.run_plan import RunPlan, build_run
 from mindprint_ray.planning.step_budget import step_budget
 from mindprint_ray.planning.topic_tokens import count_topic_tokens
 
-GB = 1e9
 MAC = "mac-studio-m2-ultra-64gb"
 COMPARED_MODELS = ("gemma-3-12b", "qwen2.5-7b", "qwen2.5-72b")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mindprint_ray.evaluation.gates import STAGES
+from mindprint_ray.report.numbers import score, with_interval
 
 
 def eval_rows(summary: dict) -> list[dict]:
@@ -50,14 +51,6 @@ def eval_chart(rows: list[dict], targets: dict[str, float], path: Path) -> Path:
 SCORED = ("voice_fidelity", "accuracy", "markers", "lexicon", "semantic", "preference")
 
 
-def with_interval(value: float | None, ci: list[float] | None, digits: int = 3) -> str:
-    """'0.540 [0.490, 0.590]': a score and its bootstrap 95% interval; the bare score without one; '-' without."""
-    if value is None:
-        return "-"
-    text = f"{value:.{digits}f}"
-    return text if ci is None else f"{text} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
-
-
 def eval_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Headers and cells of the evaluation table: each score with its interval, held-out pairs, general ppl."""
     headers = ["topic", "stage", *(k.replace("_", " ") for k in SCORED), "pairs held out", "general ppl"]
@@ -86,7 +79,7 @@ def heldout_lines(summary: dict, spec) -> list[str]:
     lines = []
     for topic, g in heldout_gains(summary, spec).items():
         line = (
-            f"{topic}, {g['stage'].replace('_', ' ')} vs base: voice fidelity {with_interval(g['before'], None)} "
+            f"{topic}, {g['stage'].replace('_', ' ')} vs base: voice fidelity {score(g['before'])} "
             f"-> {with_interval(g['after'], g['after_ci'])}"
         )
         if g.get("diff") is not None:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+# the seed's adapter size is planning.plan_summary.SEED_ADAPTER_MB (the plan shows it too)
 SEED_BASE_INT4_GB = 36  # "Base Model (INT4): 36 GB"
 SEED_MAC_TOTAL_GB = 47  # "Total: 47 GB (within 48 GB limit)"
 SEED_MAC_USABLE_GB = 48  # "48GB usable for VRAM"
 SEED_TRAINABLE = "~41M"
-SEED_ADAPTER_MB = 164
 SEED_8XH100_PRICE = 98  # "~$98/hour"
 SEED_4XA100_PRICE = 40  # "~$40/hour"
 SEED_8XH100_COST = "$2,000-$4,000"

@@ -15,6 +15,7 @@ from pathlib import Path
 from mindprint_ray.curriculum.chat_template import with_system
 from mindprint_ray.curriculum.topics import load_general_text, pair_id
 from mindprint_ray.evaluation import metrics as m
+from mindprint_ray.report.numbers import with_interval
 from mindprint_ray.runs.adapter_format import check_adapter_folder
 
 log = logging.getLogger("mindprint_ray")
@@ -369,24 +370,14 @@ def evaluate_topics(model, tokenizer, topics: list, persona: dict, spec, stage: 
     results = evaluate_topics_detailed(model, tokenizer, topics, persona, spec)
     for r in results:
         log.info(
-            "eval %s %s: voice fidelity %s %s, accuracy %s %s (%.1f s)",
+            "eval %s %s: voice fidelity %s, accuracy %s (%.1f s)",
             stage,
             r.topic,
-            _fmt(r.scores["voice_fidelity"]),
-            _fmt_ci(r.scores.get("voice_fidelity_ci")),
-            _fmt(r.scores["accuracy"]),
-            _fmt_ci(r.scores.get("accuracy_ci")),
+            with_interval(r.scores["voice_fidelity"], r.scores.get("voice_fidelity_ci")),
+            with_interval(r.scores["accuracy"], r.scores.get("accuracy_ci")),
             r.scores["seconds"],
         )
     return {r.topic: r.scores for r in results}
-
-
-def _fmt(x: float | None) -> str:
-    return "-" if x is None else f"{x:.3f}"
-
-
-def _fmt_ci(ci: list[float] | None) -> str:
-    return "" if ci is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
 # ---- loading an adapter for the CLI ----------------------------------------------------------------------

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from mindprint_ray.report.numbers import score
+
 COLUMNS = (
     "voice_fidelity",
     "accuracy",
@@ -48,10 +50,6 @@ def _topics(spec, names: str | None) -> list:
     return [load_topic(data_dir, t, sorted(set(kinds)), spec.eval.heldout_pairs) for t in wanted]
 
 
-def _fmt(x) -> str:
-    return "-" if x is None else f"{x:.3f}"
-
-
 def _table(results: list, spec):
     from rich.table import Table
 
@@ -64,7 +62,7 @@ def _table(results: list, spec):
     for c in COLUMNS:
         table.add_column(c.replace("_", " "), justify="right")
     for r in results:
-        table.add_row(r.topic, str(r.scores["n"]), *(_fmt(r.scores[c]) for c in COLUMNS))
+        table.add_row(r.topic, str(r.scores["n"]), *(score(r.scores[c]) for c in COLUMNS))
     return table
 
 
