@@ -19,8 +19,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from mindprint_ray.planning.registry import ModelArch
-from mindprint_ray.planning.run_plan import RunPlan, build_run
-from mindprint_ray.planning.zones import build_plan
+from mindprint_ray.planning.run_plan import RunPlan, build_run, spec_zone_plan
 from mindprint_ray.spec.run_spec import RunSpec
 
 
@@ -101,17 +100,7 @@ def run_with_arch(spec: RunSpec, arch: ModelArch | None = None) -> RunPlan:
     run = build_run(spec)
     if arch is None or arch == run.arch:
         return run
-    lora = spec.lora
-    zones = build_plan(
-        arch,
-        lora.strategy,
-        [z.model_dump() for z in lora.zones] if lora.zones else None,
-        lora.rank,
-        lora.alpha,
-        lora.dropout,
-        lora.use_rslora,
-    )
-    return replace(run, arch=arch, zones=zones)
+    return replace(run, arch=arch, zones=spec_zone_plan(spec, arch))
 
 
 # ---- random-weight models -------------------------------------------------------------------------------------

@@ -101,20 +101,18 @@ def check_model_path(spec: RunSpec) -> None:
         )
 
 
+def spec_zone_plan(spec: RunSpec, arch: ModelArch) -> ZonePlan:
+    """The spec's `lora` section resolved against an architecture."""
+    lora = spec.lora
+    zones = [z.model_dump() for z in lora.zones] if lora.zones else None
+    return build_plan(arch, lora.strategy, zones, lora.rank, lora.alpha, lora.dropout, lora.use_rslora)
+
+
 def build_run(spec: RunSpec, prices_path: str | None = None) -> RunPlan:
     """Resolve and cross-check a spec: zones against the architecture, lengths against its context."""
     check_model_path(spec)
     arch = resolve_arch(spec)
-    lora = spec.lora
-    zones = build_plan(
-        arch,
-        lora.strategy,
-        [z.model_dump() for z in lora.zones] if lora.zones else None,
-        lora.rank,
-        lora.alpha,
-        lora.dropout,
-        lora.use_rslora,
-    )
+    zones = spec_zone_plan(spec, arch)
     profile = get_profile(spec.hardware.profile, prices_path)
     for section in ("sft", "dpo"):
         length = getattr(spec, section).max_seq_length
