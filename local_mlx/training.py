@@ -13,6 +13,10 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
+from rich.console import Console
+from rich.progress import Progress
+
+from mindprint_ray.cli.views import progress_columns
 from mindprint_ray.curriculum.topics import TopicData
 from mindprint_ray.curriculum.validation import validate_run
 from mindprint_ray.errors import UserError
@@ -169,17 +173,7 @@ def train_topic(trainer: Trainer, folder: RunFolder, topic: TopicData) -> None:
 def progress_bar(enabled: bool):
     if not enabled:
         return nullcontext(None)
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-    )
+    return Progress(*progress_columns(), console=Console(stderr=True))
 
 
 def check_reference(reference: str) -> None:

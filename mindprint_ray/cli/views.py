@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from mindprint_ray.curriculum.data_stats import TopicStats
@@ -11,6 +12,17 @@ from mindprint_ray.evaluation.gates import latest_stage
 from mindprint_ray.planning.run_plan import RunPlan
 from mindprint_ray.planning.step_budget import TABLE_HEADERS, headline, table_rows
 from mindprint_ray.report.numbers import duration, gb, score, usd, with_interval
+
+
+def progress_columns() -> tuple[ProgressColumn, ...]:
+    """The training progress bar's columns (both backends): stage, bar, steps done of all, loss, elapsed."""
+    return (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+    )
 
 
 def print_validation(
