@@ -27,7 +27,7 @@ def memory_inputs(run: RunPlan, phase: str = "sft") -> MemoryInputs:
         micro_batch=section.batch_size,
         gradient_checkpointing=section.gradient_checkpointing,
         zero_stage=run.deepspeed_stage,
-        devices=run.num_workers,
+        devices=run.num_workers,  # all nodes' devices: ZeRO shards over the whole worker group
         is_gpu=run.profile.is_gpu,
         sequences_per_example=2 if phase == "dpo" else 1,
         activation_bytes=2 if gpu_like and run.spec.sft.bf16 else 4,
@@ -90,7 +90,12 @@ def remedies(run: RunPlan) -> list[dict]:
     if m.backend == "ray" and m.zero_stage < 3 and m.devices > 1:
         add(f"DeepSpeed ZeRO-3 over {m.devices} devices", every(zero_stage=3))
     if m.backend == "ray" and m.is_gpu:
-        add(f"ZeRO-3 over {2 * m.devices} devices", every(zero_stage=3, devices=2 * m.devices))
+        per_node = run.profile.devices_per_node
+        nodes = math.ceil(2 * m.devices / per_node)  # more devices than one node holds: more nodes (s3:// storage)
+        add(
+            f"ZeRO-3 over {2 * m.devices} devices ({nodes} nodes of {per_node})",
+            every(zero_stage=3, devices=2 * m.devices),
+        )
     if m.backend == "mlx":
         _wired_limit_remedies(run, phases, add)
     return options

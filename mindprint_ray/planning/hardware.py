@@ -10,7 +10,7 @@ from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from mindprint_ray.errors import UserError
 from mindprint_ray.spec.run_spec import Section, validation_error
@@ -59,13 +59,17 @@ class PriceFile(Catalog):
 
 
 class ProfileEntry(Catalog):
-    """One hardware profile of catalog/hardware.yaml: devices, memory per device, peak FLOP/s, how Ray places
-    workers, the default ZeRO stage, the assumed MFU and the key of its price."""
+    """One hardware profile of catalog/hardware.yaml: nodes, devices per node, memory per device, peak FLOP/s, how
+    Ray places workers, the default ZeRO stage, the assumed MFU, the network between nodes and the key of its
+    price (a node's: a profile of N nodes costs N times it)."""
 
     description: str = Field(description="the hardware in words, shown in plans and reports")
     backend: Literal["ray", "mlx"] = Field(description="ray: the Ray backend (torch); mlx: local_mlx on a Mac")
     device: str = Field(description="the device model, e.g. H100-SXM-80GB")
-    devices: int = Field(ge=1, description="devices per node: the default Ray Train workers (hardware.num_workers)")
+    nodes: int = Field(1, ge=1, description="nodes (machines) the profile trains on; all have `devices` devices")
+    devices: int = Field(
+        ge=1, description="devices per node; nodes x devices are the default Ray Train workers (hardware.num_workers)"
+    )
     memory_gb: float = Field(gt=0, description="memory per device in decimal GB, as the device reports it")
     peak_tflops: float = Field(gt=0, description="dense BF16 peak TFLOP/s per device")
     use_gpu: bool = Field(description="each Ray worker takes a GPU; false: CPU workers")
@@ -78,6 +82,19 @@ class ProfileEntry(Catalog):
     wired_limit_fraction: float | None = Field(
         None, gt=0, le=1, description="share of memory a device may use for training (a Mac's GPU wired limit)"
     )
+    internode_gbit_s: float | None = Field(
+        None, gt=0, description="network bandwidth of one node to the others in Gbit/s (e.g. EFA); needed by nodes > 1"
+    )
+    internode_efficiency: float | None = Field(
+        None, gt=0, le=1, description="assumed share of internode_gbit_s that NCCL's collectives reach, in (0, 1]"
+    )
+    internode_source: str = Field("", description="where the internode_gbit_s figure came from")
+
+    @model_validator(mode="after")
+    def _network_between_nodes(self) -> ProfileEntry:
+        if self.nodes > 1 and (self.internode_gbit_s is None or self.internode_efficiency is None):
+            raise ValueError("a profile of more than one node needs internode_gbit_s and internode_efficiency")
+        return self
 
 
 class HardwareFile(Catalog):
@@ -100,13 +117,17 @@ class Price:
 
 @dataclass(frozen=True)
 class Profile:
-    """One hardware option: devices, memory per device, peak FLOP/s, how Ray places workers, its price."""
+    """One hardware option: devices, memory per device, peak FLOP/s, how Ray places workers, its price.
+
+    `devices` counts every device of every node (nodes x the file's devices per node): the default Ray Train
+    workers, what ZeRO shards over and what the FLOP/s add up over. `price` is the whole profile's per hour
+    (nodes x the node's price)."""
 
     name: str
     description: str
     backend: str  # "ray" or "mlx"
     device: str
-    devices: int
+    devices: int  # all nodes together
     memory_gb: float
     peak_tflops: float
     use_gpu: bool
@@ -115,6 +136,15 @@ class Profile:
     price: Price
     mfu: dict = field(default_factory=dict)
     wired_limit_fraction: float | None = None
+    nodes: int = 1
+    devices_per_node: int = 0  # 0: all devices on one node
+    internode_gbit_s: float | None = None
+    internode_efficiency: float | None = None
+    internode_source: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.devices_per_node:
+            object.__setattr__(self, "devices_per_node", self.devices)
 
     @property
     def capacity_gb(self) -> float:
@@ -157,8 +187,31 @@ def load_profiles(prices_path: str | None = None) -> dict[str, Profile]:
             raise UserError(
                 f"profile '{name}' names price '{price_key}', which the price file lacks", field=f"prices.{price_key}"
             )
-        profiles[name] = Profile(name=name, price=prices[price_key], **entry.model_dump(exclude={"price"}))
+        fields = entry.model_dump(exclude={"price", "devices"})
+        profiles[name] = Profile(
+            name=name,
+            price=nodes_price(prices[price_key], entry.nodes),
+            devices=entry.nodes * entry.devices,
+            devices_per_node=entry.devices,
+            **fields,
+        )
     return profiles
+
+
+def nodes_price(node: Price, nodes: int) -> Price:
+    """The hourly price of `nodes` nodes: every figure of the node's price times the node count."""
+    if nodes == 1:
+        return node
+    return Price(
+        key=f"{nodes} x {node.key}",
+        on_demand=nodes * node.on_demand,
+        spot=nodes * node.spot,
+        source=f"{nodes} x {node.source}",
+        date=node.date,
+        spot_source=node.spot_source,
+        previous_list_price=None if node.previous_list_price is None else nodes * node.previous_list_price,
+        previous_list_note=node.previous_list_note,
+    )
 
 
 def get_profile(name: str, prices_path: str | None = None) -> Profile:

@@ -23,7 +23,7 @@ LOGIT_EXTRA_BYTES = 8  # fp32 upcast for the loss plus its fp32 gradient, per lo
 TERMS = {
     "base_weights": "Frozen base model. NF4 with double quant stores 0.516 B/param for the decoder's linear weights; "
     "embeddings, lm_head, norms and biases stay 16-bit. BF16 stores 2 B/param. MLX 4-bit stores 4.5 bits/param "
-    "and quantizes the embeddings too. Sharded across devices only under ZeRO-3.",
+    "and quantizes the embeddings too. Sharded across devices (every device of every node) only under ZeRO-3.",
     "lora_weights": "The LoRA A/B matrices of every zone, kept in fp32 (4 B/param).",
     "gradients": "fp32 gradients of the LoRA parameters (sharded under ZeRO-2/3).",
     "optimizer": "AdamW's two fp32 moments per LoRA parameter, 8 B/param (sharded under ZeRO-2/3).",
@@ -46,7 +46,7 @@ class MemoryInputs:
     micro_batch: int
     gradient_checkpointing: bool
     zero_stage: int
-    devices: int
+    devices: int  # the workers that shard under ZeRO: every device of every node the run trains on
     is_gpu: bool
     sequences_per_example: int = 1  # 2 for DPO (chosen + rejected)
     activation_bytes: int = 2  # 2 for bf16 autocast, 4 for fp32 (CPU)
