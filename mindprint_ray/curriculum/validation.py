@@ -10,10 +10,12 @@ from mindprint_ray.curriculum.data_stats import TopicStats, apply_overlong
 from mindprint_ray.curriculum.tokens import TokenCounter
 from mindprint_ray.curriculum.topics import TopicData, load_curriculum
 from mindprint_ray.errors import UserError
+from mindprint_ray.planning.multinode import check_shared_storage
 from mindprint_ray.planning.run_plan import RunPlan, load_run
 
 
 def validate_run(run: RunPlan) -> tuple[list[TopicData], list[TopicStats], TokenCounter]:
+    check_shared_storage(run)  # a run over several nodes needs storage every node sees (s3://)
     topics = load_curriculum(run.spec)
     counter = TokenCounter.for_model(run.model_path)
     check_model_matches(run)

@@ -4,6 +4,8 @@ Forward ~2N FLOPs per token (N = matmul parameters: decoder linears, lm_head, Lo
 backward pass computes activation gradients only: the base weights are frozen) or 6N with gradient
 checkpointing (one more forward); plus causal attention. DPO runs the policy on chosen and rejected (padded to
 the longer of the two) and a reference forward (2N) unless reference log-probs are precomputed.
+A run over more than one node adds the seconds its nodes spend on ZeRO's collectives over the network
+(multinode.py: an assumption, stated in the MFU note, unless the MFU was measured, which includes them).
 Pure Python: no torch.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mindprint_ray.planning.calibration import lookup
+from mindprint_ray.planning.multinode import internode_assumption, stage_seconds
 from mindprint_ray.planning.registry import ModelArch
 from mindprint_ray.planning.run_plan import RunPlan
 from mindprint_ray.planning.step_budget import global_batch, stage_budget
@@ -22,7 +25,8 @@ from mindprint_ray.planning.topic_tokens import TRAINING_STAGES, TopicTokens
 class StageTime:
     tokens: float  # real tokens trained in this stage (DPO: chosen + rejected, without pair padding)
     flops: float
-    seconds: float
+    seconds: float  # compute (FLOPs at the MFU) plus internode_seconds
+    internode_seconds: float = 0.0  # ZeRO's collectives between nodes (0 on one node)
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,18 @@ class Mfu:
     dpo: float
     source: str  # spec | calibration | profile | measured
     note: str
+
+    @property
+    def assumed(self) -> bool:
+        """An assumed MFU counts compute only: the inter-node traffic is added to it. A measured one (a
+        calibration, a timed throughput) already includes whatever the nodes spent on the network."""
+        return self.source in ("spec", "profile")
+
+
+def _with_network(run: RunPlan, note: str) -> str:
+    """The MFU note, with what the time estimate assumes about the network when the run spans nodes."""
+    extra = internode_assumption(run)
+    return f"{note}; {extra}" if extra else note
 
 
 def matmul_params(arch: ModelArch, trainable: int) -> int:
@@ -96,7 +112,8 @@ def stage_flops(run: RunPlan, t: TopicTokens, stage: str) -> tuple[float, float]
 def resolve_mfu(run: RunPlan, calibration: dict | None = None) -> Mfu:
     """The MFU to use: the spec's hardware.mfu, else a calibration for this profile, else the profile's."""
     if run.spec.hardware.mfu and run.spec.hardware.profile == run.profile.name:
-        return Mfu(run.spec.hardware.mfu, run.spec.hardware.mfu, "spec", "hardware.mfu in the spec")
+        note = _with_network(run, "hardware.mfu in the spec")
+        return Mfu(run.spec.hardware.mfu, run.spec.hardware.mfu, "spec", note)
     if calibration is None:
         calibration = lookup(run.profile.name, run.quant)
     if calibration:
@@ -110,7 +127,8 @@ def resolve_mfu(run: RunPlan, calibration: dict | None = None) -> Mfu:
         )
     table = run.profile.mfu
     value = table.get(run.quant) or table.get("bf16") or min(table.values())
-    return Mfu(value, value, "profile", f"assumed for {run.profile.name} with {run.quant} (hardware.yaml)")
+    note = _with_network(run, f"assumed for {run.profile.name} with {run.quant} (hardware.yaml)")
+    return Mfu(value, value, "profile", note)
 
 
 def throughput_mfu(run: RunPlan, tokens: list[TopicTokens], tokens_per_s: dict[str, float], note: str) -> Mfu:
@@ -131,14 +149,16 @@ def peak_flops(run: RunPlan) -> float:
     return run.profile.peak_tflops * 1e12 * run.num_workers
 
 
+def stage_time(run: RunPlan, t: TopicTokens, stage: str, mfu: Mfu) -> StageTime:
+    """One topic's stage: FLOPs at the MFU, plus the inter-node seconds when the MFU is an assumption."""
+    n, f = stage_flops(run, t, stage)
+    network = stage_seconds(run, t, stage) if mfu.assumed else 0.0
+    return StageTime(n, f, f / (peak_flops(run) * getattr(mfu, stage)) + network, network)
+
+
 def topic_times(run: RunPlan, tokens: list[TopicTokens], mfu: Mfu) -> list[TopicTime]:
     out = []
     for t in tokens:
-        n, f = stage_flops(run, t, "sft")
-        sft = StageTime(n, f, f / (peak_flops(run) * mfu.sft))
-        dpo = None
-        if run.spec.dpo.enabled:
-            n, f = stage_flops(run, t, "dpo")
-            dpo = StageTime(n, f, f / (peak_flops(run) * mfu.dpo))
-        out.append(TopicTime(t.topic, sft, dpo))
+        dpo = stage_time(run, t, "dpo", mfu) if run.spec.dpo.enabled else None
+        out.append(TopicTime(t.topic, stage_time(run, t, "sft", mfu), dpo))
     return out
