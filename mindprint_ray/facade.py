@@ -16,6 +16,8 @@ from pathlib import Path
 from mindprint_ray.curriculum.chat_template import with_system
 from mindprint_ray.errors import UserError
 from mindprint_ray.planning.model_config import ModelConfig
+from mindprint_ray.planning.run_plan import load_run
+from mindprint_ray.runs.storage import is_s3, local_cache_root
 from mindprint_ray.spec.inputs import check_run_name
 
 
@@ -146,8 +148,6 @@ class PipelineConfig:
 def spec_file(output_dir: str, name: str) -> Path:
     """Where train_topics writes the run's spec: in output_dir, or for `s3://` storage in the local cache (never a
     local folder named `s3:`); the run folder's own spec.yaml is mirrored to S3 either way."""
-    from mindprint_ray.runs.storage import is_s3, local_cache_root
-
     folder = local_cache_root() / "specs" if is_s3(output_dir) else Path(output_dir)
     return folder / f"{name}.spec.yaml"
 
@@ -206,8 +206,6 @@ class DPOPipeline:
     def train_topics(self, topics: list[str], data_dir: str, output_dir: str, name: str | None = None) -> dict:
         """Train the topics in order; returns the run's summary.json as a dict."""
         import yaml
-
-        from mindprint_ray.planning.run_plan import load_run
 
         name = check_run_name(name or f"{self.model_config.name}-pipeline", "name")
         spec_path = spec_file(output_dir, name)

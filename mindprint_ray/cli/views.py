@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -12,6 +14,11 @@ from mindprint_ray.evaluation.gates import latest_stage
 from mindprint_ray.planning.run_plan import RunPlan
 from mindprint_ray.planning.step_budget import TABLE_HEADERS, headline, table_rows
 from mindprint_ray.report.numbers import duration, gb, score, usd, with_interval
+
+
+def console() -> Console:
+    """The terminal the commands print to: at least 120 columns wide, so tables keep one line per row."""
+    return Console(highlight=False, width=max(shutil.get_terminal_size((140, 40)).columns, 120))
 
 
 def progress_columns() -> tuple[ProgressColumn, ...]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mindprint_ray.errors import UserError
+from mindprint_ray.runs.storage import materialize_data_dir
 from mindprint_ray.spec.run_spec import EvalSection, RunSpec
 from mindprint_ray.spec.yaml_lines import load_yaml
 
@@ -322,8 +323,6 @@ def load_topic(data_dir: Path, topic: str, kinds: list[str], heldout_fraction: f
 
 def load_curriculum(spec: RunSpec) -> list[TopicData]:
     """Validate every file of every topic; the first problem is raised as a UserError."""
-    from mindprint_ray.runs.storage import materialize_data_dir
-
     data_dir = Path(materialize_data_dir(spec.curriculum.data_dir))
     if not data_dir.is_dir():
         raise UserError(

@@ -19,6 +19,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from mindprint_ray.curriculum.chat_template import end_of_turn_token
 from mindprint_ray.errors import UserError
 
 log = logging.getLogger("mindprint_ray")
@@ -126,7 +127,6 @@ def plain_copy(model):
 
 def end_of_turn_id(tokenizer) -> int:
     """The token the chat template closes an assistant turn with (`<|im_end|>` for SmolLM2's ChatML)."""
-    from mindprint_ray.curriculum.chat_template import end_of_turn_token
 
     def render(messages, add_generation_prompt):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)

@@ -12,7 +12,9 @@ from pathlib import Path
 from mindprint_ray.curriculum.chat_template import with_system
 from mindprint_ray.curriculum.topics import HELDOUT_DEFAULT, split_pairs
 from mindprint_ray.errors import UserError
+from mindprint_ray.models.sample import ensure_sample_model
 from mindprint_ray.planning.registry import get_arch
+from mindprint_ray.runs.storage import materialize_data_dir
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -191,10 +193,6 @@ def ensure_run_model(run) -> None:
     if Path(run.model_path, "config.json").is_file():
         return
     if run.arch.name == "tiny":
-        from mindprint_ray.runs.storage import materialize_data_dir
-
         ensure_tiny_model(run.model_path, materialize_data_dir(run.spec.curriculum.data_dir))
     elif run.arch.name == "smollm2-135m":
-        from mindprint_ray.models.sample import ensure_sample_model
-
         ensure_sample_model(run.model_path)

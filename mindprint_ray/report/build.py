@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from mindprint_ray.planning.memory import TERMS
@@ -11,9 +12,11 @@ from mindprint_ray.report import charts
 from mindprint_ray.report.corrections import corrections
 from mindprint_ray.report.data import gather_models, gather_options
 from mindprint_ray.report.document import Document
+from mindprint_ray.report.evaluation import eval_chart, eval_rows, eval_table, heldout_lines
 from mindprint_ray.report.measured import measured_vs_estimate
 from mindprint_ray.report.numbers import duration, signed_percent
 from mindprint_ray.report.seed import SEED_MODELS
+from mindprint_ray.report.training import loss_chart, reward_chart, sample_rows
 
 ROWS = ("base_weights", "lora_weights", "gradients", "optimizer", "activations", "overhead", "total")
 
@@ -286,10 +289,6 @@ def _measured(doc: Document, m: dict) -> None:
 
 def _results(doc: Document, run: RunPlan, run_dir: Path, out: Path) -> None:
     """Loss and DPO reward curves per topic and stage, the held-out evaluation, and generated answers."""
-    import json
-
-    from mindprint_ray.report.training import loss_chart, reward_chart, sample_rows
-
     summary_file, metrics_file = run_dir / "summary.json", run_dir / "metrics.jsonl"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     metrics = (
@@ -318,8 +317,6 @@ def _results(doc: Document, run: RunPlan, run_dir: Path, out: Path) -> None:
 
 def _evaluation(doc: Document, run: RunPlan, summary: dict, out: Path) -> None:
     """Per-topic voice fidelity and accuracy before training, after SFT and after DPO."""
-    from mindprint_ray.report.evaluation import eval_chart, eval_rows, eval_table, heldout_lines
-
     rows = eval_rows(summary)
     if not rows:
         return

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mindprint_ray.evaluation.gates import STAGES
+from mindprint_ray.evaluation.gates import STAGES, heldout_gains
+from mindprint_ray.report.charts import _plt, _save
 from mindprint_ray.report.numbers import score, with_interval
 
 
@@ -22,8 +23,6 @@ def eval_rows(summary: dict) -> list[dict]:
 
 def eval_chart(rows: list[dict], targets: dict[str, float], path: Path) -> Path:
     """Voice fidelity and accuracy across the curriculum, one line per stage, targets dashed."""
-    from mindprint_ray.report.charts import _plt, _save
-
     plt = _plt()
     topics = list(dict.fromkeys(r["topic"] for r in rows))
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
@@ -74,8 +73,6 @@ def _heldout(row: dict) -> str:
 
 def heldout_lines(summary: dict, spec) -> list[str]:
     """Per topic: its latest stage against base on the same held-out items (paired bootstrap difference)."""
-    from mindprint_ray.evaluation.gates import heldout_gains
-
     lines = []
     for topic, g in heldout_gains(summary, spec).items():
         line = (

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mindprint_ray.evaluation.gates import STAGES
+from mindprint_ray.report.charts import _plt, _save
 
 
 def stage_curves(metrics: list[dict], stage: str, key: str) -> dict[str, tuple[list[int], list[float]]]:
@@ -19,8 +20,6 @@ def stage_curves(metrics: list[dict], stage: str, key: str) -> dict[str, tuple[l
 
 def curves_chart(metrics: list[dict], panels: list[tuple[str, str, str]], path: Path) -> Path | None:
     """One panel per (stage, metric key, title), one line per topic; None when nothing was logged."""
-    from mindprint_ray.report.charts import _plt, _save
-
     data = [(title, stage_curves(metrics, stage, key)) for stage, key, title in panels]
     if not any(curves for _, curves in data):
         return None

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import typer
 
+from mindprint_ray.cli.views import console
+from mindprint_ray.curriculum.topics import load_persona, load_topic, needed_files
+from mindprint_ray.errors import UserError
+from mindprint_ray.planning.run_plan import load_run
 from mindprint_ray.report.numbers import score
+from mindprint_ray.runs.storage import materialize_data_dir
+from mindprint_ray.spec.inputs import check_output_file, check_topic_name
 
 COLUMNS = (
     "voice_fidelity",
@@ -35,11 +41,6 @@ def _adapter(path: Path | None) -> Path | None:
 
 def _topics(spec, names: str | None) -> list:
     """The topics to score: --topics (any folder in data_dir) or the spec's curriculum."""
-    from mindprint_ray.curriculum.topics import load_topic, needed_files
-    from mindprint_ray.errors import UserError
-    from mindprint_ray.runs.storage import materialize_data_dir
-    from mindprint_ray.spec.inputs import check_topic_name
-
     wanted = [t.strip() for t in names.split(",") if t.strip()] if names is not None else list(spec.curriculum.topics)
     if not wanted:
         raise UserError("--topics names no topic", field="--topics", hint="e.g. --topics cycle_basics,accumulation")
@@ -75,10 +76,6 @@ def eval_command(
 ) -> None:
     """Score an adapter on each topic's eval set: voice fidelity, accuracy and their components."""
     from mindprint_ray.backends.ray_torch.eval_runner import evaluate_topics_detailed, load_model
-    from mindprint_ray.cli.app import _console
-    from mindprint_ray.curriculum.topics import load_persona
-    from mindprint_ray.planning.run_plan import load_run
-    from mindprint_ray.spec.inputs import check_output_file
 
     run = load_run(config, overrides or [])
     adapter = _adapter(adapter)
@@ -86,8 +83,8 @@ def eval_command(
     topic_data, persona = _topics(run.spec, topics), load_persona(run.spec.persona_path)
     model, tokenizer = load_model(run, adapter)
     results = evaluate_topics_detailed(model, tokenizer, topic_data, persona, run.spec)
-    console = _console()
-    console.print(_table(results, run.spec))
+    terminal = console()
+    terminal.print(_table(results, run.spec))
     payload = {
         "config": str(config),
         "adapter": str(adapter) if adapter else None,
@@ -95,7 +92,7 @@ def eval_command(
         "topics": {r.topic: {"scores": r.scores, "answers": r.answers} for r in results},
     }
     out.write_text(json.dumps(payload, indent=2), encoding="utf-8")
-    console.print(f"wrote {out}")
+    terminal.print(f"wrote {out}")
 
 
 def generate_command(
@@ -109,7 +106,6 @@ def generate_command(
 ) -> None:
     """Answer one prompt with the chat template applied, streamed token by token (greedy)."""
     from mindprint_ray.backends.ray_torch.eval_runner import load_model, stream_answer
-    from mindprint_ray.planning.run_plan import load_run
 
     run = load_run(config, overrides or [])
     model, tokenizer = load_model(run, _adapter(adapter))

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from mindprint_ray.planning.run_plan import load_run
+
 
 def register(app: typer.Typer) -> None:
     @app.command()
@@ -18,7 +20,6 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Validate data, check storage is writable, the upload size and the GPUs before submitting."""
         from mindprint_ray.backends.ray_torch.preflight import preflight as run_preflight
-        from mindprint_ray.planning.run_plan import load_run
 
         report = run_preflight(load_run(config, overrides or []), working_dir.absolute(), runtime_env, gpus)
         for check, result in report.checks:

@@ -6,6 +6,12 @@ from pathlib import Path
 
 import typer
 
+from mindprint_ray.planning.calibration import calibration_path
+from mindprint_ray.planning.run_measures import calibrate as do_calibrate
+from mindprint_ray.planning.run_plan import load_run
+from mindprint_ray.report import write_report
+from mindprint_ray.spec.inputs import check_finite, check_output_dir
+
 
 def report(
     config: Path = typer.Argument(..., help="run spec YAML", show_default=False),
@@ -19,10 +25,6 @@ def report(
     ),
 ) -> None:
     """Memory, time and cost per hardware option, the seed's figures checked, measured vs estimated."""
-    from mindprint_ray.planning.run_plan import load_run
-    from mindprint_ray.report import write_report
-    from mindprint_ray.spec.inputs import check_finite, check_output_dir
-
     check_finite(price_per_hour, "--price-per-hour")
     prices_path = str(prices) if prices else None
     run = load_run(config, overrides or [], prices_path)
@@ -35,9 +37,6 @@ def calibrate(
     run_dir: Path = typer.Argument(..., help="run folder (spec.yaml, summary.json, metrics.jsonl)", show_default=False),
 ) -> None:
     """Measure a run's throughput (MFU) and peak memory; later estimates for its profile use them."""
-    from mindprint_ray.planning.calibration import calibration_path
-    from mindprint_ray.planning.run_measures import calibrate as do_calibrate
-
     entry = do_calibrate(run_dir)
     mfu = ", ".join(f"{k.upper()} {v:.4g}" for k, v in entry["mfu"].items())
     tps = ", ".join(f"{k.upper()} {v:,.0f}" for k, v in entry["tokens_per_s"].items() if v)

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import typer
 
+from mindprint_ray.planning.run_plan import load_run
+from mindprint_ray.spec.sweep_space import check_space
+
 
 def register(app: typer.Typer) -> None:
     @app.command()
@@ -15,9 +18,6 @@ def register(app: typer.Typer) -> None:
         name: str | None = typer.Option(None, "--name", help="sweep name (default: the spec's)"),
     ) -> None:
         """Run the spec's `tune` search; write results.csv/.md, heatmap.png, best.yaml and best_adapter/."""
-        from mindprint_ray.planning.run_plan import load_run
-        from mindprint_ray.spec.sweep_space import check_space
-
         run = load_run(config, overrides or [], name=name)
         space = check_space(run)
         from mindprint_ray.backends.ray_torch.sweep import run_sweep
