@@ -8,7 +8,9 @@ import typer
 
 from mindprint_ray.cli.runner import run_app
 from mindprint_ray.cli.views import topic_result_line
+from mindprint_ray.planning.run_plan import load_run
 from mindprint_ray.report.numbers import score
+from mindprint_ray.spec.inputs import check_finite
 
 app = typer.Typer(
     add_completion=False,
@@ -37,8 +39,6 @@ def train(
     ),
 ) -> None:
     """Train every topic (SFT then DPO), one mlx-lm adapter per topic. Rerun with the same name to resume."""
-    from mindprint_ray.planning.run_plan import load_run
-
     run = load_run(config, overrides or [], name=name)  # every user error before mlx is imported
     from .training import train_run
 
@@ -75,9 +75,6 @@ def generate(
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy"),
 ) -> None:
     """Answer one prompt with the spec's model (4-bit for nf4) and an adapter; stops at <|im_end|>."""
-    from mindprint_ray.planning.run_plan import load_run
-    from mindprint_ray.spec.inputs import check_finite
-
     from .generation import load_with_adapter, stream
 
     check_finite(temperature, "--temperature")

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 from mindprint_ray.runs.stage_history import StageHistory
 
+from .model import set_checkpointing
+
 
 @dataclass(frozen=True)
 class StageConfig:
@@ -63,8 +65,6 @@ def run_stage(
     import mlx.nn as nn
     import mlx.optimizers as optim
     from mlx.utils import tree_map
-
-    from .model import set_checkpointing
 
     set_checkpointing(model, cfg.gradient_checkpointing)
     value_and_grad = nn.value_and_grad(model, loss_fn)

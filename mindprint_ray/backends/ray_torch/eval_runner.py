@@ -12,8 +12,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mindprint_ray.curriculum.chat_template import with_system
+from mindprint_ray.backends.ray_torch.model_loading import load_base_model, load_tokenizer
+from mindprint_ray.backends.ray_torch.semantic import similarities
+from mindprint_ray.curriculum.chat_template import TemplateError, end_of_turn_token, hf_renderer, with_system
 from mindprint_ray.curriculum.topics import load_general_text, pair_id
+from mindprint_ray.errors import UserError
 from mindprint_ray.evaluation import metrics as m
 from mindprint_ray.report.numbers import with_interval
 from mindprint_ray.runs.adapter_format import check_adapter_folder
@@ -83,8 +86,6 @@ def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
 def end_of_turn_ids(tokenizer) -> list[int]:
     """The token the chat template closes an assistant turn with (<|im_end|>, <|eot_id|>, <end_of_turn>, ...),
     found by rendering one, followed by the tokenizer's EOS."""
-    from mindprint_ray.curriculum.chat_template import TemplateError, end_of_turn_token, hf_renderer
-
     ids = []
     try:
         ids.append(
@@ -281,8 +282,6 @@ def voice_components(answers: list[dict], persona: dict, semantic: bool) -> dict
         a["lexicon"] = m.lexicon_usage(a["answer"], lexicon, a["reference"])
         a["key_fact_recall"] = m.key_fact_recall(a["answer"], a["key_facts"])
     if semantic and answers:
-        from mindprint_ray.backends.ray_torch.semantic import similarities
-
         for a, s in zip(answers, similarities([a["answer"] for a in answers], [a["reference"] for a in answers])):
             a["semantic"] = s
     return {k: v for k, v in m.composite({"open": answers}).items() if k in m.OPEN_COMPONENTS}
@@ -386,9 +385,6 @@ def evaluate_topics(model, tokenizer, topics: list, persona: dict, spec, stage: 
 def load_model(run, adapter_dir: Path | None):
     """Tokenizer and base model from the spec's model path, with the PEFT adapter applied when given."""
     import torch
-
-    from mindprint_ray.backends.ray_torch.model_loading import load_base_model, load_tokenizer
-    from mindprint_ray.errors import UserError
 
     if adapter_dir is not None and check_adapter_folder(adapter_dir) == "mlx":
         raise UserError(

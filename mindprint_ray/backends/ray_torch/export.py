@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from mindprint_ray.backends.ray_torch.model_loading import load_base_model, load_tokenizer
 from mindprint_ray.errors import UserError
 from mindprint_ray.planning.run_plan import RunPlan, load_run
 from mindprint_ray.runs.run_folder import ADAPTER_MANIFEST, RunFolder
@@ -59,8 +60,6 @@ def load_dequantized_base(run: RunPlan):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from mindprint_ray.backends.ray_torch.model_loading import load_base_model
-
     if run.quant == "nf4":
         model, _ = load_base_model(run, "cpu")
         model = model.dequantize()
@@ -73,8 +72,6 @@ def load_dequantized_base(run: RunPlan):
 
 def merge_adapter(run: RunPlan, adapter_dir: Path, out: Path) -> Path:
     from peft import PeftModel
-
-    from mindprint_ray.backends.ray_torch.model_loading import load_tokenizer
 
     base = load_dequantized_base(run)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()

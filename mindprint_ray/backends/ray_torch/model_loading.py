@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 
+from mindprint_ray.backends.ray_torch.trainer_args import CHECKPOINTING_KWARGS
 from mindprint_ray.errors import UserError
 from mindprint_ray.planning.run_plan import RunPlan
 
@@ -112,8 +113,6 @@ def set_checkpointing(model, enabled: bool) -> None:
     """Switch gradient checkpointing on or off on the (PEFT-wrapped) model: each stage calls it with its own
     section's setting (RunSpec.stage), so DPO never inherits SFT's. On, the input embeddings' outputs require
     grad (frozen embeddings would otherwise cut the graph at the first checkpointed layer)."""
-    from mindprint_ray.backends.ray_torch.trainer_args import CHECKPOINTING_KWARGS
-
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.disable_input_require_grads()
     if enabled:

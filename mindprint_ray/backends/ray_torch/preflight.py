@@ -7,6 +7,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mindprint_ray.curriculum.validation import validate_run
 from mindprint_ray.errors import UserError
 from mindprint_ray.planning.run_plan import RunPlan
 from mindprint_ray.runs.storage import check_access, is_s3, parse_s3
@@ -139,8 +140,6 @@ def check_gpus(run: RunPlan) -> str:
 def preflight(
     run: RunPlan, working_dir: Path | None = None, runtime_env: Path | None = None, check_gpu: bool = True
 ) -> PreflightReport:
-    from mindprint_ray.curriculum.validation import validate_run
-
     report = PreflightReport()
     topics, rows, _ = validate_run(run)
     report.ok(

@@ -17,8 +17,11 @@ import yaml
 from mindprint_ray.backends.ray_torch.driver import build_trainer, for_workers, init_ray
 from mindprint_ray.curriculum.validation import validate_run
 from mindprint_ray.models.tiny import ensure_run_model
+from mindprint_ray.planning.costs import hourly_price
 from mindprint_ray.planning.run_plan import RunPlan, build_run
 from mindprint_ray.runs.run_folder import RunFolder
+from mindprint_ray.runs.storage import parse_s3, pyarrow_filesystem
+from mindprint_ray.spec.run_spec import RunSpec
 from mindprint_ray.spec.sweep_space import SearchSpace, apply_params, best_spec, check_space
 
 
@@ -44,8 +47,6 @@ def make_trial(base: dict, space: SearchSpace, trials_storage: str, workers: int
     def trial(config: dict) -> None:
         import ray.tune
         from ray.tune.integration.ray_train import TuneReportCallback
-
-        from mindprint_ray.spec.run_spec import RunSpec
 
         params = {k: config[k] for k in space.params}
         name = f"trial-{ray.tune.get_context().get_trial_id()}"
@@ -102,8 +103,6 @@ def run_sweep(run: RunPlan) -> Path:
     )  # the trial driver itself: no CPU held
     tune_storage, filesystem = str(root), None
     if sweep_folder.remote:
-        from mindprint_ray.runs.storage import parse_s3, pyarrow_filesystem
-
         loc = parse_s3(sweep_folder.remote)
         tune_storage, filesystem = f"{loc.bucket}/{loc.prefix}", pyarrow_filesystem()
     tuner = tune.Tuner(
@@ -130,8 +129,6 @@ def run_sweep(run: RunPlan) -> Path:
 
 def collect_rows(results, space: SearchSpace, trials_storage: str, run: RunPlan, workers: int) -> list[dict]:
     """One row per trial: values, metric, steps, wall time, estimated cost, whether it finished."""
-    from mindprint_ray.planning.costs import hourly_price
-
     price = hourly_price(run)["per_hour"]
     rows = []
     for r in results:

@@ -24,6 +24,7 @@ from mindprint_ray.backends.ray_torch.callbacks import (
     report_checkpoint,
 )
 from mindprint_ray.backends.ray_torch.deepspeed_config import deepspeed_config
+from mindprint_ray.backends.ray_torch.eval_runner import evaluate_topics
 from mindprint_ray.backends.ray_torch.model_loading import (
     apply_zone_plan,
     load_adapter_weights,
@@ -32,9 +33,12 @@ from mindprint_ray.backends.ray_torch.model_loading import (
     set_checkpointing,
 )
 from mindprint_ray.backends.ray_torch.trainer_args import trainer_args
-from mindprint_ray.curriculum.topics import TopicData
+from mindprint_ray.curriculum.topics import TopicData, load_persona
 from mindprint_ray.curriculum.validation import validate_run
 from mindprint_ray.errors import UserError
+from mindprint_ray.evaluation import check_gates, final_statement
+from mindprint_ray.evaluation.gates import summary_entries
+from mindprint_ray.planning.estimates import remedies
 from mindprint_ray.planning.run_plan import RunPlan, build_run
 from mindprint_ray.runs.run_folder import RunFolder, adapter_manifest, stopped_message
 from mindprint_ray.spec.run_spec import RunSpec
@@ -121,8 +125,6 @@ class Worker:
             if run.deepspeed_stage >= 3:  # a rank-0-only forward would hang on sharded parameters
                 self.eval_note = "in-loop eval is off under ZeRO-3: run `mindprint-ray eval CFG --adapter DIR`"
             else:
-                from mindprint_ray.curriculum.topics import load_persona
-
                 self.persona = load_persona(self.spec.persona_path)
 
     # ---- one topic ------------------------------------------------------------------------------
@@ -211,8 +213,6 @@ class Worker:
         """Score `topics` (the current one and all earlier ones) and record them at eval.<stage>."""
         if self.persona is None or self.rank != 0:
             return
-        from mindprint_ray.backends.ray_torch.eval_runner import evaluate_topics
-        from mindprint_ray.evaluation.gates import summary_entries
 
         with self.eval_threads():
             results = evaluate_topics(self.model, self.tokenizer, topics, self.persona, self.spec, stage)
@@ -230,7 +230,6 @@ class Worker:
         todo = [t for t in topics if "base" not in done.get(t.name, {}).get("eval", {})]
         if not todo:
             return
-        from mindprint_ray.backends.ray_torch.eval_runner import evaluate_topics
 
         with self.model.disable_adapter(), self.eval_threads():
             results = evaluate_topics(self.model, self.tokenizer, todo, self.persona, self.spec, "base")
@@ -263,7 +262,6 @@ class Worker:
         """Targets and regressions after a topic: warn, or stop the run (its adapter is already kept)."""
         if self.persona is None:
             return
-        from mindprint_ray.evaluation import check_gates
 
         result = check_gates(self.folder.summary(), self.spec, topic) if self.rank == 0 else None
         if self.rank == 0:
@@ -397,8 +395,6 @@ def drop_reference_adapter(model) -> None:
 
 
 def oom_message(run: RunPlan) -> str:
-    from mindprint_ray.planning.estimates import remedies
-
     lines = [f"CUDA out of memory on {run.profile.name}. The seed's remedies, in order, with the estimate for each:"]
     for r in remedies(run):
         lines.append(f"  - {r['remedy']}: {r['total_gb']} GB per device ({'fits' if r['fits'] else 'still too big'})")
@@ -452,7 +448,5 @@ def train_curriculum(run: RunPlan, folder: RunFolder, ctx) -> None:
         worker.train_topic(topic, previous, current, seen=topics[: index + 1])
         previous = topic.name
     if rank == 0 and worker.persona is not None:
-        from mindprint_ray.evaluation import final_statement
-
         folder.update_summary(targets=final_statement(folder.summary(), run.spec, folder.read_metrics()))
     shutil.rmtree(worker.local, ignore_errors=True)
