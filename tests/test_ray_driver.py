@@ -17,3 +17,16 @@ def test_the_workers_get_their_env_and_ray_train_logs_stay_out_of_the_terminal(t
     assert config.logging_config.log_level == "WARNING"
     monkeypatch.setenv("MINDPRINT_RAY_TRAIN_LOG_LEVEL", "info")
     assert build_trainer(for_workers(run), RunFolder(tmp_path / "r")).run_config.logging_config.log_level == "INFO"
+
+
+def test_gpu_workers_that_fit_one_node_stay_on_it(tmp_path):
+    """STRICT_PACK for 8 GPU workers of an 8-GPU node (NVLink); PACK over two nodes and for CPU workers."""
+    folder = RunFolder(tmp_path / "r")
+    cases = {
+        ("configs/qwen72b-qlora-8xh100.yaml", ()): "STRICT_PACK",
+        ("configs/qwen72b-bf16-2x8xh100.yaml", ()): "PACK",
+        ("configs/tiny-cpu.yaml", ()): "PACK",
+    }
+    for (config, overrides), strategy in cases.items():
+        run = load_run(config, [f"storage.path={tmp_path}", *overrides])
+        assert build_trainer(for_workers(run), folder).scaling_config.placement_strategy == strategy, config

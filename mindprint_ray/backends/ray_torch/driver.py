@@ -12,6 +12,7 @@ from pathlib import Path
 from mindprint_ray.curriculum.validation import validate_run
 from mindprint_ray.errors import UserError
 from mindprint_ray.models.tiny import ensure_run_model
+from mindprint_ray.planning.multinode import placement_strategy
 from mindprint_ray.planning.run_plan import RunPlan
 from mindprint_ray.runs.run_folder import RunFolder, claim_run_folder
 
@@ -114,7 +115,10 @@ def build_trainer(run: RunPlan, folder: RunFolder, callbacks: list | None = None
         train_loop,
         train_loop_config={"spec": run.spec.model_dump(mode="json")},
         scaling_config=ScalingConfig(
-            num_workers=run.num_workers, use_gpu=profile.use_gpu, resources_per_worker=resources
+            num_workers=run.num_workers,
+            use_gpu=profile.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=placement_strategy(run),  # one node (NVLink) when the workers fit; see docs/cluster.md
         ),
         run_config=RunConfig(
             name="checkpoints",
