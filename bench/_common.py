@@ -18,8 +18,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from mindprint_ray.backends.ray_torch import datasets as ds
+from mindprint_ray.backends.ray_torch.model_loading import apply_zone_plan, load_base_model, load_tokenizer, torch_dtype
+from mindprint_ray.backends.ray_torch.trainer_args import trainer_args
+from mindprint_ray.curriculum.validation import validate_run
+from mindprint_ray.models.tiny import ensure_tiny_model
 from mindprint_ray.planning.registry import ModelArch
-from mindprint_ray.planning.run_plan import RunPlan, build_run, spec_zone_plan
+from mindprint_ray.planning.run_plan import RunPlan, build_run, load_run, spec_zone_plan
 from mindprint_ray.spec.run_spec import RunSpec
 
 
@@ -44,8 +49,6 @@ def quiet() -> None:
 
 def tiny_model_dir() -> Path:
     """The project's tiny model (built from the sample curriculum on first use)."""
-    from mindprint_ray.models.tiny import ensure_tiny_model
-
     return ensure_tiny_model(ROOT / "models" / "tiny", ROOT / "data" / "curriculum")
 
 
@@ -126,8 +129,6 @@ def qwen2_config(arch: ModelArch):
 
 
 def weight_dtype(run: RunPlan):
-    from mindprint_ray.backends.ray_torch.model_loading import torch_dtype
-
     q = run.spec.quantization
     if q.mode == "nf4":
         return torch_dtype(q.compute_dtype)
@@ -186,8 +187,6 @@ def quantize_nf4(module, q, device: str) -> None:
     import torch
     from torch import nn
 
-    from mindprint_ray.backends.ray_torch.model_loading import torch_dtype
-
     compute, storage = torch_dtype(q.compute_dtype), torch_dtype(q.quant_storage)
     for name, child in list(module.named_modules()):
         if type(child) is not nn.Linear:
@@ -223,8 +222,6 @@ def mark_bnb_4bit(model, q) -> None:
     from transformers.quantizers.auto import AutoHfQuantizer
     from transformers.utils.quantization_config import QuantizationMethod
 
-    from mindprint_ray.backends.ray_torch.model_loading import torch_dtype
-
     config = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -242,8 +239,6 @@ def mark_bnb_4bit(model, q) -> None:
 def worker_args(run: RunPlan, stage: str, out_dir: Path, gpu: bool) -> dict:
     """The worker's own TrainingArguments fields (`trainer_args`, as `Worker.stage_args` builds them), for a worker
     without a run folder."""
-    from mindprint_ray.backends.ray_torch.trainer_args import trainer_args
-
     args = trainer_args(run.spec, stage, str(out_dir / f"bench-{stage}"), gpu, None)
     args.update(save_strategy="no", report_to=[], logging_steps=1)
     return args
@@ -371,8 +366,6 @@ def sample_topics() -> list[str]:
 
 def tiny_run(overrides: list[str] | None = None) -> RunPlan:
     """configs/tiny-cpu.yaml on the tiny model and every sample topic (plus `overrides`)."""
-    from mindprint_ray.planning.run_plan import load_run
-
     topics = "[" + ",".join(sample_topics()) + "]"
     return load_run(
         ROOT / "configs" / "tiny-cpu.yaml",
@@ -388,10 +381,6 @@ def tiny_run(overrides: list[str] | None = None) -> RunPlan:
 
 def curriculum_sft_data(run: RunPlan):
     """The SFT records of every topic (after the over-long policy) as the worker's conversational dataset."""
-    from mindprint_ray.backends.ray_torch import datasets as ds
-    from mindprint_ray.backends.ray_torch.model_loading import load_tokenizer
-    from mindprint_ray.curriculum.validation import validate_run
-
     topics, _, _ = validate_run(run)
     return ds.sft_dataset(
         [r for t in topics for r in t.sft],
@@ -403,8 +392,6 @@ def curriculum_sft_data(run: RunPlan):
 
 def worker_model(run: RunPlan, device: str = "cpu"):
     """(tokenizer, zone-LoRA model) loaded exactly as the worker loads them."""
-    from mindprint_ray.backends.ray_torch.model_loading import apply_zone_plan, load_base_model, load_tokenizer
-
     tokenizer = load_tokenizer(run)
     base, _ = load_base_model(run, device)
     return tokenizer, apply_zone_plan(base, run, run.spec.sft.gradient_checkpointing)

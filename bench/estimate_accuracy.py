@@ -12,9 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
+
+from mindprint_ray.planning.hardware import get_profile
+from mindprint_ray.planning.memory import MemoryInputs, estimate_memory
+from mindprint_ray.planning.registry import arch_from_hf_config
+from mindprint_ray.planning.time_model import train_flops_per_token
+from mindprint_ray.planning.zones import build_plan
 
 CONFIG = dict(
     model_type="qwen2",
@@ -27,13 +34,18 @@ CONFIG = dict(
     max_position_embeddings=4096,
     tie_word_embeddings=False,
 )
+
+
 CASES = [(128, 1), (512, 1), (1024, 1), (128, 4), (512, 4), (1024, 2)]
 STEPS = 4
 
 
-def rss_bytes() -> int:
-    import os
+def bench_plan():
+    """The zone plan every case trains: conservative, r=8, alpha=16, no dropout, on the CONFIG architecture."""
+    return build_plan(arch_from_hf_config(CONFIG, "bench", "bench"), "conservative", None, 8, 16, 0.0)
 
+
+def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -46,13 +58,9 @@ def measure(seq: int, batch: int, checkpointing: bool) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from mindprint_ray.planning.registry import arch_from_hf_config
-    from mindprint_ray.planning.zones import build_plan
-
     gpu = torch.cuda.is_available()
     torch.manual_seed(0)
-    arch = arch_from_hf_config(CONFIG, "bench", "bench")
-    plan = build_plan(arch, "conservative", None, 8, 16, 0.0)
+    plan = bench_plan()
     model = Qwen2ForCausalLM(Qwen2Config(**CONFIG, use_cache=False))
     model = get_peft_model(model.to(torch.bfloat16 if gpu else torch.float32), LoraConfig(**plan.peft_kwargs()))
     if checkpointing:
@@ -93,13 +101,8 @@ def measure(seq: int, batch: int, checkpointing: bool) -> dict:
 
 def estimate(seq: int, batch: int, checkpointing: bool, gpu: bool) -> dict:
     """The memory model's training-step terms (LoRA weights excluded: loaded before the baseline) and FLOPs."""
-    from mindprint_ray.planning.memory import MemoryInputs, estimate_memory
-    from mindprint_ray.planning.registry import arch_from_hf_config
-    from mindprint_ray.planning.time_model import train_flops_per_token
-    from mindprint_ray.planning.zones import build_plan
-
-    arch = arch_from_hf_config(CONFIG, "bench", "bench")
-    trainable = build_plan(arch, "conservative", None, 8, 16, 0.0).trainable_params()
+    plan = bench_plan()
+    arch, trainable = plan.arch, plan.trainable_params()
     m = MemoryInputs(
         "bf16" if gpu else "fp32",
         "ray",
@@ -132,7 +135,6 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="first three cases only")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on")
     args = parser.parse_args()
-    from mindprint_ray.planning.hardware import get_profile
 
     cases = CASES[:3] if args.quick else CASES
     rows, first_rate = [], None

@@ -51,6 +51,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as c
 
+from mindprint_ray.backends.ray_torch.model_loading import apply_zone_plan
 from mindprint_ray.planning.memory import MemoryInputs, estimate_memory
 from mindprint_ray.planning.registry import ModelArch, get_arch
 from mindprint_ray.planning.run_plan import RunPlan
@@ -356,8 +357,6 @@ def attentions(opts, gpu: bool) -> list[str]:
 
 
 def run_matrix(opts, dev: dict) -> list[dict]:
-    from mindprint_ray.backends.ray_torch.model_loading import apply_zone_plan
-
     gpu = dev["device"] == "cuda"
     tokenizer = load_tokenizer()
     rows = []
@@ -420,8 +419,6 @@ def check_accounting() -> list[str]:
     """Compare the accounting with the time model and with torch's FlopCounterMode on a tiny zone-LoRA model."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
-
-    from mindprint_ray.backends.ray_torch.model_loading import apply_zone_plan
 
     lines = []
     arch = get_arch("tiny")

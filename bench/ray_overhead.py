@@ -25,6 +25,8 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 import _common as c
 
+from mindprint_ray.backends.ray_torch.driver import WORKER_ENV
+
 
 def sft_loop(config: dict) -> dict:
     """The timed loop (here or in a Ray worker): the worker's tiny-model SFT; returns every step's seconds."""
@@ -83,8 +85,6 @@ def under_ray(config: dict, storage: str) -> dict:
 def start_ray() -> None:
     """A local cluster (never a stale one), with the environment the project's driver gives its workers."""
     import ray
-
-    from mindprint_ray.backends.ray_torch.driver import WORKER_ENV
 
     ray.init(
         address="local",
