@@ -22,7 +22,7 @@ from mindprint_ray.backends.ray_torch import datasets as ds
 from mindprint_ray.backends.ray_torch.model_loading import apply_zone_plan, load_base_model, load_tokenizer, torch_dtype
 from mindprint_ray.backends.ray_torch.trainer_args import trainer_args
 from mindprint_ray.curriculum.validation import validate_run
-from mindprint_ray.models.tiny import ensure_tiny_model
+from mindprint_ray.models.tiny import ensure_tiny_model, qwen2_config
 from mindprint_ray.planning.registry import ModelArch
 from mindprint_ray.planning.run_plan import RunPlan, build_run, load_run, spec_zone_plan
 from mindprint_ray.spec.run_spec import RunSpec
@@ -109,25 +109,6 @@ def run_with_arch(spec: RunSpec, arch: ModelArch | None = None) -> RunPlan:
 # ---- random-weight models -------------------------------------------------------------------------------------
 
 
-def qwen2_config(arch: ModelArch):
-    """A transformers Qwen2Config with exactly the registry architecture (no download)."""
-    from transformers import Qwen2Config
-
-    return Qwen2Config(
-        hidden_size=arch.hidden_size,
-        intermediate_size=arch.intermediate_size,
-        num_hidden_layers=arch.num_layers,
-        num_attention_heads=arch.num_heads,
-        num_key_value_heads=arch.num_kv_heads,
-        head_dim=arch.head_dim,
-        vocab_size=arch.vocab_size,
-        tie_word_embeddings=arch.tie_embeddings,
-        max_position_embeddings=arch.max_position_embeddings,
-        rope_theta=1e6,
-        use_cache=False,
-    )
-
-
 def weight_dtype(run: RunPlan):
     q = run.spec.quantization
     if q.mode == "nf4":
@@ -146,7 +127,7 @@ def build_random_model(run: RunPlan, device: str, attn: str, seed: int = 0):
     from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMSNorm, Qwen2RotaryEmbedding
 
     arch, q = run.arch, run.spec.quantization
-    config = qwen2_config(arch)
+    config = qwen2_config(arch, use_cache=False)
     with torch.device("meta"):
         model = Qwen2ForCausalLM(config)
     previous = torch.get_default_dtype()

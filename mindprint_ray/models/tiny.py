@@ -13,7 +13,7 @@ from mindprint_ray.curriculum.chat_template import with_system
 from mindprint_ray.curriculum.topics import HELDOUT_DEFAULT, split_pairs
 from mindprint_ray.errors import UserError
 from mindprint_ray.models.sample import ensure_sample_model
-from mindprint_ray.planning.registry import get_arch
+from mindprint_ray.planning.registry import ModelArch, get_arch
 from mindprint_ray.runs.storage import materialize_data_dir
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -119,12 +119,31 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     return tok
 
 
+def qwen2_config(arch: ModelArch, **extra):
+    """A transformers Qwen2Config with exactly the registry architecture (no download); `extra` adds settings."""
+    from transformers import Qwen2Config
+
+    return Qwen2Config(
+        vocab_size=arch.vocab_size,
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.intermediate_size,
+        num_hidden_layers=arch.num_layers,
+        num_attention_heads=arch.num_heads,
+        num_key_value_heads=arch.num_kv_heads,
+        head_dim=arch.head_dim,
+        max_position_embeddings=arch.max_position_embeddings,
+        rope_theta=1_000_000.0,
+        tie_word_embeddings=arch.tie_embeddings,
+        **extra,
+    )
+
+
 def write_tiny_model(
     out_dir: str | Path, data_dir: str | Path = "data/curriculum", seed: int = 0, pretrain_steps: int = 300
 ) -> Path:
     """Write config.json, model.safetensors, tokenizer files and the chat template to `out_dir`."""
     import torch
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import PreTrainedTokenizerFast, Qwen2ForCausalLM
 
     out, data = Path(out_dir), Path(data_dir)
     texts = corpus_texts(data)
@@ -145,18 +164,9 @@ def write_tiny_model(
         model_max_length=arch.max_position_embeddings,
     )
     tokenizer.chat_template = qwen25_chat_template()
-    config = Qwen2Config(
-        vocab_size=arch.vocab_size,
-        hidden_size=arch.hidden_size,
-        intermediate_size=arch.intermediate_size,
-        num_hidden_layers=arch.num_layers,
-        num_attention_heads=arch.num_heads,
-        num_key_value_heads=arch.num_kv_heads,
-        head_dim=arch.head_dim,
-        max_position_embeddings=arch.max_position_embeddings,
-        rope_theta=1_000_000.0,
+    config = qwen2_config(
+        arch,
         rms_norm_eps=1e-6,
-        tie_word_embeddings=arch.tie_embeddings,
         use_sliding_window=False,
         bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
