@@ -8,7 +8,7 @@ from pathlib import Path
 from mindprint_ray.curriculum.chat_template import check_template, training_conversations
 from mindprint_ray.curriculum.data_stats import TopicStats, apply_overlong
 from mindprint_ray.curriculum.tokens import TokenCounter
-from mindprint_ray.curriculum.topics import TopicData, load_curriculum
+from mindprint_ray.curriculum.topics import TopicData, eval_overlaps, load_curriculum
 from mindprint_ray.errors import UserError
 from mindprint_ray.planning.multinode import check_shared_storage
 from mindprint_ray.planning.run_plan import RunPlan, load_run
@@ -81,8 +81,6 @@ def check_local_template(run: RunPlan, topics: list[TopicData], counter: TokenCo
 
 def data_warnings(run: RunPlan) -> list[str]:
     """Problems that do not stop a run: eval questions that are also trained prompts (file:line of both)."""
-    from mindprint_ray.curriculum.topics import eval_overlaps
-
     if not run.spec.eval.enabled:
         return []
     return [o.message() for o in eval_overlaps(load_curriculum(run.spec))]
