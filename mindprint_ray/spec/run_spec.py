@@ -12,6 +12,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mindprint_ray.errors import UserError
+from mindprint_ray.evaluation.metrics import COMPONENTS, DEFAULT_WEIGHTS
+from mindprint_ray.runs.storage import is_s3, local_data_dir, parse_s3
 from mindprint_ray.spec.inputs import check_run_name, find_bad_string, name_problem, path_problem
 from mindprint_ray.spec.yaml_lines import line_for, load_yaml_with_lines, yaml_value
 
@@ -490,7 +492,7 @@ class EvalSection(Section):
         "(warn or stop per on_miss); null: no guard, the perplexity is not computed",
     )
     weights: dict[str, float] = Field(
-        default_factory=lambda: {"markers": 0.3, "lexicon": 0.2, "semantic": 0.3, "preference": 0.2},
+        default_factory=lambda: dict(DEFAULT_WEIGHTS),
         description="weights of the voice-fidelity components (markers, lexicon, semantic, preference), >= 0, "
         "renormalised over those present; semantic 0 skips the embedding model",
     )
@@ -498,7 +500,7 @@ class EvalSection(Section):
     @field_validator("weights")
     @classmethod
     def _weights(cls, weights: dict[str, float]) -> dict[str, float]:
-        known = {"markers", "lexicon", "semantic", "preference"}
+        known = set(COMPONENTS)
         unknown = sorted(set(weights) - known)
         if unknown:
             raise ValueError(f"unknown voice-fidelity component '{unknown[0]}' (use {', '.join(sorted(known))})")
@@ -611,8 +613,6 @@ class RunSpec(Section):
 
     @property
     def persona_path(self) -> Path:
-        from mindprint_ray.runs.storage import local_data_dir
-
         if self.curriculum.persona:
             return Path(local_data_dir(self.curriculum.persona))
         return Path(local_data_dir(self.curriculum.data_dir)) / "persona.yaml"
@@ -783,8 +783,6 @@ LOCATIONS = (
 def _check_locations(spec: RunSpec, path: str | Path, lines: dict) -> None:
     """Every place the spec names: an s3:// URI S3 would accept (before any network call), a local path that
     a file system can hold. (Whether a local model folder exists is checked against the registry in run.py.)"""
-    from mindprint_ray.runs.storage import is_s3, parse_s3
-
     for loc in LOCATIONS:
         value = getattr(getattr(spec, loc[0]), loc[1])
         if value is None:

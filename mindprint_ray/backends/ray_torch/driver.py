@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import logging
 import os
 import threading
@@ -9,12 +11,16 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from mindprint_ray.cli.views import progress_columns
+from mindprint_ray.curriculum.chat_template import check_tokenizer
 from mindprint_ray.curriculum.validation import validate_run
 from mindprint_ray.errors import UserError
 from mindprint_ray.models.tiny import ensure_run_model
 from mindprint_ray.planning.multinode import placement_strategy
 from mindprint_ray.planning.run_plan import RunPlan
+from mindprint_ray.report import write_report
 from mindprint_ray.runs.run_folder import RunFolder, claim_run_folder
+from mindprint_ray.runs.storage import parse_s3, pyarrow_filesystem
 
 log = logging.getLogger("mindprint_ray")
 WORKER_ENV = {
@@ -31,8 +37,6 @@ WORKER_ENV = {
 
 def check_trackers(report_to: list[str]) -> None:
     """MLflow and W&B are optional: say so before Ray starts rather than fail inside every worker."""
-    import importlib.util
-
     for tracker, module in (("mlflow", "mlflow"), ("wandb", "wandb"), ("tensorboard", "tensorboard")):
         if tracker in report_to and importlib.util.find_spec(module) is None:
             raise UserError(
@@ -65,7 +69,6 @@ def check_run_template(run: RunPlan, topics: list) -> None:
     """The chat template as the workers will load it (transformers, local or hub): it must split every
     conversation into turns and close assistant turns with a special token, or Ray never starts."""
     from mindprint_ray.backends.ray_torch.model_loading import load_tokenizer
-    from mindprint_ray.curriculum.chat_template import check_tokenizer
 
     check_tokenizer(load_tokenizer(run), topics, run.spec.curriculum.system_prompt, f"{run.model_path} (chat template)")
 
@@ -96,8 +99,6 @@ def checkpoint_storage(folder: RunFolder) -> tuple[str, object | None]:
     """Where Ray Train keeps checkpoints: `<run>/checkpoints`, through pyarrow S3 for `s3://` runs."""
     if not folder.remote:
         return str(folder.root), None
-    from mindprint_ray.runs.storage import parse_s3, pyarrow_filesystem
-
     loc = parse_s3(folder.remote)
     return f"{loc.bucket}/{loc.prefix}", pyarrow_filesystem()
 
@@ -199,8 +200,6 @@ def train(run: RunPlan, force: bool = False, progress: bool = True) -> RunFolder
 
 def write_run_report(run: RunPlan, folder: RunFolder) -> None:
     """The run's report: estimates for its hardware beside what was measured, and the evaluation."""
-    from mindprint_ray.report import write_report
-
     write_report(run, folder.report_dir, which=run.profile.name, run_dir=str(folder.root))
     folder.push("report")
 
@@ -238,19 +237,10 @@ class ProgressWatcher:
         self._thread.join(timeout=2)
 
     def _run(self) -> None:
-        import json
-
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import Progress
 
         offset, tasks = 0, {}
-        columns = (
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-        )
-        with Progress(*columns, refresh_per_second=2) as bar:
+        with Progress(*progress_columns(), refresh_per_second=2) as bar:
             while not self._stop.wait(0.5):
                 if not self.folder.metrics_file.is_file():
                     continue

@@ -352,6 +352,7 @@ class Worker:
         )
         metrics = MetricsCallback(self.writer, topic.name, "dpo", self.latest)
         sharded = self.run.deepspeed_stage > 0
+        dropout = dropout_rates(self.model)  # DPOTrainer zeroes them (disable_dropout); the next SFT needs them
         trainer = DPOTrainer(
             model=self.model,
             ref_model=None,
@@ -364,6 +365,7 @@ class Worker:
             drop_reference_adapter(self.model)
         self._train(trainer, resume)
         drop_reference_adapter(self.model)
+        restore_dropout(self.model, dropout)
         return metrics, trainer
 
     def _train(self, trainer, resume: Path | None) -> None:
@@ -374,6 +376,21 @@ class Worker:
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         except torch.cuda.OutOfMemoryError:
             raise OutOfMemoryStop(oom_message(self.run)) from None
+
+
+def dropout_rates(model) -> dict[str, float]:
+    """Each dropout module's rate (LoRA dropout included), by module name."""
+    import torch
+
+    return {name: m.p for name, m in model.named_modules() if isinstance(m, torch.nn.Dropout)}
+
+
+def restore_dropout(model, rates: dict[str, float]) -> None:
+    """Put back the rates `dropout_rates` recorded: TRL's DPOTrainer sets every dropout to 0 on the model it is
+    given, and the same model trains the next topic's SFT, which must keep `lora.dropout`."""
+    for name, m in model.named_modules():
+        if name in rates:
+            m.p = rates[name]
 
 
 def broadcast_from_rank0(value, world: int):

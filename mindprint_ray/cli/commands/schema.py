@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
 
+from mindprint_ray.spec.inputs import check_output_file
+from mindprint_ray.spec.run_spec import RunSpec
+
 
 def schema_text() -> str:
     """RunSpec's JSON schema as indented JSON: every section and field with its description, type, bounds, default."""
-    import json
-
-    from mindprint_ray.spec.run_spec import RunSpec
-
     return json.dumps(RunSpec.model_json_schema(), indent=2) + "\n"
 
 
@@ -26,7 +26,5 @@ def register(app: typer.Typer) -> None:
         if out is None:
             typer.echo(schema_text(), nl=False)
             return
-        from mindprint_ray.spec.inputs import check_output_file
-
         check_output_file(out, "--out").write_text(schema_text(), encoding="utf-8")
         typer.echo(f"wrote the run spec's JSON schema to {out}")
