@@ -18,6 +18,7 @@ from mindprint_ray.backends.ray_torch.driver import build_trainer, for_workers, 
 from mindprint_ray.curriculum.validation import validate_run
 from mindprint_ray.models.tiny import ensure_run_model
 from mindprint_ray.planning.costs import hourly_price
+from mindprint_ray.planning.multinode import check_sweep_storage
 from mindprint_ray.planning.run_plan import RunPlan, build_run
 from mindprint_ray.runs.run_folder import RunFolder
 from mindprint_ray.runs.storage import parse_s3, pyarrow_filesystem
@@ -87,6 +88,8 @@ def run_sweep(run: RunPlan) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     trials_storage = f"{sweep_folder.remote}/trials" if sweep_folder.remote else str(root / "trials")
     workers = t.workers_per_trial or run.num_workers
+    at_once = concurrency(run, workers)
+    check_sweep_storage(run, workers, at_once)  # trials on several nodes need storage every node sees
     init_ray(run)
     search_alg = None
     if t.search == "optuna":
@@ -114,7 +117,7 @@ def run_sweep(run: RunPlan) -> Path:
             num_samples=t.num_samples,
             search_alg=search_alg,
             scheduler=scheduler,
-            max_concurrent_trials=concurrency(run, workers),
+            max_concurrent_trials=at_once,
         ),
         run_config=tune.RunConfig(name="tune", storage_path=tune_storage, storage_filesystem=filesystem),
     )
