@@ -327,3 +327,13 @@ def test_kuberay_multinode_file_matches_its_profile():
     assert int(limits["nvidia.com/gpu"]) == run.profile.devices_per_node
     assert group["replicas"] == math.ceil(run.num_workers / run.profile.devices_per_node) == run.profile.nodes
     assert run.spec.storage.path.startswith("s3://")
+
+
+def test_a_users_price_is_per_node_hour_and_counts_every_node():
+    from mindprint_ray.planning.costs import hourly_price
+
+    two = load_run("configs/qwen72b-bf16-2x8xh100.yaml", ["hardware.price_per_hour=50"])
+    one = load_run("configs/qwen72b-bf16-8xh100.yaml", ["hardware.price_per_hour=50"])
+    assert hourly_price(two)["per_hour"] == 100 and "x 2 nodes" in hourly_price(two)["basis"]
+    assert hourly_price(one)["per_hour"] == 50
+    assert hourly_price(two, override=30)["per_hour"] == 60

@@ -10,13 +10,16 @@ EXCLUDES = "training compute only: model download and load, evaluation and check
 
 
 def hourly_price(run: RunPlan, override: float | None = None) -> dict:
-    """The node's $/h in use (CLI override > spec hardware.price_per_hour > price file), with both list prices."""
+    """The profile's $/h in use (CLI override > spec hardware.price_per_hour, both per node-hour and times the
+    profile's nodes > price file), with both list prices."""
     p, hw = run.profile.price, run.spec.hardware
     own_profile = hw.profile == run.profile.name
+    nodes = run.profile.nodes  # the price file's figures are the profile's (all nodes); a user's price is per node
+    per_node = f" x {nodes} nodes" if nodes > 1 else ""
     if override is not None:
-        used, basis = override, "--price-per-hour"
+        used, basis = override * nodes, f"--price-per-hour{per_node}"
     elif own_profile and hw.price_per_hour is not None:
-        used, basis = hw.price_per_hour, "hardware.price_per_hour in the spec"
+        used, basis = hw.price_per_hour * nodes, f"hardware.price_per_hour in the spec{per_node}"
     elif own_profile and hw.spot:
         used, basis = p.spot, "spot (hardware.spot)"
     else:
