@@ -51,13 +51,21 @@ def ray_head(tmp_path):
 
 
 def test_submit_without_token_is_refused(ray_head):
+    """The head refuses a client with no token (401) or a wrong one (403), and answers the right one: the refusal
+    is the token check, not an unreachable address."""
     address, env = ray_head
-    env = {k: v for k, v in env.items() if k not in ("RAY_AUTH_TOKEN",)}
-    env["RAY_AUTH_MODE"] = "disabled"
-    r = subprocess.run(
-        [str(BIN / "ray"), "job", "list", "--address", address], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert r.returncode != 0
+
+    def job_list(**changes):
+        client = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"} | changes
+        cmd = [str(BIN / "ray"), "job", "list", "--address", address]
+        return subprocess.run(cmd, env=client, capture_output=True, text=True, timeout=120)
+
+    missing = job_list(RAY_AUTH_MODE="disabled")
+    assert missing.returncode != 0 and "Authentication required" in missing.stdout + missing.stderr
+    wrong = job_list(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 32)
+    assert wrong.returncode != 0 and "Authentication failed" in wrong.stdout + wrong.stderr
+    right = job_list(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=env["RAY_AUTH_TOKEN"])
+    assert right.returncode == 0, right.stderr[-2000:]
 
 
 def readme_block(name: str) -> str:

@@ -337,3 +337,12 @@ def test_a_users_price_is_per_node_hour_and_counts_every_node():
     assert hourly_price(two)["per_hour"] == 100 and "x 2 nodes" in hourly_price(two)["basis"]
     assert hourly_price(one)["per_hour"] == 50
     assert hourly_price(two, override=30)["per_hour"] == 60
+
+
+def test_plan_warns_about_local_storage_on_two_nodes_before_validate_refuses_it(tmp_path):
+    r = run_cli("plan", "configs/qwen72b-bf16-2x8xh100.yaml", f"storage.path={tmp_path}", "--json")
+    assert r.returncode == 0, r.stderr
+    (warning,) = json.loads(r.stdout)["warnings"]
+    assert "local folder" in warning and "s3://" in warning
+    r = run_cli("plan", "configs/qwen72b-bf16-2x8xh100.yaml", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["warnings"] == []

@@ -161,6 +161,8 @@ def print_plan(console: Console, s: dict) -> None:
     _print_time(console, s.get("time", {}))
     if "step_budget" in s:
         print_step_budget(console, s["step_budget"])
+    for warning in s.get("warnings", []):
+        console.print(f"[yellow]warning:[/yellow] {warning}")
 
 
 def _print_time(console: Console, t: dict) -> None:

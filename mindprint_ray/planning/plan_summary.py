@@ -6,6 +6,7 @@ from mindprint_ray.errors import UserError
 from mindprint_ray.planning.costs import time_cost
 from mindprint_ray.planning.estimates import memory_for_run, peak_memory, remedies
 from mindprint_ray.planning.memory import TERMS
+from mindprint_ray.planning.multinode import shared_storage_problem
 from mindprint_ray.planning.run_plan import RunPlan
 from mindprint_ray.planning.step_budget import step_budget
 from mindprint_ray.planning.topic_tokens import count_topic_tokens
@@ -88,4 +89,6 @@ def plan_summary(run: RunPlan, price_override: float | None = None) -> dict:
     if not summary["memory"]["fits"]:
         summary["memory"]["remedies"] = remedies(run)
     summary["time"], summary["step_budget"] = time_and_budget(run, price_override)
+    storage = shared_storage_problem(run)  # `train` and `validate` refuse it; `plan` says so before either
+    summary["warnings"] = [f"{storage.message} ({storage.hint})"] if storage else []
     return summary
