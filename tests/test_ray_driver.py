@@ -12,7 +12,7 @@ def test_the_workers_get_their_env_and_ray_train_logs_stay_out_of_the_terminal(t
     run = load_run("configs/tiny-cpu.yaml", [f"storage.path={tmp_path}"])
     trainer = build_trainer(for_workers(run), RunFolder(tmp_path / "r"))
     config = trainer.run_config
-    assert config.worker_runtime_env == {"env_vars": WORKER_ENV}
+    assert config.worker_runtime_env == {"env_vars": {**WORKER_ENV, "MINDPRINT_RAY_TRAIN_LOG_LEVEL": "WARNING"}}
     assert WORKER_ENV["RAY_TRAIN_ENABLE_PRINT_PATCH"] == "0" and WORKER_ENV["TOKENIZERS_PARALLELISM"] == "false"
     assert config.logging_config.log_level == "WARNING"
     monkeypatch.setenv("MINDPRINT_RAY_TRAIN_LOG_LEVEL", "info")
@@ -30,3 +30,23 @@ def test_gpu_workers_that_fit_one_node_stay_on_it(tmp_path):
     for (config, overrides), strategy in cases.items():
         run = load_run(config, [f"storage.path={tmp_path}", *overrides])
         assert build_trainer(for_workers(run), folder).scaling_config.placement_strategy == strategy, config
+
+
+def test_ray_trains_report_lines_leave_the_console_but_not_the_log_files():
+    """Ray 2.60 logs 'Reporting training result' from a logger named by its file path: the console filter
+    drops it (and other Ray Train INFO), and keeps warnings and everything that is not Ray Train's."""
+    import logging
+
+    from mindprint_ray.backends.ray_torch.topic_loop import RayTrainConsoleFilter
+
+    quiet = RayTrainConsoleFilter("WARNING")
+
+    def record(name, level):
+        return logging.LogRecord(name, level, __file__, 1, "Reporting training result 1", None, None)
+
+    context_py = "/venv/lib/python3.11/site-packages/ray/train/v2/_internal/execution/context.py"
+    assert not quiet.filter(record(context_py, logging.INFO))
+    assert not quiet.filter(record("ray.train.v2._internal.execution.controller", logging.INFO))
+    assert quiet.filter(record(context_py, logging.WARNING))
+    assert quiet.filter(record("mindprint_ray", logging.INFO))
+    assert RayTrainConsoleFilter("info").filter(record(context_py, logging.INFO))

@@ -86,13 +86,14 @@ def test_ray_trains_one_topic_with_held_out_scores(smollm2_dir, tmp_path):
 
 def assert_same_model(mlx_out, torch_out, model_dir) -> None:
     """MLX and torch logits of one adapted model agree as closely as the two frameworks agree on the base model
-    (fp32 over 30 layers: ~1e-4 on logits of magnitude ~40), and the adapter changes both alike."""
+    (fp32 over 30 layers: ~1e-4 on logits of magnitude ~40), while the adapter moves the logits far more than
+    that: a wrong conversion (a lost scale, a transposed or missing matrix) would differ by about the effect."""
     mlx_base, torch_base = mlx_logits(model_dir), peft_logits(model_dir)
     noise = np.abs(mlx_base - torch_base).max()
     assert noise < 1e-3  # rope_theta and the rest of the config read alike by both (see sample_model)
     assert np.abs(mlx_out - torch_out).max() < max(1e-4, 2 * noise)
-    assert np.abs((mlx_out - mlx_base) - (torch_out - torch_base)).max() < max(1e-4, 2 * noise)
-    assert np.abs(torch_out - torch_base).max() > 1e-3  # the adapter really changes the model
+    effect = np.abs(torch_out - torch_base).max()
+    assert effect > 50 * max(noise, 1e-5), (effect, noise)  # the adapter really changes the model
 
 
 def peft_logits(model_dir, adapter=None):

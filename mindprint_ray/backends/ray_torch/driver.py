@@ -35,6 +35,11 @@ WORKER_ENV = {
 }
 
 
+def train_log_level() -> str:
+    """Ray Train's console log level: WARNING unless MINDPRINT_RAY_TRAIN_LOG_LEVEL says otherwise."""
+    return os.environ.get("MINDPRINT_RAY_TRAIN_LOG_LEVEL", "WARNING").upper()
+
+
 def check_trackers(report_to: list[str]) -> None:
     """MLflow and W&B are optional: say so before Ray starts rather than fail inside every worker."""
     for tracker, module in (("mlflow", "mlflow"), ("wandb", "wandb"), ("tensorboard", "tensorboard")):
@@ -130,10 +135,11 @@ def build_trainer(run: RunPlan, folder: RunFolder, callbacks: list | None = None
             callbacks=callbacks,
             # every way a run starts (local cluster, RAY_ADDRESS, a submitted job) gives the workers this env;
             # a job's own runtime env (working_dir, pip) is kept: Ray merges env_vars into it
-            worker_runtime_env={"env_vars": WORKER_ENV},
+            worker_runtime_env={"env_vars": {**WORKER_ENV, "MINDPRINT_RAY_TRAIN_LOG_LEVEL": train_log_level()}},
             # Ray Train's INFO lines ("Reporting training result N: ...", one per report) stay in the Ray session
-            # logs (/tmp/ray/session_latest/logs), not in the terminal; MINDPRINT_RAY_TRAIN_LOG_LEVEL=INFO shows them
-            logging_config=LoggingConfig(log_level=os.environ.get("MINDPRINT_RAY_TRAIN_LOG_LEVEL", "WARNING")),
+            # logs (/tmp/ray/session_latest/logs/train/), not in the terminal (the workers add topic_loop's console filter
+            # for the ones LoggingConfig misses); MINDPRINT_RAY_TRAIN_LOG_LEVEL=INFO shows them
+            logging_config=LoggingConfig(log_level=train_log_level()),
         ),
     )
 

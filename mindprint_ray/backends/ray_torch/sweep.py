@@ -88,9 +88,9 @@ def run_sweep(run: RunPlan) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     trials_storage = f"{sweep_folder.remote}/trials" if sweep_folder.remote else str(root / "trials")
     workers = t.workers_per_trial or run.num_workers
+    init_ray(run)  # the concurrency reads the cluster's resources
     at_once = concurrency(run, workers)
-    check_sweep_storage(run, workers, at_once)  # trials on several nodes need storage every node sees
-    init_ray(run)
+    check_sweep_storage(run, workers, at_once)  # trials on several nodes need storage every node sees; none started
     search_alg = None
     if t.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch

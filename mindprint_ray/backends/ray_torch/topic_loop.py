@@ -71,6 +71,31 @@ def quiet_worker_logs() -> None:
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     transformers.logging.set_verbosity_error()
+    quiet_ray_train_console()
+
+
+class RayTrainConsoleFilter(logging.Filter):
+    """Drops Ray Train's own records below `level` (default WARNING, or MINDPRINT_RAY_TRAIN_LOG_LEVEL) on their
+    way to the console. Ray 2.60 logs 'Reporting training result N: TrainingReport(...)' at INFO from a logger
+    named by its file path (`logging.getLogger(__file__)` in ray/train/v2/_internal/execution/context.py), which
+    RunConfig's LoggingConfig filter (by the name 'ray.train') misses."""
+
+    def __init__(self, level: str) -> None:
+        super().__init__()
+        self.level = logging.getLevelName(level.upper())
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from_ray_train = record.name.startswith("ray.train") or f"{os.sep}ray{os.sep}train{os.sep}" in record.name
+        return not from_ray_train or record.levelno >= self.level
+
+
+def quiet_ray_train_console() -> None:
+    """On a worker: Ray Train's INFO lines stay in Ray's session log files (logs/train/ray-train-app-worker-*.log) and out
+    of the terminal. Only the stream (console) handlers of the root logger get the filter."""
+    level = os.environ.get("MINDPRINT_RAY_TRAIN_LOG_LEVEL", "WARNING")
+    for handler in logging.getLogger().handlers:
+        if type(handler).__name__ == "PlainRayHandler" or type(handler) is logging.StreamHandler:
+            handler.addFilter(RayTrainConsoleFilter(level))
 
 
 def restore_checkpoint(local_root: Path) -> Restored | None:
