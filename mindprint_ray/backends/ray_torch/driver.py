@@ -137,8 +137,8 @@ def build_trainer(run: RunPlan, folder: RunFolder, callbacks: list | None = None
             # a job's own runtime env (working_dir, pip) is kept: Ray merges env_vars into it
             worker_runtime_env={"env_vars": {**WORKER_ENV, "MINDPRINT_RAY_TRAIN_LOG_LEVEL": train_log_level()}},
             # Ray Train's INFO lines ("Reporting training result N: ...", one per report) stay in the Ray session
-            # logs (/tmp/ray/session_latest/logs/train/), not in the terminal (the workers add topic_loop's console filter
-            # for the ones LoggingConfig misses); MINDPRINT_RAY_TRAIN_LOG_LEVEL=INFO shows them
+            # logs (/tmp/ray/session_latest/logs/train/), not in the terminal (the workers add topic_loop's
+            # console filter for the ones LoggingConfig misses); MINDPRINT_RAY_TRAIN_LOG_LEVEL=INFO shows them
             logging_config=LoggingConfig(log_level=train_log_level()),
         ),
     )

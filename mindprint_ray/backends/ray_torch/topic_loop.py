@@ -90,8 +90,8 @@ class RayTrainConsoleFilter(logging.Filter):
 
 
 def quiet_ray_train_console() -> None:
-    """On a worker: Ray Train's INFO lines stay in Ray's session log files (logs/train/ray-train-app-worker-*.log) and out
-    of the terminal. Only the stream (console) handlers of the root logger get the filter."""
+    """On a worker: Ray Train's INFO lines stay in Ray's session log files (logs/train/ray-train-app-worker-*.log)
+    and out of the terminal. Only the stream (console) handlers of the root logger get the filter."""
     level = os.environ.get("MINDPRINT_RAY_TRAIN_LOG_LEVEL", "WARNING")
     for handler in logging.getLogger().handlers:
         if type(handler).__name__ == "PlainRayHandler" or type(handler) is logging.StreamHandler:
