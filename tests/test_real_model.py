@@ -158,6 +158,11 @@ def test_mlx_trains_one_topic_and_its_adapter_moves_to_peft(smollm2_dir, tmp_pat
         "sft.max_steps=1",
         "dpo.steps_per_topic=1",
         "eval.enabled=false",  # MLX generates ~8 tokens/s here; the converted adapter is scored by `eval` below
+        "sft.batch_size=1",  # and trains at ~9 tokens/s: one row of at most 128 tokens per step
+        "dpo.batch_size=1",
+        "sft.max_seq_length=128",
+        "dpo.max_seq_length=128",
+        "curriculum.overlong=truncate",
         "--no-progress",
     )
     assert result.returncode == 0, result.stderr[-3000:]
