@@ -161,8 +161,26 @@ def print_plan(console: Console, s: dict) -> None:
     _print_time(console, s.get("time", {}))
     if "step_budget" in s:
         print_step_budget(console, s["step_budget"])
+    if "elastic" in s:
+        print_elastic(console, s["elastic"])
     for warning in s.get("warnings", []):
         console.print(f"[yellow]warning:[/yellow] {warning}")
+
+
+def print_elastic(console: Console, e: dict) -> None:
+    """The batch layout of each worker count of an elastic group (planning/elastic.py)."""
+    table = Table(title=f"elastic workers {e['min_workers']}-{e['max_workers']}: the same global batch at any count")
+    for col in ("workers", "SFT batch x accum", "SFT global", "DPO batch x accum", "DPO global", "step time"):
+        table.add_column(col, justify="right")
+    for c in e["counts"]:
+        cells = [str(c["workers"])]
+        for stage in ("sft", "dpo"):
+            layout = c[stage]
+            cells.append(f"{layout['batch_size']} x {layout['gradient_accumulation']}")
+            cells.append(f"{layout['global_batch']}" + ("" if layout["exact"] else " (rounded up)"))
+        table.add_row(*cells, f"x{c['time_factor']:g}")
+    console.print(table)
+    console.print(f"({e['assumes']})")
 
 
 def _print_time(console: Console, t: dict) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from mindprint_ray.errors import UserError
 from mindprint_ray.planning.costs import time_cost
+from mindprint_ray.planning.elastic import elastic_plan
 from mindprint_ray.planning.estimates import memory_for_run, peak_memory, remedies
 from mindprint_ray.planning.memory import TERMS
 from mindprint_ray.planning.multinode import shared_storage_problem
@@ -91,4 +92,13 @@ def plan_summary(run: RunPlan, price_override: float | None = None) -> dict:
     summary["time"], summary["step_budget"] = time_and_budget(run, price_override)
     storage = shared_storage_problem(run)  # `train` and `validate` refuse it; `plan` says so before either
     summary["warnings"] = [f"{storage.message} ({storage.hint})"] if storage else []
+    elastic = elastic_plan(run)
+    if elastic:
+        summary["elastic"] = elastic
+        inexact = [c["workers"] for c in elastic["counts"] if not (c["sft"]["exact"] and c["dpo"]["exact"])]
+        if inexact:
+            summary["warnings"].append(
+                f"no exact batch layout on {', '.join(map(str, inexact))} worker(s): the global batch grows "
+                "there (gradient accumulation rounded up); choose batch sizes that the counts divide"
+            )
     return summary

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mindprint_ray.errors import UserError
+from mindprint_ray.planning.elastic import worker_range
 from mindprint_ray.planning.hardware import Profile, get_profile
 from mindprint_ray.planning.registry import (
     ALIASES,
@@ -34,7 +35,13 @@ class RunPlan:
 
     @property
     def num_workers(self) -> int:
-        return self.spec.hardware.num_workers or self.profile.devices
+        """The full worker group: the count, the max of an elastic [min, max], or the profile's devices."""
+        return self.worker_range[1]
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """(min, max) workers: equal unless hardware.num_workers is an elastic [min, max]."""
+        return worker_range(self.spec.hardware.num_workers, self.profile.devices)
 
     @property
     def deepspeed_stage(self) -> int:

@@ -25,6 +25,7 @@ SECRET_KEY = re.compile(
 
 
 COUNT_MAX = 1_000_000_000  # an upper bound for counts and sizes that keeps every estimate finite
+WorkerCount = typing.Annotated[int, Field(ge=1, le=COUNT_MAX)]
 
 
 class Section(BaseModel):
@@ -360,12 +361,12 @@ class HardwareSection(Section):
         description="Ray's DeepSpeed ZeRO stage; zero2 shards gradients and optimizer states, zero3 the base "
         "weights too (in-loop eval is then off); auto: the profile's",
     )
-    num_workers: int | None = Field(
+    num_workers: int | tuple[WorkerCount, WorkerCount] | None = Field(
         None,
-        ge=1,
-        le=COUNT_MAX,
-        description="Ray Train workers, one device each (scales the global batch and the FLOP/s); default: the "
-        "profile's device count",
+        description="Ray Train workers, one device each: a count, or [min, max] for an elastic worker group "
+        "(Ray Train V2 starts as many as the cluster holds, at least min, and resizes after a lost or added "
+        "node); each stage's global batch is max x batch_size x gradient_accumulation at any count (gradient "
+        "accumulation is recomputed, planning/elastic.py); default: the profile's device count",
     )
     mfu: float | None = Field(
         None,
@@ -384,6 +385,13 @@ class HardwareSection(Section):
 
 
 class StorageSection(Section):
+    @field_validator("num_workers")
+    @classmethod
+    def _worker_range(cls, value):
+        if isinstance(value, tuple) and value[0] > value[1]:
+            raise ValueError(f"[min, max] needs min <= max, got {list(value)}")
+        return value
+
     """Where runs are written (spec, metrics, summary, adapters, report, Ray checkpoints) and how many
     checkpoints are kept. Read by both backends; checkpoints are the Ray backend's."""
 
@@ -416,7 +424,22 @@ class RaySection(Section):
         ge=-1,
         le=COUNT_MAX,
         description="worker-group failures Ray Train recovers from by restarting it from the latest checkpoint; "
-        "-1: no limit, 0: none",
+        "-1: no limit, 0: none (a node preemption is counted apart, in max_preemptions)",
+    )
+    max_preemptions: int = Field(
+        -1,
+        ge=-1,
+        le=COUNT_MAX,
+        description="node preemptions (a drain with reason PREEMPTION: a spot reclaim) Ray Train recovers from, "
+        "counted apart from max_failures (FailureConfig.max_preemption_failures); -1: no limit",
+    )
+    preemption_grace_s: float = Field(
+        0.0,
+        ge=0,
+        le=3600,
+        description="seconds the surviving workers may run past a preemption's deadline to finish the "
+        "just-in-time checkpoint (FailureConfig.preemption_grace_s); the checkpoint is taken at the next "
+        "optimizer step after the drain notice",
     )
 
 
