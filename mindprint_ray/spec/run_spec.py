@@ -383,8 +383,6 @@ class HardwareSection(Section):
     )
     spot: bool = Field(False, description="cost this profile at the price file's spot price instead of on-demand")
 
-
-class StorageSection(Section):
     @field_validator("num_workers")
     @classmethod
     def _worker_range(cls, value):
@@ -392,6 +390,8 @@ class StorageSection(Section):
             raise ValueError(f"[min, max] needs min <= max, got {list(value)}")
         return value
 
+
+class StorageSection(Section):
     """Where runs are written (spec, metrics, summary, adapters, report, Ray checkpoints) and how many
     checkpoints are kept. Read by both backends; checkpoints are the Ray backend's."""
 
