@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from mindprint_ray.curriculum.chat_template import conversation_tokens, with_system
 from mindprint_ray.curriculum.topics import Record
+
+PAD_MULTIPLE = 32  # batch widths are 1 + a multiple of this (see padded_width)
 
 
 @dataclass
@@ -76,11 +79,18 @@ def dpo_pairs(tokenizer, records: list[Record], system: str | None, max_len: int
     return pairs
 
 
-def pad(seqs: list[Sequence], pad_id: int = 0) -> Batch:
+def padded_width(longest: int, multiple: int = PAD_MULTIPLE) -> int:
+    """1 + the model's input positions (longest - 1) rounded up to `multiple`, as mlx-lm's batches: the compiled
+    step is traced once per shape, so widths fall into few buckets. Right padding after the real tokens changes
+    no real position's log-prob (causal attention); the mask excludes the padding from every loss."""
+    return 1 + multiple * max(1, math.ceil((longest - 1) / multiple))
+
+
+def pad(seqs: list[Sequence], pad_id: int = 0, multiple: int = PAD_MULTIPLE) -> Batch:
     import mlx.core as mx
     import numpy as np
 
-    width = max(len(s.tokens) for s in seqs)
+    width = padded_width(max(len(s.tokens) for s in seqs), multiple)
     tokens = np.full((len(seqs), width), pad_id, np.int32)
     mask = np.zeros((len(seqs), width), np.float32)
     for i, s in enumerate(seqs):
