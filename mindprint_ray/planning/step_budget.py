@@ -18,9 +18,9 @@ How the Ray backend's HF Trainer (transformers 5.24, TRL 1.16, accelerate 1.15) 
 - learning rate: the scheduler starts at its factor for step 0 and advances after each optimizer step, so
   optimizer step k (1-based) applies lr x factor(k - 1); the last index applied is steps - 1. Linear warmup
   factor(s) = s / warmup for s < warmup (the first step applies 0), then 1 at s = warmup, then the decay. With
-  warmup >= steps the peak is lr x (steps - 1) / warmup. MLX (local_mlx/stage.py lr_at) warms up with
-  (s + 1) / (warmup + 1): peak lr x steps / (warmup + 1). `constant` ignores warmup. SFT uses
-  `sft.scheduler`; DPO the trainer's default, linear.
+  warmup >= steps the peak is lr x (steps - 1) / warmup. MLX (local_mlx/stage.py lr_schedule, mlx.optimizers
+  schedules) follows the same curve. `constant` ignores warmup. SFT uses `sft.scheduler`; DPO the trainer's
+  default, linear.
 Pure Python: no torch.
 """
 
@@ -209,7 +209,7 @@ def peak_fraction(run: RunPlan, stage: str, steps: int) -> float:
     warmup = _section(run, stage).warmup_steps
     if scheduler(run, stage) == "constant" or steps > warmup:
         return 1.0
-    return steps / (warmup + 1) if _mlx(run) else (steps - 1) / warmup
+    return (steps - 1) / warmup  # Ray and MLX alike: step k applies lr x (k - 1) / warmup during the warmup
 
 
 def stage_budget(run: RunPlan, t: TopicTokens, stage: str) -> StageBudget:
@@ -284,12 +284,11 @@ def _warmup_hit(run: RunPlan, b: StageBudget) -> bool:
 
 def _warmup_warning(run: RunPlan, hits: list[StageBudget]) -> tuple[str, str]:
     b, low = hits[0], min(h.steps for h in hits)
-    first = "" if _mlx(run) else "; the first step applies 0"
     message = (
         f"{b.stage.upper()} trains {span([h.steps for h in hits])} optimizer steps per topic "
         f"({_topics(run, hits)}) against {b.stage}.warmup_steps {b.warmup_steps}: the learning rate never "
         f"leaves warmup and peaks at {span([h.peak_lr for h in hits], '{:.2g}')} "
-        f"({span([100 * h.peak_fraction for h in hits], '{:.0f}')}% of {b.learning_rate:g}){first}"
+        f"({span([100 * h.peak_fraction for h in hits], '{:.0f}')}% of {b.learning_rate:g}); the first step applies 0"
     )
     limit = "to 0" if low <= 1 else f"<= {low - 1} (e.g. {low // 10})"
     return message, f"set {b.stage}.warmup_steps {limit} so that the learning rate reaches its peak"
