@@ -14,8 +14,11 @@ Pure Python: `render(messages, add_generation_prompt) -> str` is passed in, from
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Iterable, Sequence
 
+from mindprint_ray.curriculum import scan_cache
 from mindprint_ray.curriculum.topics import Record
 from mindprint_ray.errors import UserError
 
@@ -103,10 +106,45 @@ def hf_renderer(tokenizer) -> Render:
 
 def check_tokenizer(tokenizer, topics: Sequence, system_prompt: str | None, where: str) -> str:
     """`check_template` through a loaded tokenizer (what the trainers use) on every topic's SFT conversations
-    and preference pairs (prompt + chosen); returns the end-of-turn token."""
-    return check_template(
+    and preference pairs (prompt + chosen); returns the end-of-turn token. A pass is remembered in the scan cache
+    (`tokenizer_check_key`), so a restart on unchanged files, template and tokenizer does not render them again."""
+    key = tokenizer_check_key(tokenizer, topics, system_prompt)
+    entry = scan_cache.load(key) if key else None
+    if entry is not None:
+        return entry["end_of_turn"]
+    eot = check_template(
         hf_renderer(tokenizer), tokenizer.all_special_tokens, training_conversations(topics), system_prompt, where
     )
+    if key:
+        scan_cache.store(key, {"end_of_turn": eot})
+    return eot
+
+
+def tokenizer_check_key(tokenizer, topics: Sequence, system_prompt: str | None) -> str | None:
+    """What a template check through transformers depends on: the transformers version, the tokenizer's template
+    and special tokens, the system prompt, and per topic the SHA-256 of its sft/dpo files with the lines of the
+    records checked (the over-long policy may have dropped some). None when a topic does not say where its
+    records came from (`TopicData.digests`)."""
+    from importlib.metadata import version
+
+    files = []
+    for t in topics:
+        for kind in ("sft", "dpo"):
+            records = getattr(t, kind)
+            if records and kind not in getattr(t, "digests", {}):
+                return None
+            files.append([t.digests.get(kind), [r.line for r in records]])
+    parts = [
+        "hf-template-check",
+        scan_cache.SCAN_VERSION,
+        version("transformers"),
+        tokenizer.chat_template,
+        sorted(tokenizer.all_special_tokens),
+        {k: str(v) for k, v in tokenizer.special_tokens_map.items()},
+        system_prompt,
+        files,
+    ]
+    return hashlib.sha256(json.dumps(parts, ensure_ascii=False, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def training_conversations(topics: Sequence) -> list[Record]:
@@ -115,15 +153,19 @@ def training_conversations(topics: Sequence) -> list[Record]:
     return [r for t in topics for r in t.sft] + pairs
 
 
+def template_hint() -> str:
+    return (
+        "give the model a chat template whose assistant turns end with a special token (e.g. ChatML's "
+        "<|im_end|>) and that renders a conversation as a prefix of its continuations"
+    )
+
+
 def check_template(
     render: Render, special_tokens: Sequence[str], records: Iterable, system_prompt: str | None, template_file: str
 ) -> str:
     """Refuse a template that cannot train or stop; returns its end-of-turn token. `records` are SFT records
     (`file`, `line`, `data["messages"]`): a conversation the template cannot split names its file and line."""
-    hint = (
-        "give the model a chat template whose assistant turns end with a special token (e.g. ChatML's "
-        "<|im_end|>) and that renders a conversation as a prefix of its continuations"
-    )
+    hint = template_hint()
     try:
         eot = end_of_turn_token(render, special_tokens)
     except TemplateError as e:

@@ -6,11 +6,13 @@ Without a local tokenizer it falls back to a stated approximation (4 characters 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 CHARS_PER_TOKEN = 4.0
+APPROXIMATE = f"approximate: {CHARS_PER_TOKEN:g} characters per token, ChatML"  # the fingerprint of no tokenizer
 
 
 def _chat_template(model_dir: Path) -> str | None:
@@ -99,6 +101,7 @@ class TokenCounter:
     template_error: str | None = None  # why a template that exists could not be compiled
     special_tokens: tuple[str, ...] = ()
     named_tokens: dict | None = None  # bos_token / eos_token, as the template sees them
+    fingerprint: str = APPROXIMATE  # what the counts depend on: tokenizer.json, template, named/special tokens
 
     @property
     def exact(self) -> bool:
@@ -121,7 +124,10 @@ class TokenCounter:
                 template = compile_template(source)
             except Exception as e:  # noqa: BLE001 - any jinja error: reported, and counts become approximate
                 error = f"{type(e).__name__}: {e}"
-        return cls(tokenizer, template, where, error, special, _named_tokens(folder))
+        named = _named_tokens(folder)
+        digest = hashlib.sha256((folder / "tokenizer.json").read_bytes())
+        digest.update(json.dumps([source, named, special], ensure_ascii=False).encode("utf-8"))
+        return cls(tokenizer, template, where, error, special, named, digest.hexdigest())
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         """The conversation through the model's chat template (as `apply_chat_template(tokenize=False)`)."""
@@ -137,7 +143,10 @@ class TokenCounter:
         return chatml(messages)
 
     def count(self, messages: list[dict]) -> int:
-        text = self.render(messages)
+        return self.lengths([self.render(messages)])[0]
+
+    def lengths(self, texts: list[str]) -> list[int]:
+        """Tokens of each rendered text: one batch through the tokenizer (its threads), or ~4 characters each."""
         if self.tokenizer is None:
-            return max(1, round(len(text) / CHARS_PER_TOKEN))
-        return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
+            return [max(1, round(len(text) / CHARS_PER_TOKEN)) for text in texts]
+        return [len(e.ids) for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]

@@ -40,6 +40,7 @@ class TopicData:
     dpo: list[Record] = field(default_factory=list)
     eval: list[Record] = field(default_factory=list)
     heldout_fraction: float = HELDOUT_DEFAULT
+    digests: dict[str, str] = field(default_factory=dict)  # kind -> SHA-256 of the file the records came from
 
     @property
     def dpo_train(self) -> list[Record]:
@@ -87,13 +88,20 @@ def split_pairs(
     A pair's side depends only on its prompt, so adding a pair moves at most one other pair across, and
     pairs sharing a prompt stay on the same side."""
     ids = [pair_id(prompt(p)) for p in pairs]
-    want, counts, held, taken = heldout_count(len(pairs), fraction), Counter(ids), set(), 0
+    held = heldout_ids(ids, fraction)
+    return [p for p, i in zip(pairs, ids) if i not in held], [p for p, i in zip(pairs, ids) if i in held]
+
+
+def heldout_ids(ids: list[str], fraction: float) -> set[str]:
+    """The pair ids `split_pairs` holds out of pairs with these ids: the first in sorted order, until
+    `heldout_count` pairs are covered (pairs sharing an id go together)."""
+    want, counts, held, taken = heldout_count(len(ids), fraction), Counter(ids), set(), 0
     for key in sorted(counts):
         if taken >= want:
             break
         held.add(key)
         taken += counts[key]
-    return [p for p, i in zip(pairs, ids) if i not in held], [p for p, i in zip(pairs, ids) if i in held]
+    return held
 
 
 # ---- reading --------------------------------------------------------------------------------------
@@ -102,12 +110,15 @@ def split_pairs(
 MAX_LINE_BYTES = 8 * 1024**2  # one example; far above any context length the registry models have
 
 
-def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(line number, bytes) of a file read line by line, a line over MAX_LINE_BYTES refused without reading it all."""
+def _lines(path: Path, digest=None) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of a file read line by line, a line over MAX_LINE_BYTES refused without reading it all.
+    `digest` (a hashlib object), when given, is updated with every byte read."""
     with path.open("rb") as f:
         number = 0
         while line := f.readline(MAX_LINE_BYTES + 1):
             number += 1
+            if digest is not None:
+                digest.update(line)
             if len(line) > MAX_LINE_BYTES:
                 raise UserError(
                     f"the line is longer than {MAX_LINE_BYTES // 1024**2} MiB",
@@ -137,10 +148,10 @@ def parse_json_line(text: str, path: Path, number: int) -> Any:
         raise UserError(f"invalid JSON value: {e}", file=path, line=number) from None
 
 
-def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+def read_jsonl(path: Path, digest=None) -> Iterator[tuple[int, dict]]:
     """Yield (line number, object) for each non-blank line; encoding and JSON errors name the line."""
     seen = False
-    for number, line in _lines(path):
+    for number, line in _lines(path, digest):
         if not line.strip():
             continue
         seen = True
@@ -294,7 +305,8 @@ def needed_files(spec: RunSpec) -> list[str]:
     return kinds
 
 
-def load_topic(data_dir: Path, topic: str, kinds: list[str], heldout_fraction: float = HELDOUT_DEFAULT) -> TopicData:
+def topic_files(data_dir: Path, topic: str, kinds: list[str]) -> dict[str, Path]:
+    """kind -> path of each file the topic needs; a missing folder or file is a UserError."""
     folder = data_dir / topic
     if not folder.is_dir():
         raise UserError(
@@ -303,7 +315,7 @@ def load_topic(data_dir: Path, topic: str, kinds: list[str], heldout_fraction: f
             field="curriculum.topics",
             hint=f"create {folder}/ with {', '.join(FILES[k] for k in kinds)}, or remove the topic",
         )
-    data = TopicData(topic, heldout_fraction=heldout_fraction)
+    files = {}
     for kind in kinds:
         path = folder / FILES[kind]
         if not path.is_file():
@@ -314,15 +326,27 @@ def load_topic(data_dir: Path, topic: str, kinds: list[str], heldout_fraction: f
                 + (" or set dpo.enabled: false" if kind == "dpo" else "")
                 + (" or set eval.enabled: false" if kind == "eval" else ""),
             )
-        records = getattr(data, kind)
-        for number, obj in read_jsonl(path):
-            where = {"file": str(path), "line": number}
-            records.append(Record(str(path), number, CHECKS[kind](obj, where)))
+        files[kind] = path
+    return files
+
+
+def read_records(path: Path, kind: str, digest=None) -> Iterator[Record]:
+    """The file's checked records, one at a time (nothing else of the file is held)."""
+    for number, obj in read_jsonl(path, digest):
+        yield Record(str(path), number, CHECKS[kind](obj, {"file": str(path), "line": number}))
+
+
+def load_topic(data_dir: Path, topic: str, kinds: list[str], heldout_fraction: float = HELDOUT_DEFAULT) -> TopicData:
+    data = TopicData(topic, heldout_fraction=heldout_fraction)
+    for kind, path in topic_files(data_dir, topic, kinds).items():
+        digest = hashlib.sha256()
+        getattr(data, kind).extend(read_records(path, kind, digest))
+        data.digests[kind] = digest.hexdigest()
     return data
 
 
-def load_curriculum(spec: RunSpec) -> list[TopicData]:
-    """Validate every file of every topic; the first problem is raised as a UserError."""
+def curriculum_dir(spec: RunSpec) -> Path:
+    """The local folder of the curriculum (an `s3://` one downloaded to the cache); missing is a UserError."""
     data_dir = Path(materialize_data_dir(spec.curriculum.data_dir))
     if not data_dir.is_dir():
         raise UserError(
@@ -330,12 +354,22 @@ def load_curriculum(spec: RunSpec) -> list[TopicData]:
             field="curriculum.data_dir",
             hint="point curriculum.data_dir at the folder holding one sub-folder per topic",
         )
-    kinds = needed_files(spec)
-    topics = [load_topic(data_dir, t, kinds, spec.eval.heldout_pairs) for t in spec.curriculum.topics]
+    return data_dir
+
+
+def check_eval_files(spec: RunSpec) -> None:
+    """The persona profile and the general-ability text, when the evaluation needs them."""
     if spec.eval.enabled:
         load_persona(spec.persona_path)
         if spec.eval.max_general_ppl_increase is not None:
             load_general_text(spec.general_text_path)
+
+
+def load_curriculum(spec: RunSpec) -> list[TopicData]:
+    """Validate every file of every topic; the first problem is raised as a UserError."""
+    data_dir, kinds = curriculum_dir(spec), needed_files(spec)
+    topics = [load_topic(data_dir, t, kinds, spec.eval.heldout_pairs) for t in spec.curriculum.topics]
+    check_eval_files(spec)
     return topics
 
 

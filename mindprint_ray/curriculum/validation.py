@@ -3,25 +3,45 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
-from mindprint_ray.curriculum.chat_template import check_template, training_conversations
-from mindprint_ray.curriculum.data_stats import TopicStats, apply_overlong
+from mindprint_ray.curriculum.chat_template import check_template
+from mindprint_ray.curriculum.data_scan import scan_curriculum, scan_overlaps
+from mindprint_ray.curriculum.data_stats import TopicStats, drop_overlong, topic_stats
 from mindprint_ray.curriculum.tokens import TokenCounter
-from mindprint_ray.curriculum.topics import TopicData, eval_overlaps, load_curriculum
+from mindprint_ray.curriculum.topics import TopicData, curriculum_dir, load_topic, needed_files
 from mindprint_ray.errors import UserError
 from mindprint_ray.planning.multinode import check_shared_storage
 from mindprint_ray.planning.run_plan import RunPlan, load_run
 
 
-def validate_run(run: RunPlan) -> tuple[list[TopicData], list[TopicStats], TokenCounter]:
+def validate_data(run: RunPlan) -> tuple[list[TopicStats], TokenCounter]:
+    """Every check of the spec's data, holding no topic's records: each file streamed once (or its cached scan
+    reused), with token statistics per topic after the over-long policy."""
     check_shared_storage(run)  # a run over several nodes needs storage every node sees (s3://)
-    topics = load_curriculum(run.spec)
     counter = TokenCounter.for_model(run.model_path)
     check_model_matches(run)
-    check_local_template(run, topics, counter)
-    rows = apply_overlong(run.spec, topics, counter)
-    return topics, rows, counter
+    check_local_template(run, counter)
+    rows = [topic_stats(run.spec, scan) for scan in scan_curriculum(run.spec, counter)]
+    return rows, counter
+
+
+def validate_run(run: RunPlan) -> tuple[list[TopicData], list[TopicStats], TokenCounter]:
+    """`validate_data`, then every topic's records for training (over-long ones dropped when the policy says so)."""
+    rows, counter = validate_data(run)
+    return list(training_topics(run, counter)), rows, counter
+
+
+def training_topics(run: RunPlan, counter: TokenCounter) -> Iterator[TopicData]:
+    """Each topic's records as training uses them, one topic at a time (the files' scans, cached by
+    `validate_data`, say which are over-long): a loop that trains topic by topic holds one topic's records."""
+    spec = run.spec
+    data_dir, kinds = curriculum_dir(spec), needed_files(spec)
+    for scan in scan_curriculum(spec, counter):
+        topic = load_topic(data_dir, scan.name, kinds, spec.eval.heldout_pairs)
+        drop_overlong(spec, topic, scan)
+        yield topic
 
 
 ARCH_KEYS = {
@@ -53,9 +73,10 @@ def check_model_matches(run: RunPlan) -> None:
             )
 
 
-def check_local_template(run: RunPlan, topics: list[TopicData], counter: TokenCounter) -> None:
-    """With a local tokenizer: the chat template must split every conversation into turns and end assistant
-    turns with a special token (the training backends check the same through transformers before Ray)."""
+def check_local_template(run: RunPlan, counter: TokenCounter) -> None:
+    """With a local tokenizer: the chat template must compile and end assistant turns with a special token.
+    Each conversation is then split into turns as it is scanned (`data_scan.checked_text`), as the training
+    backends split them through transformers before Ray."""
     if counter.tokenizer is None:
         return
     if counter.template is None:
@@ -71,22 +92,19 @@ def check_local_template(run: RunPlan, topics: list[TopicData], counter: TokenCo
             hint="add chat_template.jinja to the model folder (e.g. ChatML)",
         )
     check_template(
-        counter.render_chat,
-        counter.special_tokens,
-        training_conversations(topics),
-        run.spec.curriculum.system_prompt,
-        counter.template_file,
+        counter.render_chat, counter.special_tokens, [], run.spec.curriculum.system_prompt, counter.template_file
     )
 
 
-def data_warnings(run: RunPlan) -> list[str]:
+def data_warnings(run: RunPlan, counter: TokenCounter | None = None) -> list[str]:
     """Problems that do not stop a run: eval questions that are also trained prompts (file:line of both)."""
     if not run.spec.eval.enabled:
         return []
-    return [o.message() for o in eval_overlaps(load_curriculum(run.spec))]
+    counter = counter or TokenCounter.for_model(run.model_path)
+    return [o.message() for o in scan_overlaps(run.spec, counter)]
 
 
 def validate_all(config: str | Path, overrides: list[str]) -> tuple[RunPlan, list[TopicStats], TokenCounter]:
     run = load_run(config, overrides)
-    _, rows, counter = validate_run(run)
+    rows, counter = validate_data(run)
     return run, rows, counter

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mindprint_ray.curriculum.data_stats import pair_lengths, sft_length
+from mindprint_ray.curriculum.data_scan import TopicScan, scan_curriculum
 from mindprint_ray.curriculum.tokens import CHARS_PER_TOKEN, TokenCounter
-from mindprint_ray.curriculum.topics import load_curriculum
 from mindprint_ray.planning.run_plan import RunPlan
+from mindprint_ray.spec.run_spec import RunSpec
 
 TRAINING_STAGES = ("sft", "dpo")  # the trained stages of a topic, in order
 
@@ -36,29 +36,31 @@ class TopicTokens:
         return self.dpo_padded_tokens / max(2 * self.dpo_pairs, 1)
 
 
+def topic_tokens(spec: RunSpec, scan: TopicScan) -> TopicTokens:
+    """One topic's tokens from its files' scan: over-long examples dropped or capped as the policy says, DPO
+    counted over the pairs DPO trains on (the held-out ones are not trained, split as training splits them)."""
+    lengths, cap = scan.get("sft").lengths, spec.sft.max_seq_length
+    sft = [min(lengths[i], cap) for i in scan.sft_train(spec)]
+    d, cap = scan.get("dpo"), spec.dpo.max_seq_length
+    trained = scan.dpo_train(spec) if spec.dpo.enabled else []  # over-long pairs already dropped under `drop`
+    pairs = [(min(d.lengths[i], cap), min(d.rejected[i], cap)) for i in trained]
+    return TopicTokens(
+        scan.name,
+        len(sft),
+        sum(sft),
+        len(pairs),
+        sum(c + r for c, r in pairs),
+        sum(2 * max(c, r) for c, r in pairs),
+        tuple(sft),
+    )
+
+
 def count_topic_tokens(run: RunPlan, counter: TokenCounter | None = None) -> tuple[list[TopicTokens], str]:
-    """Tokens per topic from the curriculum with the model's tokenizer (or ~4 chars/token), and how counted."""
+    """Tokens per topic from the curriculum with the model's tokenizer (or ~4 chars/token), and how counted.
+    Topics are scanned one at a time (`data_scan`, cached by content): no topic's records are held."""
     if counter is None:
         counter = TokenCounter.for_model(run.model_path)
-    spec, drop = run.spec, run.spec.curriculum.overlong == "drop"
-    rows = []
-    for t in load_curriculum(spec):
-        sft = [sft_length(counter, r) for r in t.sft]
-        sft = [min(n, spec.sft.max_seq_length) for n in sft if not (drop and n > spec.sft.max_seq_length)]
-        pairs = [pair_lengths(counter, r) for r in t.dpo_train] if spec.dpo.enabled else []  # held-out: not trained
-        cap = spec.dpo.max_seq_length
-        pairs = [(min(c, cap), min(r, cap)) for c, r in pairs if not (drop and max(c, r) > cap)]
-        rows.append(
-            TopicTokens(
-                t.name,
-                len(sft),
-                sum(sft),
-                len(pairs),
-                sum(c + r for c, r in pairs),
-                sum(2 * max(c, r) for c, r in pairs),
-                tuple(sft),
-            )
-        )
+    rows = [topic_tokens(run.spec, scan) for scan in scan_curriculum(run.spec, counter)]
     how = (
         "exact: the model's tokenizer and chat template"
         if counter.exact

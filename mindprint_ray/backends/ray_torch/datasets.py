@@ -17,15 +17,29 @@ def tokenize_conversation(tokenizer, messages: list[dict], assistant_only: bool)
     return {"input_ids": ids, "assistant_masks": mask}
 
 
-def sft_dataset(records: list[Record], system_prompt: str | None, tokenizer, assistant_only: bool):
-    """Tokenised SFT examples; TRL turns `assistant_masks` into labels (-100 elsewhere), then packs."""
-    from datasets import Dataset
+CHUNK = 1000  # examples tokenised into Python lists before they become one Arrow table
 
-    rows = [
-        tokenize_conversation(tokenizer, with_system(r.data["messages"], system_prompt), assistant_only)
-        for r in records
-    ]
-    return Dataset.from_list(rows)
+
+def sft_features():
+    """input_ids as int32 (vocabularies stay far below 2**31), the trained-token mask as int8."""
+    from datasets import Features, List, Value
+
+    return Features({"input_ids": List(Value("int32")), "assistant_masks": List(Value("int8"))})
+
+
+def sft_dataset(records: list[Record], system_prompt: str | None, tokenizer, assistant_only: bool):
+    """Tokenised SFT examples; TRL turns `assistant_masks` into labels (-100 elsewhere), then packs. Built CHUNK
+    examples at a time into Arrow (5 bytes a token), so Python lists of one chunk only are held at once."""
+    from datasets import Dataset, concatenate_datasets
+
+    features, parts = sft_features(), []
+    for start in range(0, len(records), CHUNK):
+        rows = [
+            tokenize_conversation(tokenizer, with_system(r.data["messages"], system_prompt), assistant_only)
+            for r in records[start : start + CHUNK]
+        ]
+        parts.append(Dataset.from_list(rows, features=features))
+    return concatenate_datasets(parts) if parts else Dataset.from_list([], features=features)
 
 
 def dpo_dataset(records: list[Record], system_prompt: str | None):
@@ -44,9 +58,12 @@ def dpo_dataset(records: list[Record], system_prompt: str | None):
 
 
 def content_hash(records: list[Record], tokenizer_dir: str, settings: dict) -> str:
-    """Hash of the examples, the tokenizer files and the settings that shape tokenisation."""
+    """Hash of the examples (one at a time, in order), the tokenizer files and the settings that shape
+    tokenisation."""
     h = hashlib.sha256()
-    h.update(json.dumps([r.data for r in records], sort_keys=True).encode())
+    for r in records:
+        h.update(json.dumps(r.data, sort_keys=True).encode())
+        h.update(b"\n")
     h.update(json.dumps(settings, sort_keys=True).encode())
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         path = Path(tokenizer_dir) / name
