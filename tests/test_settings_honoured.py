@@ -12,6 +12,8 @@ import pytest
 from conftest import ROOT, make_data, make_spec
 from pydantic import BaseModel
 
+from mindprint_ray.planning.run_plan import build_run
+
 
 def tiny_spec(data_dir: Path, **sections):
     """A RunSpec for the tiny model (no model folder needed: nothing here loads it)."""
@@ -175,12 +177,17 @@ def test_the_worker_switches_checkpointing_at_each_stage_and_uses_trainer_args(t
         storage={"keep_checkpoints": 3},
     )
     worker.model, worker.writer, worker.local, worker.gpu, worker.ds_config = FakeHFModel(), None, tmp_path, False, None
+    worker.run, worker.world = build_run(worker.spec), 2  # the profile's 2 workers: the spec's own batch layout
     sft = worker.stage_args("sft", "alpha")
     assert worker.model.calls[-1][0] == "disable"
     dpo = worker.stage_args("dpo", "alpha")
     assert worker.model.calls[-2:] == [("enable", {"use_reentrant": False}), ("inputs", None)]
     assert sft == trainer_args(worker.spec, "sft", str(tmp_path / "alpha-sft"), False, None)
     assert dpo["gradient_checkpointing"] and not sft["gradient_checkpointing"] and dpo["save_total_limit"] == 3
+    worker.world = 1  # one worker left: it accumulates what two computed, the global batch stays the spec's
+    one = worker.stage_args("dpo", "alpha")
+    assert one["gradient_accumulation_steps"] == 2 * dpo["gradient_accumulation_steps"]
+    assert one["per_device_train_batch_size"] == dpo["per_device_train_batch_size"]
 
 
 def test_set_checkpointing_turns_a_real_peft_model_on_and_off():

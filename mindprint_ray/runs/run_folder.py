@@ -63,6 +63,25 @@ class RunFolder:
         parts = [relative] if relative else ["spec.yaml", "summary.json", "metrics.jsonl", "adapters/"]
         return sum(download_tree(loc, self.root, part) for part in parts)
 
+    def refresh(self) -> None:
+        """For each node of a worker group, which after a restart may hold none of the run: the remote's summary
+        and published adapters (so every rank sees the same finished topics), and its metrics when they are
+        longer than this mirror's (the node that wrote more since the last push keeps its own). A no-op for
+        local storage."""
+        if not self.remote:
+            return
+        self.pull("summary.json")
+        download_tree(parse_s3(self.remote), self.root, "adapters/", skip_same_size=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            theirs = RunFolder(tmp, self.remote)
+            theirs.pull("metrics.jsonl")
+            mine = self.metrics_file
+            if theirs.metrics_file.is_file() and (
+                not mine.is_file() or theirs.metrics_file.stat().st_size > mine.stat().st_size
+            ):
+                mine.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(theirs.metrics_file, mine)
+
     def push(self, relative: str = "") -> int:
         """Upload (verified, retried) a file or folder of the run to the remote; a no-op for local storage."""
         if not self.remote:

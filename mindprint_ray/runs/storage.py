@@ -177,8 +177,9 @@ def upload_tree(local_root: Path, loc: S3Location, relative: str = "") -> int:
     return sent
 
 
-def download_tree(loc: S3Location, local_root: Path, relative: str = "") -> int:
-    """Download every object under loc/relative into local_root (same relative paths). Returns files fetched."""
+def download_tree(loc: S3Location, local_root: Path, relative: str = "", skip_same_size: bool = False) -> int:
+    """Download every object under loc/relative into local_root (same relative paths). Returns files fetched.
+    `skip_same_size`: keep a local file of the object's size (for write-once files such as published adapters)."""
     s3 = client()
     prefix = loc.key(relative) if relative else (loc.prefix + "/" if loc.prefix else "")
     fetched = 0
@@ -186,6 +187,8 @@ def download_tree(loc: S3Location, local_root: Path, relative: str = "") -> int:
         for obj in (o for o in page.get("Contents", []) if not o["Key"].endswith("/")):
             rel = obj["Key"][len(loc.prefix) + 1 :] if loc.prefix else obj["Key"]
             target = local_root / rel
+            if skip_same_size and target.is_file() and target.stat().st_size == obj["Size"]:
+                continue
             target.parent.mkdir(parents=True, exist_ok=True)
             s3.download_file(loc.bucket, obj["Key"], str(target))
             fetched += 1

@@ -361,7 +361,7 @@ class HardwareSection(Section):
         description="Ray's DeepSpeed ZeRO stage; zero2 shards gradients and optimizer states, zero3 the base "
         "weights too (in-loop eval is then off); auto: the profile's",
     )
-    num_workers: int | tuple[WorkerCount, WorkerCount] | None = Field(
+    num_workers: WorkerCount | tuple[WorkerCount, WorkerCount] | None = Field(
         None,
         description="Ray Train workers, one device each: a count, or [min, max] for an elastic worker group "
         "(Ray Train V2 starts as many as the cluster holds, at least min, and resizes after a lost or added "

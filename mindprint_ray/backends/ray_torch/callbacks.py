@@ -48,6 +48,10 @@ class MetricsCallback(TrainerCallback, StageHistory):
                 }
             )
 
+    def on_save(self, args, state, control, **kwargs):
+        if self.folder:  # with each checkpoint, the metrics so far reach the remote (a new rank 0 reads them)
+            self.folder.push("metrics.jsonl")
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = dict(logs or {})
         if "train_runtime" in logs:  # the trainer's closing summary line
@@ -80,31 +84,65 @@ class MetricsCallback(TrainerCallback, StageHistory):
 class RayCheckpointCallback(TrainerCallback):
     """Reports each HF checkpoint to Ray Train, tagged with topic and stage, so a restart resumes there."""
 
-    def __init__(self, topic: str, stage: str, rank: int, sharded: bool, latest: dict | None = None) -> None:
-        self.topic, self.stage, self.rank, self.sharded = topic, stage, rank, sharded
+    def __init__(self, topic: str, stage: str, rank: int, latest: dict | None = None) -> None:
+        self.topic, self.stage, self.rank = topic, stage, rank
         self.latest = latest if latest is not None else {}
 
     def on_save(self, args, state, control, **kwargs):
         checkpoint_dir = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        report_checkpoint(
-            checkpoint_dir, self.topic, self.stage, state.global_step, self.rank, self.sharded, dict(self.latest)
-        )
+        report_checkpoint(checkpoint_dir, self.topic, self.stage, state.global_step, self.rank, dict(self.latest))
 
 
-def report_checkpoint(
-    directory: Path | None, topic: str, stage: str, step: int, rank: int, sharded: bool, metrics: dict
-) -> None:
-    """All ranks call this (ray.train.report is a barrier); rank 0 (or every rank when sharded) uploads."""
+def report_checkpoint(directory: Path | None, topic: str, stage: str, step: int, rank: int, metrics: dict) -> None:
+    """All ranks call this (ray.train.report is a barrier); rank 0 uploads its folder (the whole state, also
+    under ZeRO-2/3: portable_checkpoint.PortableCheckpoints gathers it there), in Ray's
+    background thread (CheckpointUploadMode.ASYNC): training goes on while a checkpoint travels to S3, Ray
+    commits checkpoints in report order, deletes each local copy once uploaded, and flushes every pending upload
+    before the worker ends."""
     import ray.train
-    from ray.train import Checkpoint
+    from ray.train import Checkpoint, CheckpointUploadMode
 
     checkpoint = None
-    if directory is not None and (rank == 0 or sharded) and directory.is_dir():
+    if directory is not None and rank == 0 and directory.is_dir():
         (directory / STATE_FILE).write_text(json.dumps({"topic": topic, "stage": stage, "step": step}))
         checkpoint = Checkpoint.from_directory(str(directory))
     clean = {k: v for k, v in metrics.items() if v is not None}
     ray.train.report(
         {"topic": topic, "stage": stage, "step": step, **clean},
         checkpoint=checkpoint,
-        checkpoint_dir_name=f"{topic}-{stage}-{step:06d}" if checkpoint or sharded else None,
+        checkpoint_dir_name=f"{topic}-{stage}-{step:06d}" if checkpoint else None,
+        # the same mode on every rank (all pass `directory`, only the writers a checkpoint)
+        checkpoint_upload_mode=CheckpointUploadMode.ASYNC if directory is not None else CheckpointUploadMode.SYNC,
     )
+
+
+class PreemptionCallback(TrainerCallback):
+    """A spot reclaim arrives as a node drain (reason PREEMPTION): Ray Train V2 shows it to every worker through
+    ray.train.get_preemption_info(). Asked at each optimizer step's end (a barrier: every rank asks equally
+    often), the first notice saves a checkpoint at that step, which RayCheckpointCallback reports, so a preempted
+    run loses at most one step. Ray restarts the group on the nodes that remain, from that checkpoint, and counts
+    the restart against ray.max_preemptions, not ray.max_failures."""
+
+    def __init__(self, folder: RunFolder | None, topic: str, stage: str) -> None:
+        self.folder, self.topic, self.stage = folder, topic, stage
+        self.noticed = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        import ray.train
+
+        info = ray.train.get_preemption_info()
+        if info is None or self.noticed:
+            return
+        self.noticed = True
+        control.should_save = True
+        if self.folder:
+            self.folder.log(
+                {
+                    "event": "preemption_notice",
+                    "topic": self.topic,
+                    "stage": self.stage,
+                    "step": state.global_step,
+                    "preempted_ranks": sorted(info.preempted_ranks),
+                    "deadline_ms": info.deadline_ms,
+                }
+            )

@@ -89,7 +89,7 @@ def init_ray(run: RunPlan) -> None:
     if address:  # a submitted job already carries its runtime env (cluster/runtime_env.yaml): keep it
         ray.init(address=address, log_to_driver=True)
     else:
-        needed = run.num_workers * run.profile.cpus_per_worker
+        needed = run.num_workers * run.profile.cpus_per_worker  # the full group (an elastic one's max)
         ray.init(
             address="local",
             num_cpus=max(os.cpu_count() or 1, needed),
@@ -121,7 +121,8 @@ def build_trainer(run: RunPlan, folder: RunFolder, callbacks: list | None = None
         train_loop,
         train_loop_config={"spec": run.spec.model_dump(mode="json")},
         scaling_config=ScalingConfig(
-            num_workers=run.num_workers,
+            # [min, max]: Ray Train V2's elastic group (each stage keeps its global batch: planning/elastic.py)
+            num_workers=run.num_workers if run.worker_range[0] == run.worker_range[1] else run.worker_range,
             use_gpu=profile.use_gpu,
             resources_per_worker=resources,
             placement_strategy=placement_strategy(run),  # one node (NVLink) when the workers fit; see docs/cluster.md
@@ -130,7 +131,13 @@ def build_trainer(run: RunPlan, folder: RunFolder, callbacks: list | None = None
             name="checkpoints",
             storage_path=storage_path,
             storage_filesystem=filesystem,
-            failure_config=FailureConfig(max_failures=run.spec.ray.max_failures),
+            failure_config=FailureConfig(
+                max_failures=run.spec.ray.max_failures,
+                # a drain with reason PREEMPTION (a spot reclaim) restarts the group from the checkpoint taken
+                # at the notice (callbacks.PreemptionCallback) without spending max_failures
+                max_preemption_failures=run.spec.ray.max_preemptions,
+                preemption_grace_s=run.spec.ray.preemption_grace_s,
+            ),
             checkpoint_config=CheckpointConfig(num_to_keep=run.spec.storage.keep_checkpoints),
             callbacks=callbacks,
             # every way a run starts (local cluster, RAY_ADDRESS, a submitted job) gives the workers this env;

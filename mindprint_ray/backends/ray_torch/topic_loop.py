@@ -20,6 +20,7 @@ from mindprint_ray.backends.ray_torch import datasets as ds
 from mindprint_ray.backends.ray_torch.callbacks import (
     STATE_FILE,
     MetricsCallback,
+    PreemptionCallback,
     RayCheckpointCallback,
     report_checkpoint,
 )
@@ -32,12 +33,14 @@ from mindprint_ray.backends.ray_torch.model_loading import (
     load_tokenizer,
     set_checkpointing,
 )
+from mindprint_ray.backends.ray_torch.portable_checkpoint import portable
 from mindprint_ray.backends.ray_torch.trainer_args import trainer_args
 from mindprint_ray.curriculum.topics import TopicData, load_persona
 from mindprint_ray.curriculum.validation import validate_run
 from mindprint_ray.errors import UserError
 from mindprint_ray.evaluation import check_gates, final_statement
 from mindprint_ray.evaluation.gates import summary_entries
+from mindprint_ray.planning.elastic import stage_layout
 from mindprint_ray.planning.estimates import remedies
 from mindprint_ray.planning.run_plan import RunPlan, build_run
 from mindprint_ray.runs.run_folder import RunFolder, adapter_manifest, stopped_message
@@ -199,7 +202,6 @@ class Worker:
                 "sft_done",
                 trainer.state.global_step,
                 self.rank,
-                sharded=False,
                 metrics=dict(self.latest),
             )
         return summary
@@ -217,7 +219,6 @@ class Worker:
             "done",
             0,
             self.rank,
-            sharded=False,
             metrics={**self.latest, "wall_s": wall_s, "topics_done": self.topics_done()},
         )
 
@@ -307,7 +308,10 @@ class Worker:
         if self.writer and "tensorboard" in self.spec.report_to:
             os.environ["TENSORBOARD_LOGGING_DIR"] = str(self.folder.root / "tensorboard" / f"{topic}-{stage}")
         set_checkpointing(self.model, self.spec.stage(stage).gradient_checkpointing)
-        return trainer_args(self.spec, stage, str(self.local / f"{topic}-{stage}"), self.gpu, self.ds_config)
+        args = trainer_args(self.spec, stage, str(self.local / f"{topic}-{stage}"), self.gpu, self.ds_config)
+        layout = stage_layout(self.run, stage, self.world)  # the spec's global batch on this many workers
+        args.update(per_device_train_batch_size=layout.per_device, gradient_accumulation_steps=layout.accumulation)
+        return args
 
     def run_sft(self, topic: TopicData, resume: Path | None):
         from trl import SFTConfig, SFTTrainer
@@ -352,13 +356,12 @@ class Worker:
             else ds.sft_dataset(topic.sft, self.spec.curriculum.system_prompt, self.tokenizer, s.assistant_only_loss)
         )
         metrics = MetricsCallback(self.writer, topic.name, "sft", self.latest)
-        sharded = self.run.deepspeed_stage > 0
-        trainer = SFTTrainer(
+        trainer = portable(SFTTrainer)(
             model=self.model,
             args=args,
             train_dataset=train_data,
             processing_class=self.tokenizer,
-            callbacks=[metrics, RayCheckpointCallback(topic.name, "sft", self.rank, sharded, self.latest)],
+            callbacks=self.stage_callbacks(topic.name, "sft", metrics),
         )
         if prepared is None and self.rank == 0:
             ds.store(cache_root, key, trainer.train_dataset)
@@ -376,15 +379,14 @@ class Worker:
             precompute_ref_log_probs=d.precompute_ref_log_probs,
         )
         metrics = MetricsCallback(self.writer, topic.name, "dpo", self.latest)
-        sharded = self.run.deepspeed_stage > 0
         dropout = dropout_rates(self.model)  # DPOTrainer zeroes them (disable_dropout); the next SFT needs them
-        trainer = DPOTrainer(
+        trainer = portable(DPOTrainer)(
             model=self.model,
             ref_model=None,
             args=args,
             processing_class=self.tokenizer,
             train_dataset=ds.dpo_dataset(topic.dpo_train, self.spec.curriculum.system_prompt),
-            callbacks=[metrics, RayCheckpointCallback(topic.name, "dpo", self.rank, sharded, self.latest)],
+            callbacks=self.stage_callbacks(topic.name, "dpo", metrics),
         )
         if d.reference == "base":  # without TRL's frozen "ref" copy, TRL scores the reference with adapters off
             drop_reference_adapter(self.model)
@@ -393,9 +395,29 @@ class Worker:
         restore_dropout(self.model, dropout)
         return metrics, trainer
 
+    def stage_callbacks(self, topic: str, stage: str, metrics: MetricsCallback) -> list:
+        """The stage's metrics, its checkpoints reported to Ray (one folder from rank 0, portable to any world
+        size: portable_checkpoint.py), and the answer to a spot notice (a checkpoint at the next step)."""
+        return [
+            metrics,
+            RayCheckpointCallback(topic, stage, self.rank, self.latest),
+            PreemptionCallback(self.writer, topic, stage),
+        ]
+
+    def release_engine(self, trainer) -> None:
+        """Under ZeRO-1/2 each stage's DeepSpeed engine hooks the same LoRA parameters: remove the previous stage's
+        hooks before the next trains, or every gradient is reduced twice. (ZeRO-3's engines hand the partitioned
+        parameters on, and the last one still gathers the adapter at the topic's end.)"""
+        previous = self._last_trainer
+        if previous is not None and previous is not trainer and 0 < self.run.deepspeed_stage < 3:
+            previous.accelerator.free_memory()
+
     def _train(self, trainer, resume: Path | None) -> None:
         import torch
+        from transformers.trainer_callback import PrinterCallback
 
+        trainer.remove_callback(PrinterCallback)  # metrics.jsonl and the driver's progress bar show the logs
+        self.release_engine(trainer)
         self._last_trainer = trainer
         try:
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -416,6 +438,13 @@ def restore_dropout(model, rates: dict[str, float]) -> None:
     for name, m in model.named_modules():
         if name in rates:
             m.p = rates[name]
+
+
+def barrier(world: int) -> None:
+    import torch.distributed as dist
+
+    if world > 1 and dist.is_initialized():
+        dist.barrier()
 
 
 def broadcast_from_rank0(value, world: int):
@@ -460,22 +489,33 @@ def train_loop(config: dict) -> None:
             folder.update_summary(stopped=str(stopped))
 
 
+def record_worker_group(folder: RunFolder, world: int, restored: Restored | None) -> None:
+    """Each start of the worker group (the first, and every restart after a failure, a preemption or a resize),
+    in metrics.jsonl and in summary.json's `worker_groups`."""
+    event = {
+        "event": "worker_group_start",
+        "world_size": world,
+        "restored": None
+        if restored is None
+        else {"topic": restored.topic, "stage": restored.stage, "step": restored.step},
+    }
+    folder.log(event)
+    groups = folder.summary().get("worker_groups", [])
+    entry = {"world_size": world, "time": round(time.time(), 3), "restored": event["restored"]}
+    folder.update_summary(worker_groups=[*groups, entry])
+
+
 def train_curriculum(run: RunPlan, folder: RunFolder, ctx) -> None:
     """Every topic not finished yet, in order, resuming the current one from the latest checkpoint."""
     rank, world, local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
     topics, _, _ = validate_run(run)
     worker = Worker(run, folder, rank, world, local_rank, ctx.get_local_world_size())
     restored = restore_checkpoint(worker.local)
+    if local_rank == 0:  # one process per node brings the node's mirror of an s3:// run up to date
+        folder.refresh()
+    barrier(world)
     if rank == 0:
-        folder.log(
-            {
-                "event": "worker_group_start",
-                "world_size": world,
-                "restored": None
-                if restored is None
-                else {"topic": restored.topic, "stage": restored.stage, "step": restored.step},
-            }
-        )
+        record_worker_group(folder, world, restored)
     if restored and restored.stage == "done":
         restored = None
     if worker.eval_note and rank == 0:

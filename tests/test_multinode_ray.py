@@ -1,0 +1,210 @@
+"""Two Ray nodes on one machine (Ray's own ray.cluster_utils.Cluster), the run's storage on a real moto S3 server:
+a node lost mid-SFT (the elastic group continues on one worker, under ZeRO-2, from the last checkpoint, at the
+same step and with the same data), and a spot notice (`ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`)
+answered by a checkpoint at the next step, without spending ray.max_failures."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+TOPICS = ["cycle_basics", "capitulation"]
+
+
+@pytest.fixture
+def two_nodes(moto_s3, monkeypatch):
+    """A head (the driver's node: it holds Ray Train's controller) and a second node, one CPU each."""
+    from ray.cluster_utils import Cluster
+
+    # after a node dies, Ray Train may first try the old size until the cluster marks the node dead: give up
+    # on that attempt after 20 s (default 60 s) and start the group that fits
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "20")
+
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 1})
+    second = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        yield cluster, second
+    finally:
+        cluster.shutdown()
+
+
+def start_run(cluster, moto_s3, bucket: str, name: str, *extra: str) -> subprocess.Popen:
+    boto3.client("s3", endpoint_url=moto_s3["AWS_ENDPOINT_URL"]).create_bucket(Bucket=bucket)
+    args = [
+        sys.executable,
+        "-m",
+        "mindprint_ray",
+        "train",
+        "configs/tiny-cpu.yaml",
+        "--name",
+        name,
+        f"storage.path=s3://{bucket}/runs",
+        f"curriculum.topics=[{','.join(TOPICS)}]",
+        "hardware.profile=cpu-2x1",
+        "hardware.num_workers=[1,2]",
+        "storage.checkpoint_every_steps=4",
+        "sft.max_steps=14",
+        "dpo.steps_per_topic=4",
+        "eval.enabled=false",
+        "lora.dropout=0.0",  # the same step on 1 worker as on 2 gives the same loss (no dropout masks to differ)
+        *extra,
+    ]
+    env = {**os.environ, **moto_s3, "RAY_ADDRESS": cluster.address}
+    return subprocess.Popen(
+        args, cwd=ROOT, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def records(moto_s3, bucket: str, name: str) -> list[dict]:
+    """metrics.jsonl as the driver's node mirrors it (workers of this machine share the mirror)."""
+    path = Path(moto_s3["MINDPRINT_CACHE"]) / "runs" / bucket / "runs" / name / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def wait_for(proc, moto_s3, bucket, name, condition, timeout: float = 300) -> list[dict]:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        rows = records(moto_s3, bucket, name)
+        if condition(rows):
+            return rows
+        time.sleep(0.3)
+    out = proc.stdout.read() if proc.poll() is not None else ""
+    raise AssertionError(f"condition not met (run ended: {proc.poll()}): {out[-3000:]}")
+
+
+def finish(proc, timeout: float = 600) -> str:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+    return out
+
+
+def sft_losses(rows, topic, since: float = 0.0) -> dict[int, float]:
+    return {
+        r["step"]: r["loss"]
+        for r in rows
+        if r.get("topic") == topic and r.get("stage") == "sft" and "loss" in r and r["time"] >= since
+    }
+
+
+def summary_of(moto_s3, bucket, name) -> dict:
+    s3 = boto3.client("s3", endpoint_url=moto_s3["AWS_ENDPOINT_URL"])
+    return json.loads(s3.get_object(Bucket=bucket, Key=f"runs/{name}/summary.json")["Body"].read())
+
+
+def committed(moto_s3, bucket: str, name: str) -> str:
+    """Ray Train's record of the run's committed checkpoints (its checkpoint manager snapshot), as text."""
+    s3 = boto3.client("s3", endpoint_url=moto_s3["AWS_ENDPOINT_URL"])
+    try:
+        body = s3.get_object(Bucket=bucket, Key=f"runs/{name}/checkpoints/checkpoint_manager_snapshot.json")["Body"]
+    except s3.exceptions.NoSuchKey:
+        return ""
+    return body.read().decode()
+
+
+def test_a_lost_node_resizes_the_zero2_group_and_the_run_continues_at_the_same_step(two_nodes, moto_s3):
+    cluster, second = two_nodes
+    proc = start_run(
+        cluster,
+        moto_s3,
+        "mp-node",
+        "lost",
+        "hardware.deepspeed=zero2",
+        "ray.max_failures=2",
+        "storage.checkpoint_every_steps=3",
+    )
+    # remove the node once Ray has committed the step-3 checkpoint and step 4 has been logged
+    rows = wait_for(
+        proc,
+        moto_s3,
+        "mp-node",
+        "lost",
+        lambda rows: (
+            max(sft_losses(rows, TOPICS[0]), default=0) >= 4
+            and f"{TOPICS[0]}-sft-000003" in committed(moto_s3, "mp-node", "lost")
+        ),
+    )
+    removed_at = time.time()
+    cluster.remove_node(second, allow_graceful=False)
+    before = sft_losses(rows, TOPICS[0])
+    out = finish(proc)
+    assert proc.returncode == 0, out[-4000:]
+    summary = summary_of(moto_s3, "mp-node", "lost")
+    assert all(summary["topics"][t]["status"] == "done" for t in TOPICS)
+    groups = summary["worker_groups"]
+    assert groups[0]["world_size"] == 2 and groups[0]["restored"] is None
+    assert groups[-1]["world_size"] == 1, groups  # the elastic group continued on the node that remains
+    restored = groups[-1]["restored"]
+    assert restored["topic"] == TOPICS[0] and restored["stage"] == "sft" and restored["step"] >= 3
+    s3 = boto3.client("s3", endpoint_url=moto_s3["AWS_ENDPOINT_URL"])
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="mp-node", Prefix="runs/lost/")["Contents"]]
+    for topic in TOPICS:
+        assert f"runs/lost/adapters/{topic}/adapter_model.safetensors" in keys
+    # the resumed curve continues the one before: a step redone on 1 worker (2 micro-batches accumulated) sees
+    # the same rows, weights, optimizer state and learning rate as on 2 workers, so its loss is the same. Within
+    # the first epoch only: its 13 rows end it unevenly (2 workers pad the last step, 1 worker shortens it).
+    after = sft_losses(records(moto_s3, "mp-node", "lost"), TOPICS[0], since=removed_at)
+    assert min(after) == restored["step"] + 1 and max(after) == 14, sorted(after)
+    redone = [step for step in sorted(set(before) & set(after)) if step <= 7]
+    assert redone, (sorted(before), restored)
+    for step in redone:
+        assert after[step] == pytest.approx(before[step], rel=1e-3), (step, before, after)
+
+
+def test_a_preemption_notice_checkpoints_at_the_next_step_and_spends_no_failure(two_nodes, moto_s3):
+    cluster, second = two_nodes
+    proc = start_run(cluster, moto_s3, "mp-spot", "spot", "ray.max_failures=0", "sft.max_steps=30")
+    wait_for(
+        proc,
+        moto_s3,
+        "mp-spot",
+        "spot",
+        lambda rows: any(
+            r.get("topic") == TOPICS[0] and r.get("stage") == "sft" and r.get("step", 0) >= 2 for r in rows
+        ),
+    )
+    drain = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "ray"),
+            "drain-node",
+            "--address",
+            cluster.address,
+            "--node-id",
+            second.node_id,
+            "--reason",
+            "DRAIN_NODE_REASON_PREEMPTION",
+            "--reason-message",
+            "spot instance-action",
+            "--deadline-remaining-seconds",
+            "12",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert drain.returncode == 0, drain.stderr
+    notice = wait_for(
+        proc, moto_s3, "mp-spot", "spot", lambda rows: any(r.get("event") == "preemption_notice" for r in rows)
+    )
+    event = next(r for r in notice if r.get("event") == "preemption_notice")
+    time.sleep(14)  # past the deadline: the reclaim itself (`ray drain-node` leaves the killing to its caller)
+    cluster.remove_node(second, allow_graceful=False)
+    out = finish(proc)
+    assert proc.returncode == 0, out[-4000:]  # max_failures=0: the preemption did not count as a failure
+    summary = summary_of(moto_s3, "mp-spot", "spot")
+    assert all(summary["topics"][t]["status"] == "done" for t in TOPICS)
+    groups = summary["worker_groups"]
+    assert [g["world_size"] for g in groups][:1] == [2] and groups[-1]["world_size"] == 1, groups
+    restored = groups[-1]["restored"]
+    # the just-in-time checkpoint is the notice's step: at most one step of work is lost
+    assert restored["topic"] == event["topic"] and restored["step"] == event["step"], (restored, event)
