@@ -163,7 +163,9 @@ def test_a_lost_node_resizes_the_zero2_group_and_the_run_continues_at_the_same_s
 
 def test_a_preemption_notice_checkpoints_at_the_next_step_and_spends_no_failure(two_nodes, moto_s3):
     cluster, second = two_nodes
-    proc = start_run(cluster, moto_s3, "mp-spot", "spot", "ray.max_failures=0", "sft.max_steps=30")
+    proc = start_run(
+        cluster, moto_s3, "mp-spot", "spot", "ray.max_failures=0", "sft.max_steps=30", "storage.keep_checkpoints=100"
+    )
     wait_for(
         proc,
         moto_s3,
@@ -205,6 +207,13 @@ def test_a_preemption_notice_checkpoints_at_the_next_step_and_spends_no_failure(
     assert all(summary["topics"][t]["status"] == "done" for t in TOPICS)
     groups = summary["worker_groups"]
     assert [g["world_size"] for g in groups][:1] == [2] and groups[-1]["world_size"] == 1, groups
+    # the notice's own step was checkpointed (at most one step of work is lost), and the run resumed from it or
+    # from a later one (the group ran on until the deadline)
+    name = f"{event['topic']}-{event['stage']}-{event['step']:06d}"
+    s3 = boto3.client("s3", endpoint_url=moto_s3["AWS_ENDPOINT_URL"])
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="mp-spot", Prefix=f"runs/spot/checkpoints/{name}/")["Contents"]]
+    assert f"runs/spot/checkpoints/{name}/mindprint_state.json" in keys
     restored = groups[-1]["restored"]
-    # the just-in-time checkpoint is the notice's step: at most one step of work is lost
-    assert restored["topic"] == event["topic"] and restored["step"] == event["step"], (restored, event)
+    order = [(t, s) for t in TOPICS for s in ("sft", "sft_done", "dpo", "done")]
+    resumed = (order.index((restored["topic"], restored["stage"])), restored["step"])
+    assert resumed >= (order.index((event["topic"], event["stage"])), event["step"]), (restored, event)

@@ -50,3 +50,30 @@ def test_ray_trains_report_lines_leave_the_console_but_not_the_log_files():
     assert quiet.filter(record(context_py, logging.WARNING))
     assert quiet.filter(record("mindprint_ray", logging.INFO))
     assert RayTrainConsoleFilter("info").filter(record(context_py, logging.INFO))
+
+
+def test_elastic_workers_retention_and_preemption_reach_ray_train(tmp_path):
+    """hardware.num_workers [min, max] becomes Ray Train V2's elastic (min, max); storage.keep_checkpoints is
+    Ray's num_to_keep (the trainer keeps none of its own: uploads delete the local copies); the preemption budget
+    is counted apart from max_failures."""
+    run = load_run(
+        "configs/tiny-cpu.yaml",
+        [
+            f"storage.path={tmp_path}",
+            "hardware.num_workers=[1,3]",
+            "storage.keep_checkpoints=4",
+            "ray.max_failures=1",
+            "ray.max_preemptions=5",
+            "ray.preemption_grace_s=30",
+        ],
+    )
+    trainer = build_trainer(for_workers(run), RunFolder(tmp_path / "r"))
+    assert trainer.scaling_config.num_workers == (1, 3) and trainer.scaling_config.elasticity_enabled
+    config = trainer.run_config
+    assert config.checkpoint_config.num_to_keep == 4
+    failure = config.failure_config
+    assert (failure.max_failures, failure.max_preemption_failures, failure.preemption_grace_s) == (1, 5, 30.0)
+    fixed = build_trainer(
+        for_workers(load_run("configs/tiny-cpu.yaml", [f"storage.path={tmp_path}"])), RunFolder(tmp_path / "r")
+    )
+    assert fixed.scaling_config.num_workers == 2 and not fixed.scaling_config.elasticity_enabled

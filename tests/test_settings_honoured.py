@@ -107,7 +107,7 @@ def test_trainer_args_carry_the_stage_and_storage_settings(tmp_path, stage):
     )
     args = trainer_args(spec, stage, str(tmp_path / "out"), gpu=False, deepspeed=None)
     section = spec.stage(stage)
-    assert args["save_total_limit"] == 4 and args["save_steps"] == 7
+    assert args["save_total_limit"] is None and args["save_steps"] == 7  # Ray keeps storage.keep_checkpoints
     assert args["logging_steps"] == (5 if stage == "sft" else 1)
     assert args["gradient_checkpointing"] is True  # each stage's own value (the other stage's is False)
     assert (
@@ -139,8 +139,8 @@ def test_trl_configs_take_the_trainer_args_as_they_are(tmp_path):
     sft = SFTConfig(**trainer_args(spec, "sft", str(tmp_path / "sft"), False, None))
     dpo = DPOConfig(**trainer_args(spec, "dpo", str(tmp_path / "dpo"), False, None))
     # TRL's own defaults would be 10, None and True
-    assert (sft.logging_steps, sft.save_total_limit, sft.gradient_checkpointing) == (3, 5, False)
-    assert (dpo.logging_steps, dpo.save_total_limit, dpo.gradient_checkpointing) == (1, 5, True)
+    assert (sft.logging_steps, sft.save_total_limit, sft.gradient_checkpointing) == (3, None, False)
+    assert (dpo.logging_steps, dpo.save_total_limit, dpo.gradient_checkpointing) == (1, None, True)
 
 
 class FakeHFModel:
@@ -183,7 +183,7 @@ def test_the_worker_switches_checkpointing_at_each_stage_and_uses_trainer_args(t
     dpo = worker.stage_args("dpo", "alpha")
     assert worker.model.calls[-2:] == [("enable", {"use_reentrant": False}), ("inputs", None)]
     assert sft == trainer_args(worker.spec, "sft", str(tmp_path / "alpha-sft"), False, None)
-    assert dpo["gradient_checkpointing"] and not sft["gradient_checkpointing"] and dpo["save_total_limit"] == 3
+    assert dpo["gradient_checkpointing"] and not sft["gradient_checkpointing"] and dpo["save_steps"] == sft["save_steps"]
     worker.world = 1  # one worker left: it accumulates what two computed, the global batch stays the spec's
     one = worker.stage_args("dpo", "alpha")
     assert one["gradient_accumulation_steps"] == 2 * dpo["gradient_accumulation_steps"]

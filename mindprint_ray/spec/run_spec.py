@@ -411,7 +411,7 @@ class StorageSection(Section):
         2,
         ge=1,
         le=COUNT_MAX,
-        description="checkpoints kept, by the trainer (save_total_limit) and by Ray Train (num_to_keep)",
+        description="checkpoints Ray Train keeps in storage (num_to_keep); each local copy is deleted once uploaded",
     )
 
 

@@ -25,7 +25,9 @@ def trainer_args(spec: RunSpec, stage: str, output_dir: str, gpu: bool, deepspee
         logging_steps=section.logging_steps if stage == "sft" else 1,  # DPO's section has no logging_steps
         save_strategy="steps",
         save_steps=spec.storage.checkpoint_every_steps,
-        save_total_limit=spec.storage.keep_checkpoints,
+        # Ray Train keeps storage.keep_checkpoints (CheckpointConfig.num_to_keep) and deletes each local copy once
+        # its background upload is done; HF's own rotation could delete a checkpoint still uploading
+        save_total_limit=None,
         bf16=gpu and spec.sft.bf16,
         use_cpu=not gpu,
         seed=spec.seed,
