@@ -39,19 +39,28 @@ def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def committed(run_dir: Path) -> str:
+    """Ray Train's record of the run's committed checkpoints (its checkpoint manager snapshot), as text."""
+    path = run_dir / "checkpoints" / "checkpoint_manager_snapshot.json"
+    return path.read_text() if path.is_file() else ""
+
+
 @pytest.fixture(scope="module")
 def resumed_run(tmp_path_factory, tiny_model_dir):
-    """Train two topics, kill the whole job once the first topic is done, then rerun the same command."""
+    """Train two topics. While the driver runs, a second driver on the same run is refused. Once the second
+    topic's SFT has a committed checkpoint, kill the whole job (the driver and its local Ray); then rerun."""
     storage = tmp_path_factory.mktemp("runs")
     run_dir = storage / "resume"
     args = [sys.executable, "-m", "mindprint_ray", *train_args("resume", storage, tiny_model_dir)]
     proc = subprocess.Popen(
         args, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    deadline = time.time() + 400
+    deadline, second = time.time() + 400, None
     try:
         while time.time() < deadline and proc.poll() is None:
-            if any(e.get("event") == "topic_done" and e["topic"] == TOPICS[0] for e in events(run_dir)):
+            if second is None and any(e.get("event") == "worker_group_start" for e in events(run_dir)):
+                second = run_cli(*train_args("resume", storage, tiny_model_dir))  # the first holds the lease
+            if second is not None and f"{TOPICS[1]}-sft-" in committed(run_dir):
                 break
             time.sleep(0.5)
         assert proc.poll() is None, "the run ended before it could be interrupted"
@@ -60,18 +69,34 @@ def resumed_run(tmp_path_factory, tiny_model_dir):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert not (run_dir / "adapters" / TOPICS[1] / "mindprint_manifest.json").exists()
-    result = run_cli(*train_args("resume", storage, tiny_model_dir))
+    result = run_cli(*train_args("resume", storage, tiny_model_dir))  # the killed driver's lease is taken over
     assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir, first_adapter, result
+    return run_dir, first_adapter, result, second
 
 
 def test_resume_skips_the_finished_topic(resumed_run):
-    run_dir, first_adapter, _ = resumed_run
+    run_dir, first_adapter, _, _ = resumed_run
     starts = [e for e in events(run_dir) if e.get("event") == "stage_start"]
     assert [(e["topic"], e["stage"]) for e in starts].count((TOPICS[0], "sft")) == 1
     assert sha(run_dir / "adapters" / TOPICS[0] / "adapter_model.safetensors") == first_adapter
     runs = [e for e in events(run_dir) if e.get("event") == "run_start"]
     assert runs[-1]["resumed"] is True and runs[-1]["pending"] == TOPICS[1:]
+
+
+def test_a_killed_driver_resumes_mid_topic_from_its_last_checkpoint(resumed_run):
+    run_dir, _, _, _ = resumed_run
+    starts = [e for e in events(run_dir) if e.get("event") == "stage_start" and e["topic"] == TOPICS[1]]
+    sft = [e for e in starts if e["stage"] == "sft"]
+    assert len(sft) == 2 and sft[0]["step"] == 0 and sft[1]["step"] >= 5  # storage.checkpoint_every_steps=5
+    group = [e for e in events(run_dir) if e.get("event") == "worker_group_start"][-1]
+    assert group["restored"]["topic"] == TOPICS[1] and group["restored"]["stage"] == "sft"
+
+
+def test_a_second_driver_on_a_running_run_is_refused(resumed_run):
+    _, _, _, second = resumed_run
+    assert second is not None and second.returncode == 2, second.stderr[-2000:] if second else None
+    assert "lease" in second.stderr and "pid" in second.stderr and "Traceback" not in second.stderr
+    assert "--force-lease" in second.stderr
 
 
 def test_every_topic_has_an_adapter_with_exactly_the_zone_modules(resumed_run, tiny_model_dir):
@@ -80,7 +105,7 @@ def test_every_topic_has_an_adapter_with_exactly_the_zone_modules(resumed_run, t
 
     from mindprint_ray.planning.run_plan import load_run
 
-    run_dir, _, _ = resumed_run
+    run_dir, _, _, _ = resumed_run
     plan = load_run("configs/tiny-cpu.yaml").zones
     expected = {f"base_model.model.{p}.lora_{ab}.weight" for p in plan.module_paths() for ab in "AB"}
     for topic in TOPICS:
@@ -94,7 +119,7 @@ def test_adapter_loads_with_peft_and_changes_the_model(resumed_run, tiny_model_d
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    run_dir, _, _ = resumed_run
+    run_dir, _, _, _ = resumed_run
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     ids = torch.tensor([[1, 200, 300, 400, 2]])
     with torch.no_grad():
@@ -105,7 +130,7 @@ def test_adapter_loads_with_peft_and_changes_the_model(resumed_run, tiny_model_d
 
 
 def test_losses_fall_and_dpo_prefers_chosen(resumed_run):
-    run_dir, _, _ = resumed_run
+    run_dir, _, _, _ = resumed_run
     summary = json.loads((run_dir / "summary.json").read_text())
     for topic in TOPICS:
         t = summary["topics"][topic]
@@ -118,7 +143,7 @@ def test_losses_fall_and_dpo_prefers_chosen(resumed_run):
 
 
 def test_eval_before_and_after_each_stage(resumed_run):
-    run_dir, _, _ = resumed_run
+    run_dir, _, _, _ = resumed_run
     summary = json.loads((run_dir / "summary.json").read_text())
     gains = []
     for topic in TOPICS:
@@ -136,13 +161,13 @@ def test_eval_before_and_after_each_stage(resumed_run):
 
 
 def test_reusing_a_name_with_another_spec_is_refused(resumed_run, tiny_model_dir):
-    run_dir, _, _ = resumed_run
+    run_dir, _, _, _ = resumed_run
     r = run_cli(*train_args("resume", run_dir.parent, tiny_model_dir, "sft.learning_rate=0.5"))
     assert r.returncode == 2 and "different spec" in r.stderr and "--force" in r.stderr
 
 
 def test_rerunning_a_finished_run_trains_nothing(resumed_run, tiny_model_dir):
-    run_dir, _, _ = resumed_run
+    run_dir, _, _, _ = resumed_run
     before = len(events(run_dir))
     r = run_cli(*train_args("resume", run_dir.parent, tiny_model_dir))
     assert r.returncode == 0 and len(events(run_dir)) == before

@@ -72,12 +72,18 @@ def train(
     overrides: list[str] | None = OverridesArg,
     name: str | None = typer.Option(None, "--name", help="run name (default: the spec's); reuse to resume"),
     force: bool = typer.Option(False, "--force", help="continue a run whose spec changed"),
+    force_lease: bool = typer.Option(
+        False,
+        "--force-lease",
+        help="take over the run's driver lease: only when you are sure the other driver is dead (its lease "
+        "expires MINDPRINT_LEASE_TTL_S, default 60, seconds after its last renewal anyway)",
+    ),
 ) -> None:
     """Train the curriculum on Ray: per topic SFT then DPO, one adapter per topic. Rerun to resume."""
     run = load_run(config, overrides or [], name=name)  # every user error before torch and ray are imported
     from mindprint_ray.backends.ray_torch.driver import train as run_training
 
-    folder = run_training(run, force=force)
+    folder = run_training(run, force=force, force_lease=force_lease)
     print_run_result(folder)
 
 

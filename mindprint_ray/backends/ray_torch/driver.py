@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _thread
 import importlib.util
 import json
 import logging
@@ -19,6 +20,7 @@ from mindprint_ray.models.tiny import ensure_run_model
 from mindprint_ray.planning.multinode import placement_strategy
 from mindprint_ray.planning.run_plan import RunPlan
 from mindprint_ray.report import write_report
+from mindprint_ray.runs.lease import DEFAULT_TTL_S, hold
 from mindprint_ray.runs.run_folder import RunFolder, claim_run_folder
 from mindprint_ray.runs.storage import parse_s3, pyarrow_filesystem
 
@@ -151,8 +153,17 @@ def build_trainer(run: RunPlan, folder: RunFolder, callbacks: list | None = None
     )
 
 
-def train(run: RunPlan, force: bool = False, progress: bool = True) -> RunFolder:
-    """Run the whole curriculum; rerunning with the same name resumes. Returns the run folder."""
+def lease_ttl_s() -> float:
+    """The driver lease's time to live: MINDPRINT_LEASE_TTL_S, else runs/lease.py's default (60 s)."""
+    return float(os.environ.get("MINDPRINT_LEASE_TTL_S", DEFAULT_TTL_S))
+
+
+def train(run: RunPlan, force: bool = False, progress: bool = True, force_lease: bool = False) -> RunFolder:
+    """Run the whole curriculum; rerunning with the same name resumes. Returns the run folder.
+
+    One driver at a time per run: the run folder's lease (runs/lease.py, local or s3://) is taken after every
+    check and before anything is written or Ray starts; a second driver is refused (exit 2), a resubmit after a
+    killed driver takes over its expired lease and resumes from the last checkpoint."""
     if run.profile.backend != "ray":
         raise UserError(
             f"hardware profile '{run.profile.name}' trains with MLX",
@@ -167,6 +178,15 @@ def train(run: RunPlan, force: bool = False, progress: bool = True) -> RunFolder
     check_run_template(run, topics)
     check_storage(run)
     check_gpus(run)
+    lease_folder = RunFolder.for_storage(run.spec.storage.path, run.spec.name)
+    with hold(lease_folder, force=force_lease, ttl_s=lease_ttl_s(), on_lost=_thread.interrupt_main) as lease:
+        folder = train_leased(run, topics, force, progress)
+        lease.check()
+    return folder
+
+
+def train_leased(run: RunPlan, topics: list, force: bool, progress: bool) -> RunFolder:
+    """`train` once the run's lease is held."""
     folder, resumed = claim_run_folder(run.spec, force)  # the spec as written, from any working directory
     pending = [t.name for t in topics if not folder.topic_done(t.name)]
     folder.update_summary(
