@@ -7,7 +7,9 @@ and accumulates more; if the count does not divide the global batch, the micro-b
 Because every optimizer step then consumes the same number of examples, in the same seeded order (the trainer's
 sampler deals the same shuffled batches over the group), a checkpoint's step is the same position in the
 topic's data at any worker count. A count for which no exact layout exists (a prime global batch on 3 workers)
-rounds the accumulation up: the step is slightly larger, which `plan` shows.
+takes the layout whose global batch exceeds the spec's least: the step is slightly larger, which `plan` shows.
+One limit: where a topic's rows do not fill its epoch's last global batch, a group of several workers pads that
+step (Ray's samplers wrap around) and one worker shortens it, so the order after an uneven epoch end can differ.
 
 The time estimate assumes the full group (max workers); a group of n workers takes about max / n as long per
 step (the same tokens over fewer devices), which `plan` lists per count.
@@ -48,12 +50,16 @@ def worker_range(num_workers: int | tuple[int, int] | None, default: int) -> tup
 
 def batch_layout(target: int, workers: int, max_per_device: int) -> BatchLayout:
     """The largest micro-batch <= `max_per_device` with workers x micro-batch dividing the `target` global batch,
-    and the accumulation that completes it; without one, the spec's micro-batch and the accumulation rounded up."""
+    and the accumulation that completes it; without one, the layout whose global batch exceeds it least."""
     for per_device in range(min(max_per_device, max(1, target // workers)), 0, -1):
         if target % (workers * per_device) == 0:
             return BatchLayout(workers, per_device, target // (workers * per_device), target)
-    per_device = max(1, min(max_per_device, target // workers))
-    return BatchLayout(workers, per_device, math.ceil(target / (workers * per_device)), target)
+    # no exact layout: the smallest global batch above the target (the larger micro-batch on a tie)
+    options = [
+        BatchLayout(workers, b, math.ceil(target / (workers * b)), target)
+        for b in range(1, max(1, min(max_per_device, math.ceil(target / workers))) + 1)
+    ]
+    return min(options, key=lambda layout: (layout.global_batch, -layout.per_device))
 
 
 def stage_layout(run, stage: str, workers: int) -> BatchLayout:
