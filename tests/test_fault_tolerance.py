@@ -22,6 +22,15 @@ def worker_pids() -> list[int]:
     return [int(line.split()[0]) for line in out.splitlines() if "RayTrainWorker" in line and "ps -eo" not in line]
 
 
+def snapshot(s3) -> str:
+    """Ray Train's record of the committed checkpoints (its checkpoint manager snapshot) in the bucket, as text."""
+    try:
+        body = s3.get_object(Bucket="mp-ft", Key="runs/ft/checkpoints/checkpoint_manager_snapshot.json")["Body"]
+    except s3.exceptions.NoSuchKey:
+        return ""
+    return body.read().decode()
+
+
 def test_killed_worker_resumes_and_every_adapter_reaches_s3(tmp_path, tiny_model_dir, moto_s3):
     s3 = boto3.client("s3", endpoint_url=moto_s3["AWS_ENDPOINT_URL"])
     s3.create_bucket(Bucket="mp-ft")
@@ -40,7 +49,8 @@ def test_killed_worker_resumes_and_every_adapter_reaches_s3(tmp_path, tiny_model
         "storage.checkpoint_every_steps=4",
         "eval.enabled=false",
         "ray.max_failures=2",
-        "sft.epochs_per_topic=8",
+        "sft.max_steps=24",
+        "dpo.steps_per_topic=4",
     ]
     proc = subprocess.Popen(
         args,
@@ -57,16 +67,12 @@ def test_killed_worker_resumes_and_every_adapter_reaches_s3(tmp_path, tiny_model
         while time.time() < deadline and proc.poll() is None and killed is None:
             metrics = mirror / "metrics.jsonl"
             steps = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
-            # Ray's controller polls workers every 2 s: kill 3 s after the step-5 log so the step-4
-            # checkpoint is registered (a checkpoint reported within ~2 s of a crash can be lost)
+            # kill once Ray has committed the step-4 checkpoint (its checkpoint manager snapshot lists it) and the
+            # first topic's SFT has gone on past it
             if any(
-                r.get("stage") == "sft"
-                and r.get("topic") == TOPICS[0]
-                and r.get("step", 0) >= 5
-                and "loss" in r
-                and time.time() - r["time"] > 3
+                r.get("stage") == "sft" and r.get("topic") == TOPICS[0] and r.get("step", 0) >= 5 and "loss" in r
                 for r in steps
-            ):
+            ) and f"{TOPICS[0]}-sft-000004" in snapshot(s3):
                 pids = worker_pids()
                 assert pids, "no Ray Train worker process found"
                 os.kill(pids[-1], signal.SIGKILL)
