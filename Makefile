@@ -39,9 +39,9 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 
 # Tests run in a random order (the seed is printed: rerun one order with -p random_order --random-order-seed=N):
-# every test must pass alone and in any order. Two pytest-xdist workers: the slow tests (local Ray clusters, the
-# real model) all run on one of them, one at a time (tests/conftest.py groups them), while the other takes the
-# rest; two Ray clusters never run at once.
+# every test must pass alone and in any order. Two pytest-xdist workers: the tests that start a local Ray cluster
+# (marked ray_cluster) all run on one of them, one at a time (tests/conftest.py groups them), while the other
+# takes the rest; two Ray clusters never run at once.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --random-order --durations=20 tests
 

@@ -16,12 +16,13 @@ SAMPLE_DATA = ROOT / "data" / "curriculum"
 
 
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`make test`: -n 2 --dist loadgroup) every slow test (a local Ray cluster, the real
-    model) goes to one group, so one worker runs them one at a time: two local Ray clusters on one machine would
-    confuse each other (and `ray stop` in the README flow would end the other's). The rest spread over workers."""
+    """Under pytest-xdist (`make test`: -n 2 --dist loadgroup) every test that starts a local Ray cluster (marked
+    ray_cluster) goes to one group, so one worker runs them one at a time: two local Ray clusters on one machine
+    would confuse each other (and `ray stop` in the README flow would end the other's). The rest spread over
+    the workers."""
     for item in items:
-        if item.get_closest_marker("slow"):
-            item.add_marker(pytest.mark.xdist_group("slow"))
+        if item.get_closest_marker("ray_cluster"):
+            item.add_marker(pytest.mark.xdist_group("ray_cluster"))
 
 
 def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, free_port, wait_for_port
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray_cluster]
 BIN = Path(sys.executable).parent
 
 

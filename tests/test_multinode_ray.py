@@ -14,7 +14,7 @@ import boto3
 import pytest
 from conftest import ROOT
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray_cluster]
 TOPICS = ["cycle_basics", "capitulation"]
 
 

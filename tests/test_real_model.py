@@ -50,6 +50,7 @@ def test_converted_folder_matches_the_registry_and_the_plan(smollm2_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.ray_cluster
 def test_ray_trains_one_topic_with_held_out_scores(smollm2_dir, tmp_path):
     result = run_cli(
         "train",

@@ -183,7 +183,8 @@ def test_the_worker_switches_checkpointing_at_each_stage_and_uses_trainer_args(t
     dpo = worker.stage_args("dpo", "alpha")
     assert worker.model.calls[-2:] == [("enable", {"use_reentrant": False}), ("inputs", None)]
     assert sft == trainer_args(worker.spec, "sft", str(tmp_path / "alpha-sft"), False, None)
-    assert dpo["gradient_checkpointing"] and not sft["gradient_checkpointing"] and dpo["save_steps"] == sft["save_steps"]
+    assert dpo["gradient_checkpointing"] and not sft["gradient_checkpointing"]
+    assert dpo["save_steps"] == sft["save_steps"] and dpo["save_total_limit"] is None
     worker.world = 1  # one worker left: it accumulates what two computed, the global batch stays the spec's
     one = worker.stage_args("dpo", "alpha")
     assert one["gradient_accumulation_steps"] == 2 * dpo["gradient_accumulation_steps"]

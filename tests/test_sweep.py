@@ -36,6 +36,7 @@ def test_rank_out_of_range_in_the_space_is_refused():
 
 
 @pytest.mark.slow
+@pytest.mark.ray_cluster
 def test_tiny_sweep_two_ranks_by_two_learning_rates(tmp_path, tiny_model_dir):
     r = run_cli(
         "sweep", "configs/tiny-sweep.yaml", f"storage.path={tmp_path}", f"model.path={tiny_model_dir}", timeout=1200
