@@ -37,12 +37,16 @@ def train(
         "(the model after SFT, as the Ray path) or base (adapter disabled); "
         "default: the spec's dpo.reference",
     ),
+    force_lease: bool = typer.Option(
+        False, "--force-lease", help="take over the run's lease: only when you are sure its other process is dead"
+    ),
 ) -> None:
     """Train every topic (SFT then DPO), one mlx-lm adapter per topic. Rerun with the same name to resume."""
     run = load_run(config, overrides or [], name=name)  # every user error before mlx is imported
     from .training import train_run
 
-    folder = train_run(run, force=force, progress=progress, reference=dpo_reference or run.spec.dpo.reference)
+    reference = dpo_reference or run.spec.dpo.reference
+    folder = train_run(run, force=force, progress=progress, reference=reference, force_lease=force_lease)
     for topic, entry in folder.summary().get("topics", {}).items():
         peak = entry.get("sft", {}).get("peak_memory_gb")
         typer.echo(f"{topic_result_line(topic, entry)}, peak {score(peak)} GB")

@@ -22,6 +22,7 @@ from mindprint_ray.curriculum.validation import validate_run
 from mindprint_ray.errors import UserError
 from mindprint_ray.models.tiny import ensure_run_model
 from mindprint_ray.planning.run_plan import RunPlan
+from mindprint_ray.runs.lease import hold, lease_ttl_s
 from mindprint_ray.runs.run_folder import RunFolder, adapter_manifest, claim_run_folder
 
 from .adapters import load_adapter, save_adapter
@@ -182,13 +183,25 @@ def check_reference(reference: str) -> None:
         raise UserError(f"unknown DPO reference '{reference}'", field="--dpo-reference", hint="use sft or base")
 
 
-def train_run(run: RunPlan, force: bool = False, progress: bool = True, reference: str = "sft") -> RunFolder:
-    """Train every pending topic; rerunning with the same name resumes. Returns the run folder."""
-    import mlx.core as mx
-
+def train_run(
+    run: RunPlan, force: bool = False, progress: bool = True, reference: str = "sft", force_lease: bool = False
+) -> RunFolder:
+    """Train every pending topic; rerunning with the same name resumes. Returns the run folder. One process at a
+    time per run: it holds the run folder's lease (mindprint_ray/runs/lease.py) from the claim to the end."""
     check_reference(reference)  # every user error before the run folder is claimed
     ensure_run_model(run)
     topics, _, _ = validate_run(run)
+    lease_folder = RunFolder.for_storage(run.spec.storage.path, run.spec.name)
+    with hold(lease_folder, force=force_lease, ttl_s=lease_ttl_s()) as lease:
+        folder = train_leased(run, topics, force, progress, reference)
+        lease.check()
+    return folder
+
+
+def train_leased(run: RunPlan, topics: list, force: bool, progress: bool, reference: str) -> RunFolder:
+    """`train_run` once the run's lease is held."""
+    import mlx.core as mx
+
     folder, resumed = claim_run_folder(run.spec, force)
     pending = [t.name for t in topics if not folder.topic_done(t.name)]
     folder.update_summary(

@@ -293,3 +293,20 @@ def test_a_store_that_ignores_conditions_still_gets_one_winner(bucket, monkeypat
     [t.join() for t in threads]
     assert len(won) == 1 and won[0].store.read().holder.token == won[0].holder.token
     won[0].release()
+
+
+@pytest.mark.parametrize("backend", ["mindprint_ray", "local_mlx"])
+def test_train_on_a_run_another_driver_holds_is_refused_before_anything_starts(tmp_path, tiny_model_dir, backend):
+    """Both backends' `train` take the run folder's lease after their checks: while another driver holds it (and
+    renews it), the second exits 2 naming the holder, having written nothing (no spec.yaml, no Ray, no MLX)."""
+    config = "configs/tiny-cpu.yaml" if backend == "mindprint_ray" else "configs/tiny-mlx.yaml"
+    folder = RunFolder.for_storage(str(tmp_path), "held")
+    env = {**os.environ, "MINDPRINT_LEASE_TTL_S": "3"}
+    args = [sys.executable, "-m", backend, "train", config, "--name", "held", f"storage.path={tmp_path}"]
+    with hold(folder, ttl_s=3):
+        r = subprocess.run(
+            [*args, f"model.path={tiny_model_dir}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+        )
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "lease" in r.stderr and f"pid {os.getpid()}" in r.stderr and "Traceback" not in r.stderr
+    assert not folder.spec_file.exists()

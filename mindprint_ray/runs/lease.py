@@ -488,6 +488,11 @@ class Lease:
             self._saved_sigterm = None
 
 
+def lease_ttl_s() -> float:
+    """The lease's time to live: MINDPRINT_LEASE_TTL_S, else DEFAULT_TTL_S (why 60 s: the module's docstring)."""
+    return float(os.environ.get("MINDPRINT_LEASE_TTL_S", DEFAULT_TTL_S))
+
+
 def hold(folder: RunFolder, *, force: bool = False, ttl_s: float = DEFAULT_TTL_S, **kwargs) -> Lease:
     """The acquired lease of `folder`, for `with hold(folder, force=args.force_lease): ...`."""
     return Lease.for_folder(folder, ttl_s=ttl_s, **kwargs).acquire(force=force)

@@ -20,7 +20,7 @@ from mindprint_ray.models.tiny import ensure_run_model
 from mindprint_ray.planning.multinode import placement_strategy
 from mindprint_ray.planning.run_plan import RunPlan
 from mindprint_ray.report import write_report
-from mindprint_ray.runs.lease import DEFAULT_TTL_S, hold
+from mindprint_ray.runs.lease import hold, lease_ttl_s
 from mindprint_ray.runs.run_folder import RunFolder, claim_run_folder
 from mindprint_ray.runs.storage import parse_s3, pyarrow_filesystem
 
@@ -151,11 +151,6 @@ def build_trainer(run: RunPlan, folder: RunFolder, callbacks: list | None = None
             logging_config=LoggingConfig(log_level=train_log_level()),
         ),
     )
-
-
-def lease_ttl_s() -> float:
-    """The driver lease's time to live: MINDPRINT_LEASE_TTL_S, else runs/lease.py's default (60 s)."""
-    return float(os.environ.get("MINDPRINT_LEASE_TTL_S", DEFAULT_TTL_S))
 
 
 def train(run: RunPlan, force: bool = False, progress: bool = True, force_lease: bool = False) -> RunFolder:
