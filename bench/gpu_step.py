@@ -251,7 +251,8 @@ def make_trainer(model, run: RunPlan, case: Case, tokenizer, steps: int, out_dir
     d = run.spec.dpo
     common = c.worker_args(run, "dpo", out_dir, gpu)
     common.update(max_steps=steps)
-    args = DPOConfig(**common, beta=d.beta, precompute_ref_log_probs=d.precompute_ref_log_probs)
+    # auto (the default) resolves to False here: steps x batch + 2 pairs are never revisited (dpo_reference.py)
+    args = DPOConfig(**common, beta=d.beta, precompute_ref_log_probs=d.precompute_ref_log_probs is True)
     data = dpo_data(tokenizer, case.seq, steps * d.batch_size + 2, seed=steps)
     trainer = c.timed_trainer(DPOTrainer)(
         model=model,
@@ -315,7 +316,7 @@ def summarise(steps: list[c.StepRecord], model, run: RunPlan, case: Case, dev: d
     if not steps:
         return {"status": "no timed steps"}
     n = live_matmul_params(model)
-    reference = not run.spec.dpo.precompute_ref_log_probs
+    reference = run.spec.dpo.precompute_ref_log_probs is not True  # as make_trainer resolves it
     flops = [step_flops(n, case.arch, s.doc_lengths, case.gc, case.stage, reference) for s in steps]
     tflops = c.median([f / s.seconds for f, s in zip(flops, steps)]) / 1e12
     real, computed = sum(s.real_tokens for s in steps), sum(s.computed_tokens for s in steps)

@@ -47,7 +47,7 @@ def test_flops_per_token_follow_4n_6n():
 
 
 def test_dpo_counts_policy_and_reference_and_padding():
-    run = load_run(QLORA)
+    run = load_run(QLORA, ["dpo.precompute_ref_log_probs=false"])  # the reference forward at every step
     t = TopicTokens("x", 10, 1000, 4, 800, 1000)
     tokens, flops = stage_flops(run, t, "dpo")
     seen = 100 * 1 * 2 * 8
@@ -56,6 +56,7 @@ def test_dpo_counts_policy_and_reference_and_padding():
     assert flops > seen * 250 * per_policy  # padded tokens, plus the 2N reference forward
     pre = load_run(QLORA, ["dpo.precompute_ref_log_probs=true"])
     assert stage_flops(pre, t, "dpo")[1] < flops
+    assert stage_flops(load_run(QLORA), t, "dpo") == stage_flops(pre, t, "dpo")  # auto: 4 pairs are revisited
 
 
 def test_sft_tokens_are_epochs_times_curriculum_tokens():

@@ -168,7 +168,8 @@ PINNED = [
 
 
 def test_internode_bytes_follow_the_ring_formula():
-    run = run_of(BF16_1X8, TWO_NODES, *PINNED)
+    # the reference forward at every step (auto would precompute: 10 steps x 16 workers revisit the pairs)
+    run = run_of(BF16_1X8, TWO_NODES, *PINNED, "dpo.precompute_ref_log_probs=false")
     share = 15 / 16  # ring all-gather / reduce-scatter over 16 ranks: (W - 1) / W of the bytes into each node
     lora = 4 * run.zones.trainable_params()
     weights = 2 * run.arch.total_params() + lora  # BF16 base + fp32 LoRA, all sharded under ZeRO-3

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+from mindprint_ray.planning.dpo_reference import keeps_reference_copy
 from mindprint_ray.planning.memory import GB, MemoryBudget, MemoryInputs, estimate_memory
 from mindprint_ray.planning.run_plan import RunPlan
 from mindprint_ray.planning.zones import ZonePlan, build_plan
@@ -30,6 +31,7 @@ def memory_inputs(run: RunPlan, phase: str = "sft") -> MemoryInputs:
         devices=run.num_workers,  # all nodes' devices: ZeRO shards over the whole worker group
         is_gpu=run.profile.is_gpu,
         sequences_per_example=2 if phase == "dpo" else 1,
+        reference_adapter=phase == "dpo" and run.spec.dpo.reference == "sft" and keeps_reference_copy(run),
         activation_bytes=2 if gpu_like and run.spec.sft.bf16 else 4,
     )
 

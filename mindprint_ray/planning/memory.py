@@ -18,19 +18,44 @@ MLX_4BIT_BYTES_PER_PARAM = 4.5 / 8  # affine 4-bit, group 64, 16-bit scale and b
 # Max RSS of a CPU Ray Train worker with torch, transformers, TRL and PEFT loaded, at the first step of a
 # tiny-model run (measured 0.758 GB with a model of a few MB; see docs/estimates.md).
 CPU_RUNTIME_BYTES = 0.75 * GB
-LOGIT_EXTRA_BYTES = 8  # fp32 upcast for the loss plus its fp32 gradient, per logit element
+# The log-probs at the loss. On the Ray backend no (tokens x vocab) logits ever exist: TRL 1.16's SFTTrainer and
+# DPOTrainer both project the last hidden states through the lm_head tile by tile (trl.trainer.utils
+# add_fused_lm_head, trl.kernels.ChunkedLogProbFunction: an online log-sum-exp over vocabulary tiles, the backward
+# recomputing each tile). On CUDA its Triton kernels work in place on one tile of TRL's size in the compute dtype.
+TRL_TOKEN_TILE = 4096  # tokens per tile, trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE (tests check it)
+TRL_VOCAB_TILE = 32768  # vocabulary columns per tile, trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
+# Off Triton (CPU), TRL folds a tile with torch ops that hold several fp32 copies of it: at TRL's size that is more
+# than the full logits (docs/benchmarks.md). The worker's trainers (backends/ray_torch/chunked_logprobs.py) feed
+# TRL's kernel smaller tiles there: CPU_TOKEN_TILE tokens x CPU_VOCAB_TILE columns, 64 MiB in fp32. Not smaller:
+# glibc serves buffers of up to 32 MiB from its heap, and with such tiles the measured peak grew with the number
+# of tiles (21-22 tile sizes instead of ~9); larger ones are mapped and returned whole.
+CPU_TOKEN_TILE = 1024
+CPU_VOCAB_TILE = 16384
+# fp32 tile-sized buffers alive at the peak of TRL's torch fold, its backward (trl/kernels/chunked_logprob.py
+# _backward_tile): the projection, y, z, log p, p, the gradient and two temporaries of its update, plus a boolean
+# mask (a quarter): 8.25, rounded up
+CPU_TILE_COPIES = 9
+# MLX (local_mlx/losses.py): the logits of LOGITS_CHUNK positions at a time, each chunk checkpointed (its backward
+# recomputes them), so one chunk's logits are held: 16-bit, an fp32 upcast for the loss and its fp32 gradient.
+MLX_LOGITS_CHUNK = 128  # local_mlx.losses.LOGITS_CHUNK (tests check it)
+LOGIT_EXTRA_BYTES = 8  # the fp32 upcast for the loss plus its fp32 gradient, per logit element
 
 TERMS = {
     "base_weights": "Frozen base model. NF4 with double quant stores 0.516 B/param for the decoder's linear weights; "
     "embeddings, lm_head, norms and biases stay 16-bit. BF16 stores 2 B/param. MLX 4-bit stores 4.5 bits/param "
     "and quantizes the embeddings too. Sharded across devices (every device of every node) only under ZeRO-3.",
-    "lora_weights": "The LoRA A/B matrices of every zone, kept in fp32 (4 B/param).",
+    "lora_weights": "The LoRA A/B matrices of every zone, kept in fp32 (4 B/param); in DPO against the sft "
+    "reference also TRL's frozen copy of them, unless the reference log-probs are precomputed (the copy is freed "
+    "once they are; with precompute auto it is counted, as a topic whose pairs are not revisited keeps it).",
     "gradients": "fp32 gradients of the LoRA parameters (sharded under ZeRO-2/3).",
     "optimizer": "AdamW's two fp32 moments per LoRA parameter, 8 B/param (sharded under ZeRO-2/3).",
     "activations": "With gradient checkpointing: one saved hidden state per layer (b*s*H), one layer's recomputed "
     "working set (attention in/out, q/k/v, MLP gate/up/act), the NF4 dequantization buffer of the largest weight, "
-    "and the logits over the vocabulary (16-bit logits plus an fp32 copy and its gradient). DPO runs chosen and "
-    "rejected in one batch (2x sequences).",
+    "and the log-probs at the loss: on Ray, TRL's fused lm_head never holds the tokens x vocab logits, only one "
+    "tile of them (4,096 tokens x 32,768 vocab in the compute dtype on GPUs; on CPU 9 fp32 copies of a 1,024 x "
+    "16,384 tile) plus the hidden states and their fp32 gradient; on MLX the logits of one checkpointed chunk of "
+    "128 positions (16-bit, an fp32 copy and its gradient). DPO runs chosen and rejected in one batch (2x "
+    "sequences).",
     "overhead": "Framework overhead: CUDA context, cuBLAS workspace and NCCL buffers (~1.5 GB) plus 5% allocator "
     "fragmentation on GPUs; on CPU the whole process's runtime (Python, torch, transformers, TRL: 0.75 GB "
     "measured); the Metal runtime on a Mac.",
@@ -49,6 +74,7 @@ class MemoryInputs:
     devices: int  # the workers that shard under ZeRO: every device of every node the run trains on
     is_gpu: bool
     sequences_per_example: int = 1  # 2 for DPO (chosen + rejected)
+    reference_adapter: bool = False  # DPO keeps TRL's frozen fp32 copy of the adapter (the sft reference)
     activation_bytes: int = 2  # 2 for bf16 autocast, 4 for fp32 (CPU)
 
 
@@ -98,8 +124,22 @@ def activation_bytes(arch: ModelArch, m: MemoryInputs) -> float:
     dequant = (
         max(i * o for i, o in map(arch.module_shape, ("q_proj", "up_proj", "down_proj"))) * 2 if m.quant == "nf4" else 0
     )
-    logits = tokens * arch.vocab_size * (a + LOGIT_EXTRA_BYTES)
-    return saved + dequant + logits
+    return saved + dequant + logits_bytes(arch, m)
+
+
+def logits_bytes(arch: ModelArch, m: MemoryInputs) -> float:
+    """Peak bytes of the log-probs at the loss of one micro-batch, as each backend computes them."""
+    tokens = m.micro_batch * m.sequences_per_example * m.seq_len
+    if m.backend == "mlx":  # one chunk of positions of every row: 16-bit logits, an fp32 copy and its gradient
+        rows = m.micro_batch * m.sequences_per_example
+        chunk = rows * min(m.seq_len, MLX_LOGITS_CHUNK) * arch.vocab_size * (m.activation_bytes + LOGIT_EXTRA_BYTES)
+        return chunk + tokens * arch.hidden_size * (m.activation_bytes + 4)
+    if m.is_gpu:  # TRL's Triton kernels, in place on one tile in the compute dtype
+        tile = min(tokens, TRL_TOKEN_TILE) * min(arch.vocab_size, TRL_VOCAB_TILE) * m.activation_bytes
+    else:  # TRL's torch fold on the worker's smaller tiles
+        tile = CPU_TILE_COPIES * min(tokens, CPU_TOKEN_TILE) * min(arch.vocab_size, CPU_VOCAB_TILE) * 4
+    # plus the hidden states fed to the head (a copy in the compute dtype) and their fp32 gradient
+    return tile + tokens * arch.hidden_size * (m.activation_bytes + 4)
 
 
 def estimate_memory(arch: ModelArch, m: MemoryInputs, double_quant: bool = True) -> MemoryBudget:
@@ -107,7 +147,7 @@ def estimate_memory(arch: ModelArch, m: MemoryInputs, double_quant: bool = True)
     shard_weights = m.devices if m.zero_stage >= 3 else 1
     shard_states = m.devices if m.zero_stage >= 2 else 1
     base = base_weight_bytes(arch, m.quant, m.backend, double_quant) / shard_weights
-    lora = 4.0 * m.trainable_params
+    lora = 4.0 * m.trainable_params * (2 if m.reference_adapter else 1)
     grads = 4.0 * m.trainable_params / shard_states
     optim = 8.0 * m.trainable_params / shard_states
     acts = activation_bytes(arch, m)

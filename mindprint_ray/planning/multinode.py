@@ -8,7 +8,8 @@ reduce-scatter of S bytes over W workers moves (W - 1) / W x S bytes into each n
 while it computes). What moves, per device and stage:
 - ZeRO-3: the sharded weights (the frozen base as stored, plus the fp32 LoRA weights) are all-gathered twice per
   micro-batch (forward, backward; the recompute of gradient checkpointing reuses the backward's gather), DPO's
-  reference forward gathers them once more (once per pair over one pass with precomputed reference log-probs),
+  reference forward gathers them once more (once per micro-batch of one pass over every pair when the reference
+  log-probs are precomputed: dpo_reference.py's rule),
   and the fp32 LoRA gradients are reduce-scattered once per micro-batch.
 - ZeRO-2: the LoRA gradients are reduce-scattered per micro-batch and the updated LoRA weights all-gathered per
   optimizer step; the frozen base is on every device and never moves.
@@ -23,6 +24,7 @@ import math
 from dataclasses import dataclass
 
 from mindprint_ray.errors import UserError
+from mindprint_ray.planning.dpo_reference import run_precomputes
 from mindprint_ray.planning.memory import base_weight_bytes
 from mindprint_ray.planning.run_plan import RunPlan
 from mindprint_ray.planning.step_budget import stage_budget
@@ -155,8 +157,8 @@ def stage_bytes(run: RunPlan, t: TopicTokens, stage: str) -> float:
     zero = run.deepspeed_stage
     if zero >= 3:
         gathers = 2 * micro
-        if stage == "dpo":  # the reference forward: every micro-batch, or one pass when precomputed
-            gathers += per_pass * min(passes, 1.0) if run.spec.dpo.precompute_ref_log_probs else micro
+        if stage == "dpo":  # the reference forward: every micro-batch, or one pass over all pairs when precomputed
+            gathers += per_pass if run_precomputes(run, t.dpo_pairs) else micro
         return share * (gathers * weight_bytes(run) + micro * lora)
     if zero == 2:
         return share * (micro * lora + steps * lora)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mindprint_ray.planning.calibration import lookup
+from mindprint_ray.planning.dpo_reference import run_precomputes
 from mindprint_ray.planning.multinode import internode_assumption, stage_seconds
 from mindprint_ray.planning.registry import ModelArch
 from mindprint_ray.planning.run_plan import RunPlan
@@ -97,14 +98,14 @@ def stage_flops(run: RunPlan, t: TopicTokens, stage: str) -> tuple[float, float]
         tokens = sft_stage_tokens(run, t)
         per = train_flops_per_token(arch, trainable, t.mean_sft_length, run.spec.stage("sft").gradient_checkpointing)
         return tokens, tokens * per
-    d = run.spec.dpo
     if not t.dpo_pairs:
         return 0.0, 0.0
     seen = dpo_pairs_seen(run)
     padded = seen * t.dpo_padded_tokens / t.dpo_pairs
     checkpointing = run.spec.stage("dpo").gradient_checkpointing
     policy = padded * train_flops_per_token(arch, trainable, t.mean_dpo_length, checkpointing)
-    ref_tokens = (min(seen, t.dpo_pairs) / t.dpo_pairs * t.dpo_padded_tokens) if d.precompute_ref_log_probs else padded
+    # precomputed (dpo_reference's rule): one reference forward over every training pair, whatever the steps
+    ref_tokens = t.dpo_padded_tokens if run_precomputes(run, t.dpo_pairs) else padded
     flops = policy + ref_tokens * forward_flops_per_token(arch, trainable, t.mean_dpo_length)
     return seen * t.dpo_tokens / t.dpo_pairs, flops
 

@@ -291,10 +291,12 @@ class DPOSection(Section):
     )
     warmup_steps: int = Field(0, ge=0, le=COUNT_MAX, description=WARMUP_DOC)
     gradient_checkpointing: bool = Field(True, description=CHECKPOINTING_DOC)
-    precompute_ref_log_probs: bool = Field(
-        False,
-        description="Ray: score every pair under the reference once before DPO instead of a reference forward "
-        "at each step (MLX always precomputes)",
+    precompute_ref_log_probs: bool | Literal["auto"] = Field(
+        "auto",
+        description="Ray: score every training pair under the frozen reference once before the topic's DPO "
+        "(one forward per pair) instead of a reference forward at every step; auto: precompute when pairs are "
+        "revisited, steps_per_topic x global batch > the topic's training pairs (planning/dpo_reference.py); "
+        "MLX always precomputes",
     )
     reference: Literal["sft", "base"] = Field(
         "sft", description="sft: a frozen copy of the topic's adapter as DPO starts; base: the adapter disabled"

@@ -34,12 +34,15 @@ from mindprint_ray.backends.ray_torch.model_loading import (
     set_checkpointing,
 )
 from mindprint_ray.backends.ray_torch.portable_checkpoint import portable
+from mindprint_ray.backends.ray_torch.reference_logprobs import drop_reference_adapter
 from mindprint_ray.backends.ray_torch.trainer_args import trainer_args
+from mindprint_ray.backends.ray_torch.trainers import dpo_trainer_class, sft_trainer_class
 from mindprint_ray.curriculum.topics import TopicData, load_persona
 from mindprint_ray.curriculum.validation import validate_run
 from mindprint_ray.errors import UserError
 from mindprint_ray.evaluation import check_gates, final_statement
 from mindprint_ray.evaluation.gates import summary_entries
+from mindprint_ray.planning.dpo_reference import precompute_reference
 from mindprint_ray.planning.elastic import stage_layout
 from mindprint_ray.planning.estimates import remedies
 from mindprint_ray.planning.run_plan import RunPlan, build_run
@@ -314,7 +317,7 @@ class Worker:
         return args
 
     def run_sft(self, topic: TopicData, resume: Path | None):
-        from trl import SFTConfig, SFTTrainer
+        from trl import SFTConfig
 
         s = self.spec.sft
         settings = {
@@ -356,7 +359,7 @@ class Worker:
             else ds.sft_dataset(topic.sft, self.spec.curriculum.system_prompt, self.tokenizer, s.assistant_only_loss)
         )
         metrics = MetricsCallback(self.writer, topic.name, "sft", self.latest)
-        trainer = portable(SFTTrainer)(
+        trainer = portable(sft_trainer_class())(
             model=self.model,
             args=args,
             train_dataset=train_data,
@@ -369,27 +372,28 @@ class Worker:
         return metrics, trainer
 
     def run_dpo(self, topic: TopicData, resume: Path | None):
-        from trl import DPOConfig, DPOTrainer
+        from trl import DPOConfig
 
         d = self.spec.dpo
-        args = DPOConfig(
-            **self.stage_args("dpo", topic.name),
-            max_steps=d.steps_per_topic,
-            beta=d.beta,
-            precompute_ref_log_probs=d.precompute_ref_log_probs,
-        )
+        args = DPOConfig(**self.stage_args("dpo", topic.name), max_steps=d.steps_per_topic, beta=d.beta)
+        batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * self.world
+        precompute = precompute_reference(d.precompute_ref_log_probs, len(topic.dpo_train), d.steps_per_topic, batch)
+        if self.writer:
+            self.writer.log(
+                {"event": "dpo_reference", "topic": topic.name, "reference": d.reference, "precomputed": precompute}
+            )
         metrics = MetricsCallback(self.writer, topic.name, "dpo", self.latest)
         dropout = dropout_rates(self.model)  # DPOTrainer zeroes them (disable_dropout); the next SFT needs them
-        trainer = portable(DPOTrainer)(
+        trainer = portable(dpo_trainer_class())(
             model=self.model,
             ref_model=None,
             args=args,
             processing_class=self.tokenizer,
             train_dataset=ds.dpo_dataset(topic.dpo_train, self.spec.curriculum.system_prompt),
             callbacks=self.stage_callbacks(topic.name, "dpo", metrics),
+            reference=d.reference,
+            precompute=precompute,
         )
-        if d.reference == "base":  # without TRL's frozen "ref" copy, TRL scores the reference with adapters off
-            drop_reference_adapter(self.model)
         self._train(trainer, resume)
         drop_reference_adapter(self.model)
         restore_dropout(self.model, dropout)
@@ -456,13 +460,6 @@ def broadcast_from_rank0(value, world: int):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def drop_reference_adapter(model) -> None:
-    """TRL's DPO keeps a frozen copy of the adapter as reference ("ref"); the topic's adapter is "default" only."""
-    if "ref" in getattr(model, "peft_config", {}):
-        model.set_adapter("default")
-        model.delete_adapter("ref")
 
 
 def oom_message(run: RunPlan) -> str:
