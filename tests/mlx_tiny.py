@@ -1,7 +1,9 @@
 """Tiny random-weight mlx-lm models and padded batches for the MLX tests (no files, no download)."""
 
 
-def tiny_model(kind: str, lora: bool):
+def tiny_model(kind: str, lora: bool, nf4: bool = False):
+    """A 2-layer llama (tied embeddings) or qwen2 (own lm_head); nf4: the base in MLX 4-bit as local_mlx
+    quantizes it (hidden 64, so that every weight fits its group size)."""
     import mlx.core as mx
 
     mx.random.seed(0)
@@ -10,9 +12,9 @@ def tiny_model(kind: str, lora: bool):
 
         args = ModelArgs(
             model_type="llama",
-            hidden_size=32,
+            hidden_size=64 if nf4 else 32,
             num_hidden_layers=2,
-            intermediate_size=64,
+            intermediate_size=128 if nf4 else 64,
             num_attention_heads=4,
             num_key_value_heads=2,
             rms_norm_eps=1e-6,
@@ -24,9 +26,9 @@ def tiny_model(kind: str, lora: bool):
 
         args = ModelArgs(
             model_type="qwen2",
-            hidden_size=32,
+            hidden_size=64 if nf4 else 32,
             num_hidden_layers=2,
-            intermediate_size=64,
+            intermediate_size=128 if nf4 else 64,
             num_attention_heads=2,
             num_key_value_heads=1,
             rms_norm_eps=1e-6,
@@ -34,6 +36,10 @@ def tiny_model(kind: str, lora: bool):
             tie_word_embeddings=False,
         )
     model = Model(args)
+    if nf4:
+        from local_mlx.model import quantize
+
+        quantize(model)
     if lora:
         from mlx_lm.tuner.utils import linear_to_lora_layers
 
