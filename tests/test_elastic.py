@@ -59,3 +59,17 @@ def test_plan_shows_each_count_and_warns_where_no_exact_layout_exists():
 def test_a_bad_range_is_a_user_error_naming_the_field(value, needle):
     r = run_cli("validate", "configs/tiny-cpu.yaml", f"hardware.num_workers={value}")
     assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_multinode_run_on_local_storage_is_refused_before_any_worker_starts(tmp_path, tiny_model_dir):
+    r = run_cli(
+        "train",
+        "configs/tiny-cpu.yaml",
+        "hardware.profile=cpu-2x1",
+        f"storage.path={tmp_path}",
+        f"model.path={tiny_model_dir}",
+        "--name",
+        "local",
+    )
+    assert r.returncode == 2 and "s3://" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "local").exists()  # refused before the run folder, the lease or Ray
