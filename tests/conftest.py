@@ -15,16 +15,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_DATA = ROOT / "data" / "curriculum"
 
 
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`make test`: -n 2 --dist loadgroup) every test that starts a local Ray cluster (marked
-    ray_cluster) goes to one group, so one worker runs them one at a time: two local Ray clusters on one machine
-    would confuse each other (and `ray stop` in the README flow would end the other's). The rest spread over
-    the workers."""
-    for item in items:
-        if item.get_closest_marker("ray_cluster"):
-            item.add_marker(pytest.mark.xdist_group("ray_cluster"))
-
-
 def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `python -m mindprint_ray ARGS` as a user would; returns the completed process."""
     full_env = {**os.environ, **(env or {})}
