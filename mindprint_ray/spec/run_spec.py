@@ -753,6 +753,12 @@ SPEC_MISSING_HINT = "add it (see configs/tiny-cpu.yaml for a complete example)"
 SPEC_VALUE_HINT = "fix the value; `mindprint-ray validate CFG` checks the whole spec"
 
 
+# the parts of a pydantic error location that name its own validators and union members, not a field
+PYDANTIC_TAG = re.compile(
+    r"function-(after|before|wrap|plain)|\[key\]|constrained-\w+|\w+\[.*\]|int|float|str|bool|none"
+)
+
+
 def validation_error(
     err: ValidationError,
     file: str,
@@ -764,8 +770,11 @@ def validation_error(
     """The first problem pydantic found in a YAML file validated with `model`, as a UserError naming the file, the
     line (`lines` from yaml_lines.load_yaml_with_lines), the dotted field and a hint. The one conversion for every
     YAML file with a pydantic model: run specs, model configs, hardware profiles and prices."""
-    e = err.errors()[0]
-    loc = tuple(p for p in e["loc"] if p not in ("function-after", "function-before", "[key]"))
+    errors = err.errors()
+    e = errors[0]
+    if e["type"].endswith("_type"):  # a union's wrong-type branch: the branch that took the value says more
+        e = next((x for x in errors if not x["type"].endswith("_type")), e)
+    loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and PYDANTIC_TAG.fullmatch(p)))
     field = dotted(loc)
     line = line_for(lines, loc)
     if e["type"] == "extra_forbidden":
