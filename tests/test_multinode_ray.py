@@ -217,3 +217,9 @@ def test_a_preemption_notice_checkpoints_at_the_next_step_and_spends_no_failure(
     order = [(t, s) for t in TOPICS for s in ("sft", "sft_done", "dpo", "done")]
     resumed = (order.index((restored["topic"], restored["stage"])), restored["step"])
     assert resumed >= (order.index((event["topic"], event["stage"])), event["step"]), (restored, event)
+    # after the notice every step is checkpointed: the deadline took at most the step in progress
+    rows = records(moto_s3, "mp-spot", "spot")
+    cut = max(i for i, r in enumerate(rows) if r.get("event") == "worker_group_start")
+    last = [r for r in rows[:cut] if "loss" in r and r.get("stage") in ("sft", "dpo")][-1]
+    last_at = (order.index((last["topic"], last["stage"])), last["step"])
+    assert resumed >= (last_at[0], last_at[1] - 1), (restored, last)

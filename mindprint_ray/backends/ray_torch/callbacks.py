@@ -14,6 +14,7 @@ from mindprint_ray.runs.run_folder import RunFolder
 from mindprint_ray.runs.stage_history import StageHistory
 
 STATE_FILE = "mindprint_state.json"
+UPLOAD_SYNC = False  # set on every rank by a preemption notice: checkpoints then upload before training resumes
 GUARDED = ("loss", "grad_norm")
 
 
@@ -112,15 +113,18 @@ def report_checkpoint(directory: Path | None, topic: str, stage: str, step: int,
         checkpoint=checkpoint,
         checkpoint_dir_name=f"{topic}-{stage}-{step:06d}" if checkpoint else None,
         # the same mode on every rank (all pass `directory`, only the writers a checkpoint)
-        checkpoint_upload_mode=CheckpointUploadMode.ASYNC if directory is not None else CheckpointUploadMode.SYNC,
+        checkpoint_upload_mode=CheckpointUploadMode.ASYNC
+        if directory is not None and not UPLOAD_SYNC
+        else CheckpointUploadMode.SYNC,
     )
 
 
 class PreemptionCallback(TrainerCallback):
     """A spot reclaim arrives as a node drain (reason PREEMPTION): Ray Train V2 shows it to every worker through
     ray.train.get_preemption_info(). Asked at each optimizer step's end (a barrier: every rank asks equally
-    often), the first notice saves a checkpoint at that step, which RayCheckpointCallback reports, so a preempted
-    run loses at most one step. Ray restarts the group on the nodes that remain, from that checkpoint, and counts
+    often), a notice saves a checkpoint at that step and at every step after it, each uploaded before training
+    goes on, so when the deadline ends the group a preempted run loses at most the step in progress. Ray
+    restarts the group on the nodes that remain, from the last checkpoint, and counts
     the restart against ray.max_preemptions, not ray.max_failures."""
 
     def __init__(self, folder: RunFolder | None, topic: str, stage: str) -> None:
@@ -131,10 +135,14 @@ class PreemptionCallback(TrainerCallback):
         import ray.train
 
         info = ray.train.get_preemption_info()
-        if info is None or self.noticed:
+        if info is None:
+            return
+        global UPLOAD_SYNC
+        UPLOAD_SYNC = True  # every rank saw the notice (a collective): each checkpoint now commits before the next
+        control.should_save = True  # step, and one is taken at every step until the deadline ends the group
+        if self.noticed:
             return
         self.noticed = True
-        control.should_save = True
         if self.folder:
             self.folder.log(
                 {
