@@ -2,8 +2,9 @@
 
 Generates a realistic curriculum (two topics; per topic N SFT conversations, N preference pairs and N/10 eval
 items; answer lengths log-normal, 1-3 exchanges, a system turn in some, string and message prompts, accented,
-Cyrillic, CJK and emoji text), then times each phase below in a fresh subprocess and reads its peak RSS
-(`os.wait4`'s rusage of that child). Each phase runs twice: first with empty caches (`MINDPRINT_CACHE` and the
+Cyrillic, CJK and emoji text), then runs each phase below in a fresh subprocess and reads its wall time, CPU time
+(user + system) and peak RSS (`os.wait4`'s rusage of that child; CPU time is what other sessions' load does not
+inflate). Each phase runs twice: first with empty caches (`MINDPRINT_CACHE` and the
 run's storage) in a user's order (validate, plan, then what `train` runs before its first step), then all
 again with the caches those runs left (a restart).
 
@@ -204,8 +205,9 @@ def phase_command(name: str, config: Path, extra: list[str]) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), "--phase", name, str(config), *extra]
 
 
-def measure(cmd: list[str], env: dict, log: Path) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MiB) of one command in a fresh process; a failure stops the bench."""
+def measure(cmd: list[str], env: dict, log: Path) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds (user + system), peak RSS in MiB) of one command in a fresh process; a failure
+    stops the bench. CPU time is what the phase itself cost: other processes on the machine slow the wall time."""
     with log.open("w") as out:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -214,68 +216,93 @@ def measure(cmd: list[str], env: dict, log: Path) -> tuple[float, float]:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd[:5])} ... failed ({proc.returncode}):\n{log.read_text()[-3000:]}")
-    return wall, usage.ru_maxrss / 1024
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
 
 
 # ---- the bench -------------------------------------------------------------------------------------------------
 
 
-def bench(sizes: list[int], models: list[str], phases: list[str], work: Path) -> list[dict]:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}  # the worker phase sets its own
-    rows = []
+def bench(sizes: list[int], models: list[str], phases: list[str], work: Path, results: Path | None) -> list[dict]:
+    """Every size of one model back to back (so that they meet the machine's load at about the same time)."""
+    curricula = {}
     for n in [BASE_SIZE, *sizes]:
-        data = work / f"data-{n}"
         t0 = time.perf_counter()
-        topics = write_curriculum(data, n, 2, seed=n)
-        size_mb = sum(f.stat().st_size for f in data.rglob("*.jsonl")) / 2**20
+        topics = write_curriculum(work / f"data-{n}", n, 2, seed=n)
+        size_mb = sum(f.stat().st_size for f in (work / f"data-{n}").rglob("*.jsonl")) / 2**20
         print(f"# {n:,} examples/topic: {size_mb:,.1f} MiB of JSONL written in {time.perf_counter() - t0:.0f} s")
-        for model in models:
-            cache, storage = work / f"cache-{n}-{model}", work / f"runs-{n}-{model}"
-            extra = overrides(model, data, topics, storage)
-            run_env = {**env, "MINDPRINT_CACHE": str(cache)}
-            shutil.rmtree(cache, ignore_errors=True)
-            shutil.rmtree(storage, ignore_errors=True)
-            measured = {}
-            for when in ("first", "restart"):  # the phases in a user's order, then all of them again
-                for phase in phases:
-                    log = work / f"{phase}-{n}-{model}-{when}.log"
-                    measured[(phase, when)] = measure(phase_command(phase, MODELS[model], extra), run_env, log)
-                    wall, rss = measured[(phase, when)]
-                    print(f"  {model:8s} {phase:9s} {when:8s} {wall:7.1f} s {rss:7.0f} MiB", flush=True)
+        curricula[n] = (topics, size_mb)
+    rows = []
+    for model in models:
+        for n, (topics, size_mb) in curricula.items():
+            measured = measure_phases(model, work, n, topics, phases)
             for phase in phases:
                 first, restart = measured[(phase, "first")], measured[(phase, "restart")]
                 rows.append(
                     {"n": n, "model": model, "phase": phase, "mib": size_mb, "first": first, "restart": restart}
                 )
-        shutil.rmtree(data, ignore_errors=True)
+            if results:
+                with results.open("a") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in rows if (r["model"], r["n"]) == (model, n))
     return rows
 
 
+def measure_phases(model: str, work: Path, n: int, topics: list[str], phases: list[str]) -> dict:
+    """Each phase first with empty caches, in a user's order, then all again (a restart)."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}  # the worker phase sets its own
+    cache, storage = work / f"cache-{n}-{model}", work / f"runs-{n}-{model}"
+    extra = overrides(model, work / f"data-{n}", topics, storage)
+    env["MINDPRINT_CACHE"] = str(cache)
+    shutil.rmtree(cache, ignore_errors=True)
+    shutil.rmtree(storage, ignore_errors=True)
+    measured = {}
+    for when in ("first", "restart"):
+        for phase in phases:
+            log = work / f"{phase}-{n}-{model}-{when}.log"
+            measured[(phase, when)] = measure(phase_command(phase, MODELS[model], extra), env, log)
+            wall, cpu, rss = measured[(phase, when)]
+            print(
+                f"  {model:8s} {n:>7,} {phase:9s} {when:8s} {wall:7.1f} s {cpu:7.1f} CPU s {rss:7.0f} MiB", flush=True
+            )
+    shutil.rmtree(cache, ignore_errors=True)
+    shutil.rmtree(storage, ignore_errors=True)
+    return measured
+
+
 def print_tables(rows: list[dict], sizes: list[int]) -> None:
-    print("\n| model | examples/topic | JSONL MiB | phase | first s | first peak MiB | restart s | restart peak MiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| model | examples/topic | JSONL MiB | phase | first s | first CPU s | first peak MiB "
+        "| restart s | restart CPU s | restart peak MiB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        (fs, fm), (rs, rm) = r["first"], r["restart"]
-        cells = [r["model"], f"{r['n']:,}", f"{r['mib']:,.1f}", r["phase"], f"{fs:.1f}", f"{fm:,.0f}", f"{rs:.1f}"]
-        print("| " + " | ".join(cells) + f" | {rm:,.0f} |")
-    if len(sizes) < 2:
-        return
-    lo, hi = sizes[0], sizes[-1]
+        (fs, fc, fm), (rs, rc, rm) = r["first"], r["restart"]
+        cells = [r["model"], f"{r['n']:,}", f"{r['mib']:,.1f}", r["phase"], f"{fs:.1f}", f"{fc:.1f}", f"{fm:,.0f}"]
+        print("| " + " | ".join(cells) + f" | {rs:.1f} | {rc:.1f} | {rm:,.0f} |")
     by = {(r["model"], r["phase"], r["n"]): r for r in rows}
-    label = f"{hi // 1000}k/{lo // 1000}k" if lo >= 1000 else f"{hi}/{lo}"
+    for lo, hi in zip(sizes, sizes[1:]):
+        print_ratios(rows, by, lo, hi)
+
+
+def print_ratios(rows: list[dict], by: dict, lo: int, hi: int) -> None:
+    label = f"{hi / 1000:g}k/{lo / 1000:g}k"
     print(
         f"\nRatios {label} (time: ~{hi / lo:g} is linear; memory beyond the {BASE_SIZE}-example baseline: "
         "~1 is bounded)\n"
     )
-    print("| model | phase | time first | time restart | memory first | memory restart | beyond base first MiB |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| model | phase | wall first | CPU first | wall restart | CPU restart | memory first | memory restart |"
+        " beyond base first MiB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for model, phase in dict.fromkeys((r["model"], r["phase"]) for r in rows):
         a, b, base = by[(model, phase, lo)], by[(model, phase, hi)], by[(model, phase, BASE_SIZE)]
-        cells = [b["first"][0] / a["first"][0], b["restart"][0] / a["restart"][0]]
+        cells = []
         for when in ("first", "restart"):
-            grow_a = max(a[when][1] - base[when][1], 1.0)
-            cells.append(max(b[when][1] - base[when][1], 1.0) / grow_a)
-        beyond = f"{a['first'][1] - base['first'][1]:,.0f} -> {b['first'][1] - base['first'][1]:,.0f}"
+            cells += [b[when][0] / a[when][0], b[when][1] / a[when][1]]
+        for when in ("first", "restart"):
+            grow_a = max(a[when][2] - base[when][2], 1.0)
+            cells.append(max(b[when][2] - base[when][2], 1.0) / grow_a)
+        beyond = f"{a['first'][2] - base['first'][2]:,.0f} -> {b['first'][2] - base['first'][2]:,.0f}"
         print(f"| {model} | {phase} | " + " | ".join(f"{c:.2f}" for c in cells) + f" | {beyond} |")
 
 
@@ -285,6 +312,7 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--phases", nargs="+", default=list(PHASES), choices=list(PHASES))
     p.add_argument("--keep", type=Path, help="work in this folder and keep the logs (default: a temp folder)")
+    p.add_argument("--results", type=Path, help="also append each model and size's rows to this JSONL file")
     p.add_argument("--phase", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)  # internal: one phase, one process
     args = p.parse_args()
     if args.phase:
@@ -295,10 +323,10 @@ def main() -> None:
     t0 = time.perf_counter()
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
-        rows = bench(args.sizes, args.models, args.phases, args.keep)
+        rows = bench(args.sizes, args.models, args.phases, args.keep, args.results)
     else:
         with tempfile.TemporaryDirectory(prefix="bench-data-scale-") as tmp:
-            rows = bench(args.sizes, args.models, args.phases, Path(tmp))
+            rows = bench(args.sizes, args.models, args.phases, Path(tmp), args.results)
     print_tables(rows, sorted(args.sizes))
     print(f"\n(bench wall time {time.perf_counter() - t0:.0f} s)")
 

@@ -332,3 +332,19 @@ def test_the_transformers_template_check_is_remembered_until_something_changes(t
     chat_template.check_tokenizer(tok, by_hand, None, "here")
     chat_template.check_tokenizer(tok, by_hand, None, "here")
     assert len(calls) == 5
+
+
+def test_an_s3_curriculum_is_downloaded_once_per_process(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from mindprint_ray.curriculum import topics
+
+    data, calls = make_data(tmp_path / "data"), []
+    monkeypatch.setattr(topics, "_DOWNLOADED", {})
+    monkeypatch.setattr(topics, "materialize_data_dir", lambda uri: calls.append(uri) or str(data))
+    spec = SimpleNamespace(curriculum=SimpleNamespace(data_dir="s3://bucket/data"))
+    assert topics.curriculum_dir(spec) == topics.curriculum_dir(spec) == data and calls == ["s3://bucket/data"]
+    local = SimpleNamespace(curriculum=SimpleNamespace(data_dir=str(data)))
+    monkeypatch.setattr(topics, "materialize_data_dir", lambda uri: calls.append(uri) or uri)
+    topics.curriculum_dir(local), topics.curriculum_dir(local)
+    assert len(calls) == 3  # a local folder is looked at each time (nothing to download)

@@ -345,9 +345,18 @@ def load_topic(data_dir: Path, topic: str, kinds: list[str], heldout_fraction: f
     return data
 
 
+_DOWNLOADED: dict[str, str] = {}  # s3:// curricula this process has downloaded, and where to
+
+
 def curriculum_dir(spec: RunSpec) -> Path:
-    """The local folder of the curriculum (an `s3://` one downloaded to the cache); missing is a UserError."""
-    data_dir = Path(materialize_data_dir(spec.curriculum.data_dir))
+    """The local folder of the curriculum (an `s3://` one downloaded to the cache once per process: validation
+    reads the topics more than once); missing is a UserError."""
+    uri = spec.curriculum.data_dir
+    if uri not in _DOWNLOADED:
+        local = materialize_data_dir(uri)
+        if local != uri:
+            _DOWNLOADED[uri] = local
+    data_dir = Path(_DOWNLOADED.get(uri, uri))
     if not data_dir.is_dir():
         raise UserError(
             f"data_dir '{data_dir}' does not exist",
