@@ -20,7 +20,7 @@ again with the caches those runs left (a restart).
 A baseline run on a 100-example curriculum gives each phase's fixed cost (imports, tokenizer); memory beyond it
 is what the data costs. Ratios 50k/10k: time ~5 is linear; memory beyond the baseline ~1 is bounded.
 
-    python bench/data_scale.py                               # 10k and 50k, tiny model and SmolLM2 (~15 min)
+    python bench/data_scale.py                               # 10k and 50k, SmolLM2 and tiny (~20 min, 2 cores)
     python bench/data_scale.py --sizes 200 1000 --models tiny --phases validate   # a quick check
 """
 
