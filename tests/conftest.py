@@ -28,6 +28,32 @@ def run_cli(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int 
     )
 
 
+RAY_SNAPSHOT = "checkpoints/checkpoint_manager_snapshot.json"  # Ray Train's record of a run's committed checkpoints
+
+
+def committed_checkpoints(run: Path | str, s3=None) -> str:
+    """Ray Train's checkpoint manager snapshot of a run as text ("" before its first commit): `run` is a local run
+    folder, or with `s3` (a boto3 client) the "bucket/prefix" of an s3:// one, where Ray writes it directly."""
+    if s3 is None:
+        path = Path(run) / RAY_SNAPSHOT
+        return path.read_text() if path.is_file() else ""
+    bucket, _, prefix = str(run).partition("/")
+    try:
+        body = s3.get_object(Bucket=bucket, Key=f"{prefix}/{RAY_SNAPSHOT}")["Body"]
+    except s3.exceptions.NoSuchKey:
+        return ""
+    return body.read().decode()
+
+
+def sft_losses(rows: list[dict], topic: str, since: float = 0.0) -> dict[int, float]:
+    """A topic's SFT loss by step from a run's metrics rows, logged at or after `since` (a time.time())."""
+    return {
+        r["step"]: r["loss"]
+        for r in rows
+        if r.get("topic") == topic and r.get("stage") == "sft" and "loss" in r and r["time"] >= since
+    }
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")

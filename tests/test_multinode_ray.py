@@ -12,7 +12,7 @@ from pathlib import Path
 
 import boto3
 import pytest
-from conftest import ROOT
+from conftest import ROOT, committed_checkpoints, sft_losses
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray_cluster]
 TOPICS = ["cycle_basics", "capitulation"]
@@ -36,8 +36,12 @@ def two_nodes(moto_s3, monkeypatch):
         cluster.shutdown()
 
 
+def s3_client(moto_s3):
+    return boto3.client("s3", endpoint_url=moto_s3["AWS_ENDPOINT_URL"])
+
+
 def start_run(cluster, moto_s3, bucket: str, name: str, *extra: str) -> subprocess.Popen:
-    boto3.client("s3", endpoint_url=moto_s3["AWS_ENDPOINT_URL"]).create_bucket(Bucket=bucket)
+    s3_client(moto_s3).create_bucket(Bucket=bucket)
     args = [
         sys.executable,
         "-m",
@@ -89,27 +93,9 @@ def finish(proc, timeout: float = 600) -> str:
     return out
 
 
-def sft_losses(rows, topic, since: float = 0.0) -> dict[int, float]:
-    return {
-        r["step"]: r["loss"]
-        for r in rows
-        if r.get("topic") == topic and r.get("stage") == "sft" and "loss" in r and r["time"] >= since
-    }
-
-
 def summary_of(moto_s3, bucket, name) -> dict:
-    s3 = boto3.client("s3", endpoint_url=moto_s3["AWS_ENDPOINT_URL"])
+    s3 = s3_client(moto_s3)
     return json.loads(s3.get_object(Bucket=bucket, Key=f"runs/{name}/summary.json")["Body"].read())
-
-
-def committed(moto_s3, bucket: str, name: str) -> str:
-    """Ray Train's record of the run's committed checkpoints (its checkpoint manager snapshot), as text."""
-    s3 = boto3.client("s3", endpoint_url=moto_s3["AWS_ENDPOINT_URL"])
-    try:
-        body = s3.get_object(Bucket=bucket, Key=f"runs/{name}/checkpoints/checkpoint_manager_snapshot.json")["Body"]
-    except s3.exceptions.NoSuchKey:
-        return ""
-    return body.read().decode()
 
 
 def test_a_lost_node_resizes_the_zero2_group_and_the_run_continues_at_the_same_step(two_nodes, moto_s3):
@@ -131,7 +117,7 @@ def test_a_lost_node_resizes_the_zero2_group_and_the_run_continues_at_the_same_s
         "lost",
         lambda rows: (
             max(sft_losses(rows, TOPICS[0]), default=0) >= 4
-            and f"{TOPICS[0]}-sft-000003" in committed(moto_s3, "mp-node", "lost")
+            and f"{TOPICS[0]}-sft-000003" in committed_checkpoints("mp-node/runs/lost", s3_client(moto_s3))
         ),
     )
     removed_at = time.time()
@@ -146,7 +132,7 @@ def test_a_lost_node_resizes_the_zero2_group_and_the_run_continues_at_the_same_s
     assert groups[-1]["world_size"] == 1, groups  # the elastic group continued on the node that remains
     restored = groups[-1]["restored"]
     assert restored["topic"] == TOPICS[0] and restored["stage"] == "sft" and restored["step"] >= 3
-    s3 = boto3.client("s3", endpoint_url=moto_s3["AWS_ENDPOINT_URL"])
+    s3 = s3_client(moto_s3)
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="mp-node", Prefix="runs/lost/")["Contents"]]
     for topic in TOPICS:
         assert f"runs/lost/adapters/{topic}/adapter_model.safetensors" in keys
@@ -210,7 +196,7 @@ def test_a_preemption_notice_checkpoints_at_the_next_step_and_spends_no_failure(
     # the notice's own step was checkpointed (at most one step of work is lost), and the run resumed from it or
     # from a later one (the group ran on until the deadline)
     name = f"{event['topic']}-{event['stage']}-{event['step']:06d}"
-    s3 = boto3.client("s3", endpoint_url=moto_s3["AWS_ENDPOINT_URL"])
+    s3 = s3_client(moto_s3)
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="mp-spot", Prefix=f"runs/spot/checkpoints/{name}/")["Contents"]]
     assert f"runs/spot/checkpoints/{name}/mindprint_state.json" in keys
     restored = groups[-1]["restored"]

@@ -6,6 +6,7 @@ import importlib.util
 import logging
 
 from mindprint_ray.backends.ray_torch.trainer_args import CHECKPOINTING_KWARGS
+from mindprint_ray.backends.ray_torch.zero3 import gathered
 from mindprint_ray.errors import UserError
 from mindprint_ray.planning.run_plan import RunPlan
 
@@ -123,14 +124,17 @@ def set_checkpointing(model, enabled: bool) -> None:
 
 
 def load_adapter_weights(peft_model, adapter_dir) -> None:
-    """Carry a topic's adapter forward: load its weights into the active adapter."""
+    """Carry a topic's adapter forward: load its weights into the active adapter (under ZeRO-3, into the whole
+    weights, from rank 0, partitioned back on exit)."""
     from pathlib import Path
 
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     state = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
-    result = set_peft_model_state_dict(peft_model, state)
+    lora = [p for name, p in peft_model.named_parameters() if "lora_" in name]
+    with gathered(lora, modifier_rank=0):
+        result = set_peft_model_state_dict(peft_model, state)
     missing = [k for k in result.missing_keys if "lora_" in k]
     if missing:
         raise RuntimeError(f"adapter at {adapter_dir} lacks {len(missing)} LoRA tensors, e.g. {missing[0]}")

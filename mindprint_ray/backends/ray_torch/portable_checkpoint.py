@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import os
 
+from mindprint_ray.backends.ray_torch.zero3 import gathered
+
 PORTABLE_OPTIMIZER = "portable_optimizer.pt"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -68,7 +70,7 @@ def load_full_optimizer_state(model, optimizer, saved: dict) -> None:
     import torch
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    prime_zero2_state(optimizer)
+    prime_adam_state(optimizer)
     named = dict(trainable(model))
     missing = sorted(set(saved["params"]) ^ set(named))
     if missing:
@@ -86,21 +88,25 @@ def load_full_optimizer_state(model, optimizer, saved: dict) -> None:
             state["step"] = torch.tensor(float(saved["step"])) if torch.is_tensor(old) else saved["step"]
 
 
-def prime_zero2_state(optimizer) -> None:
-    """DeepSpeed's ZeRO-1/2 optimizer creates Adam's state at its first step and links it to the parameters only
-    then; a resume comes before any step, so make that state now (zeros, overwritten by the saved moments)."""
+def prime_adam_state(optimizer) -> None:
+    """Torch's Adam creates its state at the first step, and DeepSpeed's ZeRO-1/2 optimizer links it to the
+    parameters only then; a resume comes before any step, so make that state now (zeros, overwritten by the saved
+    moments) for each flat fp32 partition: ZeRO-1/2's single_partition_of_fp32_groups, ZeRO-3's
+    fp32_partitioned_groups_flat."""
     import torch
 
-    if getattr(optimizer, "_hp_optimizer_states_linked", True):
-        return
+    flats = getattr(optimizer, "single_partition_of_fp32_groups", None)
+    if flats is None:
+        flats = optimizer.fp32_partitioned_groups_flat
     inner = optimizer.optimizer
-    for flat in optimizer.single_partition_of_fp32_groups:
+    for flat in flats:
         state = inner.state[flat]
         if not state:
             state["step"] = torch.tensor(0.0)
             state["exp_avg"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(flat, memory_format=torch.preserve_format)
-    optimizer._lazy_init_hp_params_optimizer_state()
+    if not getattr(optimizer, "_hp_optimizer_states_linked", True):
+        optimizer._lazy_init_hp_params_optimizer_state()
 
 
 def set_model_weight(p, value) -> None:
@@ -108,13 +114,7 @@ def set_model_weight(p, value) -> None:
     rank 0 under ZeRO-3."""
     import torch
 
-    if hasattr(p, "ds_id"):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
-            p.data.copy_(value.to(p.dtype))
-        return
-    with torch.no_grad():
+    with gathered([p], modifier_rank=0), torch.no_grad():
         p.data.copy_(value.to(p.device, p.dtype))
 
 

@@ -21,6 +21,8 @@ in-memory dataset as TRL's `ref_chosen_logps` / `ref_rejected_logps` columns, wh
 
 from __future__ import annotations
 
+from mindprint_ray.backends.ray_torch.zero3 import gathered
+
 
 def drop_reference_adapter(model) -> None:
     """TRL's DPO keeps a frozen copy of the adapter as reference ("ref"); the topic's adapter is "default" only."""
@@ -34,7 +36,12 @@ class FrozenReference:
     scored before the first step (and the "ref" adapter, no longer needed, is freed)."""
 
     def __init__(self, *args, reference: str = "sft", precompute: bool = False, **kwargs):
-        super().__init__(*args, **kwargs)
+        # TRL copies the adapter into its "ref" adapter with plain tensor copies; under ZeRO-3 they read the
+        # whole weights (the copy's new parameters are partitioned by this stage's engine)
+        model = kwargs.get("model")
+        adapter = [p for name, p in model.named_parameters() if ".default." in name] if model is not None else []
+        with gathered(adapter):
+            super().__init__(*args, **kwargs)
         if self.args.precompute_ref_log_probs:
             raise ValueError(
                 "FrozenReference precomputes itself: build its DPOConfig with precompute_ref_log_probs off"

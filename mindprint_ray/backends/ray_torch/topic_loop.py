@@ -409,11 +409,12 @@ class Worker:
         ]
 
     def release_engine(self, trainer) -> None:
-        """Under ZeRO-1/2 each stage's DeepSpeed engine hooks the same LoRA parameters: remove the previous stage's
-        hooks before the next trains, or every gradient is reduced twice. (ZeRO-3's engines hand the partitioned
-        parameters on, and the last one still gathers the adapter at the topic's end.)"""
+        """Each stage's DeepSpeed engine hooks the same LoRA parameters: remove the previous stage's hooks before
+        the next trains, or every gradient is reduced twice (ZeRO-1/2), or the second reduction finds the gradient
+        the first has already freed (ZeRO-3). Under ZeRO-3 the parameters stay partitioned for the next engine,
+        and the last engine, which gathers the adapter at the topic's end, is freed only when the next stage trains."""
         previous = self._last_trainer
-        if previous is not None and previous is not trainer and 0 < self.run.deepspeed_stage < 3:
+        if previous is not None and previous is not trainer and self.run.deepspeed_stage > 0:
             previous.accelerator.free_memory()
 
     def _train(self, trainer, resume: Path | None) -> None:
