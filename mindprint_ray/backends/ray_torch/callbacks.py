@@ -14,6 +14,7 @@ from mindprint_ray.runs.run_folder import RunFolder
 from mindprint_ray.runs.stage_history import StageHistory
 
 STATE_FILE = "mindprint_state.json"
+SYNCED_FILE = "mindprint_synced_checkpoint.json"  # beside Ray's checkpoints: the last one uploaded after a notice
 UPLOAD_SYNC = False  # set on every rank by a preemption notice: checkpoints then upload before training resumes
 GUARDED = ("loss", "grad_norm")
 
@@ -117,6 +118,42 @@ def report_checkpoint(directory: Path | None, topic: str, stage: str, step: int,
         if directory is not None and not UPLOAD_SYNC
         else CheckpointUploadMode.SYNC,
     )
+    if checkpoint is not None and UPLOAD_SYNC:
+        mark_synced({"topic": topic, "stage": stage, "step": step})
+
+
+def mark_synced(state: dict) -> None:
+    """After a notice, rank 0's SYNC report returns once its checkpoint is whole in storage, but Ray commits a
+    checkpoint only once its controller has collected every rank's report (it polls every 2 s, one report per
+    rank per poll), and the deadline may end the group before the last ones are: name the uploaded checkpoint
+    beside Ray's, so that the restart resumes from it (topic_loop.restore_checkpoint) and the notice costs at
+    most the step in progress."""
+    import ray.train
+
+    storage = ray.train.get_context().get_storage()
+    persisted = ray.train.get_checkpoint()  # this worker's last report, uploaded (SYNC) before report returned
+    record = json.dumps({**state, "path": persisted.path}).encode()
+    with storage.storage_filesystem.open_output_stream(f"{storage.experiment_fs_path}/{SYNCED_FILE}") as out:
+        out.write(record)
+
+
+def read_synced():
+    """The checkpoint mark_synced named, as a ray.train.Checkpoint with its topic/stage/step, or None (no notice
+    yet, or its folder is gone or incomplete)."""
+    import pyarrow.fs
+    import ray.train
+    from ray.train import Checkpoint
+
+    storage = ray.train.get_context().get_storage()
+    fs = storage.storage_filesystem
+    try:
+        with fs.open_input_stream(f"{storage.experiment_fs_path}/{SYNCED_FILE}") as f:
+            state = json.loads(f.read())
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+    if fs.get_file_info(f"{state['path']}/{STATE_FILE}").type != pyarrow.fs.FileType.File:
+        return None
+    return Checkpoint(path=state["path"], filesystem=fs), state
 
 
 class PreemptionCallback(TrainerCallback):

@@ -22,6 +22,7 @@ from mindprint_ray.backends.ray_torch.callbacks import (
     MetricsCallback,
     PreemptionCallback,
     RayCheckpointCallback,
+    read_synced,
     report_checkpoint,
 )
 from mindprint_ray.backends.ray_torch.deepspeed_config import deepspeed_config
@@ -66,6 +67,7 @@ class Restored:
     stage: str
     step: int
     path: Path
+    source: str = "ray"  # "ray": Ray's last committed checkpoint; "notice": uploaded after a spot notice
 
 
 def quiet_worker_logs() -> None:
@@ -104,19 +106,43 @@ def quiet_ray_train_console() -> None:
             handler.addFilter(RayTrainConsoleFilter(level))
 
 
-def restore_checkpoint(local_root: Path) -> Restored | None:
-    """Copy the latest Ray checkpoint (if any) to local disk and read its topic/stage tag."""
+STAGE_ORDER = ("sft", "sft_done", "dpo", "done")
+
+
+def restore_checkpoint(local_root: Path, topic_order: list[str]) -> Restored | None:
+    """Copy the latest checkpoint (if any) to local disk and read its topic/stage tag: Ray's last committed one,
+    or the one uploaded after a spot notice that Ray had no time to commit (callbacks.mark_synced), whichever
+    comes later in the curriculum."""
     import ray.train
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+    candidates = []
+    committed = ray.train.get_checkpoint()
+    if committed is not None:
+        candidates.append((committed, "ray"))
+    synced = read_synced()
+    if synced is not None:
+        candidates.append((synced[0], "notice"))
+    if not candidates:
         return None
-    target = local_root / "restored"
+    restored = [fetch_checkpoint(c, local_root / f"restored-{source}", source) for c, source in candidates]
+
+    def position(r: Restored) -> tuple:  # a topic no longer in the curriculum (a forced new spec) counts first
+        topic = topic_order.index(r.topic) if r.topic in topic_order else -1
+        return topic, STAGE_ORDER.index(r.stage), r.step
+
+    latest = max(restored, key=position)
+    for r in restored:
+        if r is not latest:
+            shutil.rmtree(r.path, ignore_errors=True)
+    return latest
+
+
+def fetch_checkpoint(checkpoint, target: Path, source: str) -> Restored:
     shutil.rmtree(target, ignore_errors=True)
     with checkpoint.as_directory() as d:
         shutil.copytree(d, target)
     state = json.loads((target / STATE_FILE).read_text())
-    return Restored(state["topic"], state["stage"], state["step"], target)
+    return Restored(state["topic"], state["stage"], state["step"], target, source)
 
 
 class Worker:
@@ -495,7 +521,7 @@ def record_worker_group(folder: RunFolder, world: int, restored: Restored | None
         "world_size": world,
         "restored": None
         if restored is None
-        else {"topic": restored.topic, "stage": restored.stage, "step": restored.step},
+        else {"topic": restored.topic, "stage": restored.stage, "step": restored.step, "from": restored.source},
     }
     folder.log(event)
     groups = folder.summary().get("worker_groups", [])
@@ -508,7 +534,7 @@ def train_curriculum(run: RunPlan, folder: RunFolder, ctx) -> None:
     rank, world, local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
     topics, _, _ = validate_run(run)
     worker = Worker(run, folder, rank, world, local_rank, ctx.get_local_world_size())
-    restored = restore_checkpoint(worker.local)
+    restored = restore_checkpoint(worker.local, [t.name for t in topics])
     if local_rank == 0:  # one process per node brings the node's mirror of an s3:// run up to date
         folder.refresh()
     barrier(world)
