@@ -46,6 +46,7 @@ def test_killed_worker_resumes_and_every_adapter_reaches_s3(tmp_path, tiny_model
         "storage.checkpoint_every_steps=4",
         "hardware.deepspeed=zero3",
         "eval.enabled=false",
+        "ray.dashboard=false",
         "ray.max_failures=2",
         "sft.max_steps=24",
         "dpo.steps_per_topic=4",

@@ -60,6 +60,7 @@ def test_ray_trains_one_topic_with_held_out_scores(smollm2_dir, tmp_path):
         f"storage.path={tmp_path}",
         f"model.path={smollm2_dir}",
         *QUICK,
+        "ray.dashboard=false",
         timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]

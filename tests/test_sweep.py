@@ -39,7 +39,17 @@ def test_rank_out_of_range_in_the_space_is_refused():
 @pytest.mark.ray_cluster
 def test_tiny_sweep_two_ranks_by_two_learning_rates(tmp_path, tiny_model_dir):
     r = run_cli(
-        "sweep", "configs/tiny-sweep.yaml", f"storage.path={tmp_path}", f"model.path={tiny_model_dir}", timeout=1200
+        "sweep",
+        "configs/tiny-sweep.yaml",
+        f"storage.path={tmp_path}",
+        f"model.path={tiny_model_dir}",
+        # a trial's cost is mostly starting its worker: fewer steps and shorter answers than the shipped sweep
+        "sft.max_steps=6",
+        "dpo.steps_per_topic=2",
+        "eval.max_examples=3",
+        "eval.max_new_tokens=16",
+        "ray.dashboard=false",
+        timeout=1200,
     )
     assert r.returncode == 0, r.stderr[-4000:]
     root = tmp_path / "tiny-sweep"

@@ -421,6 +421,11 @@ class RaySection(Section):
     """The Ray cluster the Ray backend (train, sweep) joins and its fault tolerance."""
 
     address: str | None = Field(None, description="default: RAY_ADDRESS, else a local cluster")
+    dashboard: bool = Field(
+        True,
+        description="a local cluster (no address) starts Ray's dashboard on 127.0.0.1:8265; false saves its "
+        "start (~4 s) and its processes' CPU. A joined cluster keeps its own",
+    )
     max_failures: int = Field(
         2,
         ge=-1,

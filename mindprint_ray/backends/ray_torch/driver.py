@@ -95,7 +95,7 @@ def init_ray(run: RunPlan) -> None:
         ray.init(
             address="local",
             num_cpus=max(os.cpu_count() or 1, needed),
-            include_dashboard=True,
+            include_dashboard=run.spec.ray.dashboard,
             dashboard_host="127.0.0.1",
             runtime_env=env,
             log_to_driver=True,
