@@ -41,12 +41,14 @@ lint: $(STAMP)
 # Tests run in a random order (the seed is printed: rerun one order with -p random_order --random-order-seed=N):
 # every test must pass alone and in any order. Two pytest runs side by side: the tests that start a local Ray
 # cluster (marked ray_cluster) one at a time in one run (two local Ray clusters on one machine confuse each other,
-# and `ray stop` in the README flow would end the other's), everything else in the other. Their reports follow.
+# and `ray stop` in the README flow would end the other's), everything else in the other, at nice 19: the Ray run is
+# the longer one and Ray's workers run at nice 15, so on a small machine the cluster tests get the CPU first.
+# Their reports follow.
 test: $(STAMP)
 	@mkdir -p .test-logs
 	@$(BIN)/python -m pytest -q --random-order --durations=15 -m ray_cluster tests > .test-logs/ray_cluster.log 2>&1 & \
 	ray=$$!; \
-	$(BIN)/python -m pytest -q --random-order --durations=15 -m "not ray_cluster" tests > .test-logs/other.log 2>&1; \
+	nice -n 19 $(BIN)/python -m pytest -q --random-order --durations=15 -m "not ray_cluster" tests > .test-logs/other.log 2>&1; \
 	other=$$?; wait $$ray; ray_rc=$$?; \
 	echo "== tests without a Ray cluster (exit $$other)"; cat .test-logs/other.log; \
 	echo "== tests on local Ray clusters (exit $$ray_rc)"; cat .test-logs/ray_cluster.log; \

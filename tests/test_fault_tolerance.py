@@ -48,7 +48,7 @@ def test_killed_worker_resumes_and_every_adapter_reaches_s3(tmp_path, tiny_model
         "eval.enabled=false",
         "ray.dashboard=false",
         "ray.max_failures=2",
-        "sft.max_steps=24",
+        "sft.max_steps=16",
         "dpo.steps_per_topic=4",
     ]
     proc = subprocess.Popen(

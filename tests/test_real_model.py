@@ -61,6 +61,7 @@ def test_ray_trains_one_topic_with_held_out_scores(smollm2_dir, tmp_path):
         f"model.path={smollm2_dir}",
         *QUICK,
         "ray.dashboard=false",
+        "hardware.profile=cpu",  # one worker on both cores: the real model loaded once (2 workers: the tiny tests)
         timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
