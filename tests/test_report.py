@@ -72,3 +72,15 @@ def test_report_with_measured_run_and_price_override(tmp_path, env, tiny_model_d
 def test_report_unknown_hardware_is_a_user_error(tmp_path, env):
     r = run_cli("report", QLORA, "--hardware", "9xh200", "--out", str(tmp_path), env=env)
     assert r.returncode == 2 and "unknown hardware profile '9xh200'" in r.stderr and "8xh100-80gb" in r.stderr
+
+
+def test_cost_chart_of_owned_hardware_alone_draws_no_empty_legend(tmp_path):
+    import warnings
+
+    from mindprint_ray.report import charts
+
+    owned = {"profile": "cpu", "time": {"cost_on_demand_usd": None, "cost_spot_usd": None}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns "No artists with labels found" for an empty legend
+        path = charts.cost_chart([owned], tmp_path / "cost.png")
+    assert path.stat().st_size > 0

@@ -122,7 +122,8 @@ def cost_chart(options: list[dict], path: Path) -> Path:
     ax.set_yticks(ys, [o["profile"] for o in options], fontsize=9)
     ax.set_xlabel("USD for the whole curriculum (training compute)")
     ax.set_title("Curriculum cost per hardware option")
-    ax.legend(fontsize=8, loc="lower right")
+    if ax.get_legend_handles_labels()[1]:  # no bars when every option is owned hardware
+        ax.legend(fontsize=8, loc="lower right")
     ax.grid(axis="x", alpha=0.3)
     return _save(fig, path)
 
