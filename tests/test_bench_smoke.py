@@ -111,3 +111,20 @@ def test_packing_bench_quick():
 def test_ray_overhead_bench_help():
     done = run_bench("bench/ray_overhead.py", "--help", timeout=120)
     assert done.returncode == 0 and "Ray Train" in done.stdout and "--steps" in done.stdout
+
+
+@pytest.mark.parametrize(
+    "script,option",
+    [
+        ("bench/peer_trl.py", "--profile"),
+        ("bench/reference_logprobs.py", "--steps"),
+        ("bench/logits_memory.py", "--kinds"),
+        ("bench/mlx_compile.py", "--models"),
+        ("bench/mlx_logits_memory.py", "--cases"),
+    ],
+)
+def test_issue_15_benches_start(script, option):
+    """Each benchmark of issue 15 imports what it needs from the project and parses its options."""
+    done = run_bench(script, "--help", timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert option in done.stdout
