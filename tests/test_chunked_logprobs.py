@@ -86,6 +86,77 @@ def test_the_tiles_the_memory_model_assumes_are_trls():
     assert memory.MLX_LOGITS_CHUNK == LOGITS_CHUNK  # and MLX's chunk of positions
 
 
+# Peak memory of the tiled log-probs, measured: a fresh process (its own peak RSS) runs the worker's head on
+# SmolLM2's shapes (vocab 49,152, hidden 576; random weights, fp32 CPU), forward and backward, as
+# bench/logits_memory.py --kinds head does on the real weights (docs/benchmarks.md)
+PEAK_OF_HEAD = """
+import re, sys
+from pathlib import Path
+import torch
+from mindprint_ray.backends.ray_torch.chunked_logprobs import TiledLogProbFunction
+
+def status(key):
+    return int(re.search(key + r":\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+full, n, vocab, width = sys.argv[1] == "full", int(sys.argv[2]), 49152, 576
+gen = torch.Generator().manual_seed(0)
+weight = torch.randn(vocab, width, generator=gen) * 0.02
+hidden = torch.randn(n, width, generator=gen).requires_grad_()
+targets = torch.randint(0, vocab, (n,), generator=gen)
+outputs = ("log_probs", "entropy", "mean_logits", "is_top1")
+def head(h, t):
+    if full:
+        return torch.log_softmax(h @ weight.t(), -1).gather(-1, t[:, None]).squeeze(-1)
+    return TiledLogProbFunction.apply(h, weight, None, t, 1.0, 32768, None, 1.0, outputs)[0]
+head(hidden[:8], targets[:8]).sum().backward()  # warm up
+hidden.grad = None
+try:
+    Path("/proc/self/clear_refs").write_text("5")  # the high-water mark restarts at the current RSS
+except OSError:
+    pass  # the setup's own peak (the weight, the warm-up) is not above its RSS by more than a few MB
+before = status("VmRSS")
+head(hidden, targets).sum().backward()
+print(status("VmHWM") - before)
+"""
+
+
+def measured_head_bytes(head: str, tokens: int) -> int:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK_OF_HEAD, head, str(tokens)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return int(out.stdout.split()[-1])
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo"])
+def test_the_cpu_logits_term_matches_the_measured_peak_at_2048_tokens(stage):
+    from mindprint_ray.planning.registry import arch_from_hf_config
+
+    config = {  # models/smollm2/config.json
+        "model_type": "llama",
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "head_dim": 64,
+        "vocab_size": 49152,
+        "tie_word_embeddings": True,
+    }
+    arch = arch_from_hf_config(config, "smollm2", "smollm2")
+    sequences, seq = (2 if stage == "dpo" else 1), 2048
+    m = memory.MemoryInputs("fp32", "ray", 0, seq, 1, True, 0, 1, False, sequences, activation_bytes=4)
+    modelled = memory.logits_bytes(arch, m)
+    tiled = measured_head_bytes("tiled", sequences * (seq - 1))  # the step's positions: seq - 1 per sequence
+    assert modelled == pytest.approx(tiled, rel=0.15)
+    if stage == "sft":  # the plain computation holds the full fp32 logits several times over: the term it replaced
+        full, logits = measured_head_bytes("full", seq - 1), (seq - 1) * arch.vocab_size * 4
+        assert full > 2.5 * logits and tiled < full / 1.5
+
+
 # ---- the tiny model -----------------------------------------------------------------------------------------------
 
 
