@@ -31,6 +31,7 @@ machine pass a one-GPU profile (`--profile 1xh100-80gb`); the plain side then tr
     .venv/bin/python bench/peer_trl.py                                  # SmolLM2, 1 topic, 3 rounds
     .venv/bin/python bench/peer_trl.py --config configs/tiny-cpu.yaml --rounds 1 --sft-steps 6 --dpo-steps 3
     .venv/bin/python bench/peer_trl.py --profile 1xh100-80gb                 # on a GPU machine
+    .venv/bin/python bench/peer_trl.py --set ray.dashboard=false             # ours without Ray's dashboard
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def overrides(opts) -> list[str]:
         f"hardware.profile={opts.profile}",
         "eval.enabled=false",
         "report_to=[none]",
+        *opts.set,
     ]
 
 
@@ -271,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sft-steps", type=int, default=16)
     p.add_argument("--dpo-steps", type=int, default=8)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more spec overrides for every side")
     p.add_argument("--json", help="write every figure to this file")
     p.add_argument("--plain-child", metavar="OUT", help=argparse.SUPPRESS)
     p.add_argument("--trl-precision", action="store_true", help=argparse.SUPPRESS)
