@@ -50,6 +50,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 import _common as c
 
+from mindprint_ray.backends.ray_torch.trainer_args import trainer_args
 from mindprint_ray.curriculum.chat_template import with_system
 from mindprint_ray.curriculum.validation import validate_run
 from mindprint_ray.models.tiny import ensure_run_model
@@ -74,25 +75,48 @@ def overrides(opts) -> list[str]:
 # ---- the plain recipe (a subprocess) ------------------------------------------------------------------------
 
 
+# the run spec's fields of a stage that the plain recipe takes over from the worker's arguments (trainer_args);
+# the rest stays at SFTConfig's / DPOConfig's defaults
+SPEC_FIELDS = (
+    "learning_rate",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "warmup_steps",
+    "max_length",
+    "gradient_checkpointing",
+    "seed",
+    "use_cpu",
+)
+
+
+def plain_args(run: RunPlan, stage: str, out_dir: str, gpu: bool, trl_precision: bool) -> dict:
+    """A plain stage's config fields: the spec's (as the worker reads them), steps, no saving, a log every step;
+    the worker's precision unless `trl_precision` leaves TRL's default (bf16)."""
+    ours = trainer_args(run.spec, stage, out_dir, gpu, None)
+    fields = {k: ours[k] for k in SPEC_FIELDS} | {"output_dir": out_dir}
+    fields.update(logging_steps=1, save_strategy="no", report_to="none")
+    fields["max_steps"] = run.spec.sft.max_steps if stage == "sft" else run.spec.dpo.steps_per_topic
+    if not trl_precision:
+        fields["bf16"] = ours["bf16"]
+    return fields
+
+
 def plain_child(config: str, extra: list[str], out_file: str, trl_precision: bool) -> None:
     """One plain TRL run of the topic: SFT then DPO; writes the step logs, wall and peak memory as JSON. With
     `trl_precision`, TRL's default precision (bf16), else the spec's as ours trains it."""
-    import resource
-
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+    from mindprint_ray.backends.ray_torch.callbacks import peak_memory_gb
+    from mindprint_ray.backends.ray_torch.datasets import dpo_dataset
 
     c.quiet()
     run = load_run(config, extra)
     topic = validate_run(run)[0][0]
     system = run.spec.curriculum.system_prompt
     sft_rows = [{"messages": with_system(r.data["messages"], system)} for r in topic.sft]
-    pairs = [
-        {"prompt": with_system(r.data["prompt"], system), "chosen": r.data["chosen"], "rejected": r.data["rejected"]}
-        for r in topic.dpo_train
-    ]
     step_logs: dict[str, list[dict]] = {s: [] for s in STAGES}
 
     class StepLogs(TrainerCallback):
@@ -108,26 +132,12 @@ def plain_child(config: str, extra: list[str], out_file: str, trl_precision: boo
     tokenizer = AutoTokenizer.from_pretrained(run.model_path)
     model = AutoModelForCausalLM.from_pretrained(run.model_path, dtype=torch.float32)  # both: fp32 master weights
     lora = LoraConfig(**run.zones.peft_kwargs(explicit_list=run.spec.lora.target == "list"))
-    s, d, seed = run.spec.sft, run.spec.dpo, run.spec.seed
     gpu = run.profile.use_gpu and torch.cuda.is_available()
-    fixed = {"logging_steps": 1, "save_strategy": "no", "report_to": "none", "seed": seed, "use_cpu": not gpu}
-    if not trl_precision:
-        fixed["bf16"] = gpu and s.bf16  # the rule ours trains by (backends/ray_torch/trainer_args.py)
     with tempfile.TemporaryDirectory(prefix="peer-trl-") as tmp:
         t0 = time.time()
         sft = SFTTrainer(
             model=model,
-            args=SFTConfig(
-                output_dir=f"{tmp}/sft",
-                learning_rate=s.learning_rate,
-                per_device_train_batch_size=s.batch_size,
-                gradient_accumulation_steps=s.gradient_accumulation,
-                warmup_steps=s.warmup_steps,
-                max_steps=s.max_steps,
-                max_length=s.max_seq_length,
-                gradient_checkpointing=s.gradient_checkpointing,
-                **fixed,
-            ),
+            args=SFTConfig(**plain_args(run, "sft", f"{tmp}/sft", gpu, trl_precision)),
             train_dataset=Dataset.from_list(sft_rows),
             processing_class=tokenizer,
             peft_config=lora,
@@ -136,30 +146,15 @@ def plain_child(config: str, extra: list[str], out_file: str, trl_precision: boo
         sft.train()
         dpo = DPOTrainer(
             model=sft.model,
-            args=DPOConfig(
-                output_dir=f"{tmp}/dpo",
-                learning_rate=d.learning_rate,
-                per_device_train_batch_size=d.batch_size,
-                gradient_accumulation_steps=d.gradient_accumulation,
-                warmup_steps=d.warmup_steps,
-                max_steps=d.steps_per_topic,
-                max_length=d.max_seq_length,
-                beta=d.beta,
-                gradient_checkpointing=d.gradient_checkpointing,
-                **fixed,
-            ),
-            train_dataset=Dataset.from_list(pairs),
+            args=DPOConfig(**plain_args(run, "dpo", f"{tmp}/dpo", gpu, trl_precision), beta=run.spec.dpo.beta),
+            train_dataset=dpo_dataset(topic.dpo_train, system),
             processing_class=tokenizer,
             callbacks=[StepLogs("dpo")],
         )
         dpo.train()
         dpo.model.save_pretrained(f"{tmp}/adapter")
         wall = time.time() - t0
-    if gpu:
-        peak = torch.cuda.max_memory_allocated() / 1e9
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
-    Path(out_file).write_text(json.dumps({"logs": step_logs, "wall_s": wall, "peak_gb": peak}))
+    Path(out_file).write_text(json.dumps({"logs": step_logs, "wall_s": wall, "peak_gb": peak_memory_gb()}))
 
 
 def plain(opts, extra: list[str], trl_precision: bool = False) -> dict:
