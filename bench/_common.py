@@ -20,6 +20,7 @@ if str(ROOT) not in sys.path:
 
 from mindprint_ray.backends.ray_torch import datasets as ds
 from mindprint_ray.backends.ray_torch.model_loading import apply_zone_plan, load_base_model, load_tokenizer, torch_dtype
+from mindprint_ray.backends.ray_torch.precision import native_bf16
 from mindprint_ray.backends.ray_torch.trainer_args import trainer_args
 from mindprint_ray.curriculum.validation import validate_run
 from mindprint_ray.models.tiny import ensure_tiny_model, qwen2_config
@@ -220,7 +221,7 @@ def mark_bnb_4bit(model, q) -> None:
 def worker_args(run: RunPlan, stage: str, out_dir: Path, gpu: bool) -> dict:
     """The worker's own TrainingArguments fields (`trainer_args`, as `Worker.stage_args` builds them), for a worker
     without a run folder."""
-    args = trainer_args(run.spec, stage, str(out_dir / f"bench-{stage}"), gpu, None)
+    args = trainer_args(run.spec, stage, str(out_dir / f"bench-{stage}"), gpu, None, native_bf16(gpu))
     args.update(save_strategy="no", report_to=[], logging_steps=1)
     return args
 

@@ -205,6 +205,7 @@ def measure_step(run: RunPlan, stage: str, head: str, gpu: bool) -> dict:
     from trl import DPOConfig, SFTConfig
 
     from mindprint_ray.backends.ray_torch.model_loading import apply_zone_plan, load_base_model, load_tokenizer
+    from mindprint_ray.backends.ray_torch.precision import native_bf16
     from mindprint_ray.backends.ray_torch.trainer_args import trainer_args
 
     use_head(head)
@@ -222,7 +223,7 @@ def measure_step(run: RunPlan, stage: str, head: str, gpu: bool) -> dict:
             meter.__exit__(None, None, None)
 
     with tempfile.TemporaryDirectory(prefix="logits-memory-") as tmp:
-        common = trainer_args(run.spec, stage, tmp, gpu, None)
+        common = trainer_args(run.spec, stage, tmp, gpu, None, native_bf16(gpu))
         common.update(save_strategy="no", report_to=[], max_steps=1, logging_steps=1)
         sft_class, dpo_class = trainer_classes(head)
         if stage == "sft":

@@ -20,10 +20,11 @@ plain process, and of our training worker (metrics.jsonl `peak_memory_gb`); on a
 max_memory_allocated in both. The sides alternate for `--rounds`; each figure is the median of the rounds, and
 each ratio is ours / plain of the medians (goal: throughput >= 1.0x, peak memory <= 1.0x).
 
-Precision. The plain side trains at the precision ours trains the spec at (`sft.bf16` on a GPU; fp32 on a CPU, as
-the spec's field says). TRL's configs default to bf16 mixed precision everywhere, CPUs included, where it runs the
-matmuls in bf16 on CPUs that have them: on a CPU a third side, `plain-bf16`, is that default, unchanged, and ours is
-compared with it too. On a GPU the two are one (the spec trains bf16), and the third side is not run.
+Precision. The plain side trains at the precision ours trains the spec at: bf16 mixed precision where `sft.bf16`
+is on and the device computes bf16 natively (a GPU from Ampere on, a CPU with AVX512-BF16 or AMX), else fp32.
+TRL's configs default to bf16 everywhere (emulated on CPUs without it): where ours trains fp32 (the configs'
+`sft.bf16: false`, or a device without bf16) a third side, `plain-bf16`, is that default, unchanged, and ours is
+compared with it too. Where ours trains bf16 the two are one, and the third side is not run.
 
 Device: `--profile` is the hardware profile ours trains on (default `cpu`: one worker, every core). On a GPU
 machine pass a one-GPU profile (`--profile 1xh100-80gb`); the plain side then trains on that GPU as well.
@@ -32,6 +33,7 @@ machine pass a one-GPU profile (`--profile 1xh100-80gb`); the plain side then tr
     .venv/bin/python bench/peer_trl.py --config configs/tiny-cpu.yaml --rounds 1 --sft-steps 6 --dpo-steps 3
     .venv/bin/python bench/peer_trl.py --profile 1xh100-80gb                 # on a GPU machine
     .venv/bin/python bench/peer_trl.py --set ray.dashboard=false             # ours without Ray's dashboard
+    .venv/bin/python bench/peer_trl.py --set sft.bf16=true                   # both in bf16 where the CPU has it
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 import _common as c
 
+from mindprint_ray.backends.ray_torch.precision import native_bf16
 from mindprint_ray.backends.ray_torch.trainer_args import trainer_args
 from mindprint_ray.curriculum.chat_template import with_system
 from mindprint_ray.curriculum.validation import validate_run
@@ -92,7 +95,7 @@ SPEC_FIELDS = (
 def plain_args(run: RunPlan, stage: str, out_dir: str, gpu: bool, trl_precision: bool) -> dict:
     """A plain stage's config fields: the spec's (as the worker reads them), steps, no saving, a log every step;
     the worker's precision unless `trl_precision` leaves TRL's default (bf16)."""
-    ours = trainer_args(run.spec, stage, out_dir, gpu, None)
+    ours = trainer_args(run.spec, stage, out_dir, gpu, None, native_bf16(gpu))
     fields = {k: ours[k] for k in SPEC_FIELDS} | {"output_dir": out_dir}
     fields.update(logging_steps=1, save_strategy="no", report_to="none")
     fields["max_steps"] = run.spec.sft.max_steps if stage == "sft" else run.spec.dpo.steps_per_topic
@@ -254,6 +257,14 @@ SIDE_NAMES = {
 }
 
 
+def trains_bf16(run: RunPlan) -> bool:
+    """Whether ours trains bf16 mixed precision here, TRL's default (the worker's rule: trainer_args.mixed_bf16)."""
+    import torch
+
+    gpu = run.profile.use_gpu and torch.cuda.is_available()
+    return trainer_args(run.spec, "sft", "out", gpu, None, native_bf16(gpu))["bf16"]
+
+
 def run_side(side: str, opts, extra: list[str], index: int) -> dict:
     if side == "ours":
         return figures(ours(opts, extra, index))
@@ -280,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = overrides(opts)
     run: RunPlan = load_run(opts.config, extra)
     ensure_run_model(run)  # SmolLM2 is converted once (mindprint-ray sample-model), before either side starts
-    sides = ["plain", "ours"] if run.profile.use_gpu else ["plain", "plain-bf16", "ours"]
+    sides = ["plain", "ours"] if trains_bf16(run) else ["plain", "plain-bf16", "ours"]
     rounds = []
     for i in range(opts.rounds):
         rounds.append({side: run_side(side, opts, extra, i) for side in sides})

@@ -263,7 +263,7 @@ def test_the_sft_trainer_runs_the_tiles(tiny_model_dir, tmp_path, small, calls):
     from mindprint_ray.backends.ray_torch.trainers import sft_trainer_class
 
     run = tiny_run(tiny_model_dir)
-    common = trainer_args(run.spec, "sft", str(tmp_path / "sft"), False, None)
+    common = trainer_args(run.spec, "sft", str(tmp_path / "sft"), False, None, False)
     common.update(save_strategy="no", report_to=[], max_steps=1)
     args = SFTConfig(**common, packing=False, assistant_only_loss=False)
     model = zone_model(run)
@@ -289,7 +289,7 @@ def test_the_dpo_trainer_runs_the_tiles(tiny_model_dir, tmp_path, small, calls):
     from mindprint_ray.backends.ray_torch.trainers import dpo_trainer_class
 
     run = tiny_run(tiny_model_dir)
-    common = trainer_args(run.spec, "dpo", str(tmp_path / "dpo"), False, None)
+    common = trainer_args(run.spec, "dpo", str(tmp_path / "dpo"), False, None, False)
     common.update(save_strategy="no", report_to=[], max_steps=1)
     rows = [
         {"prompt": [{"role": "user", "content": f"Where is low {i}?"}],

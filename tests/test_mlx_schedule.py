@@ -103,7 +103,7 @@ def test_spec_schedules_match_the_ray_trainer_arguments(tmp_path):
         dpo_default = DPOConfig(output_dir=str(tmp_path), use_cpu=True, report_to=[]).lr_scheduler_type
         hf_type = {"sft": run.spec.sft.scheduler, "dpo": str(getattr(dpo_default, "value", dpo_default))}
         for stage, cfg in (("sft", mlx.sft_config("x", 40)), ("dpo", mlx.dpo_config("x"))):
-            args = trainer_args(run.spec, stage, str(tmp_path), False, None)
+            args = trainer_args(run.spec, stage, str(tmp_path), False, None, False)
             steps = run.spec.sft.max_steps if stage == "sft" else run.spec.dpo.steps_per_topic
             assert cfg.steps == steps and cfg.learning_rate == args["learning_rate"]
             expected = hf_curve(hf_type[stage], args["warmup_steps"], steps, args["learning_rate"])

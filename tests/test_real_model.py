@@ -67,7 +67,7 @@ def test_ray_trains_one_topic_with_held_out_scores(smollm2_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "real"
     entry = json.loads((run_dir / "summary.json").read_text())["topics"][TOPIC]
-    assert entry["status"] == "done"
+    assert entry["status"] == "done" and entry["precision"] == "fp32"  # the config's sft.bf16: false
     assert math.isfinite(entry["sft"]["last_loss"]) and 0 <= entry["dpo"]["reward_accuracy"] <= 1
     for stage in ("base", "after_sft", "after_dpo"):
         scores = entry["eval"][stage]

@@ -111,7 +111,7 @@ def dpo_trainer(run, reference: str, precompute: bool, tmp: Path, pairs: int = l
          "rejected": [{"role": "assistant", "content": r}]}
         for i, (q, c, r) in enumerate((PAIRS * pairs)[:pairs])
     ]  # fmt: skip
-    common = trainer_args(run.spec, "dpo", str(tmp / f"{reference}-{precompute}"), False, None)
+    common = trainer_args(run.spec, "dpo", str(tmp / f"{reference}-{precompute}"), False, None, False)
     common.update(save_strategy="no", report_to=[])
     args = DPOConfig(**common, max_steps=1, beta=run.spec.dpo.beta, precompute_ref_batch_size=batch)
     return dpo_trainer_class()(

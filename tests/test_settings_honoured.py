@@ -105,7 +105,7 @@ def test_trainer_args_carry_the_stage_and_storage_settings(tmp_path, stage):
         },
         storage={"keep_checkpoints": 4, "checkpoint_every_steps": 7},
     )
-    args = trainer_args(spec, stage, str(tmp_path / "out"), gpu=False, deepspeed=None)
+    args = trainer_args(spec, stage, str(tmp_path / "out"), gpu=False, deepspeed=None, native_bf16=False)
     section = spec.stage(stage)
     assert args["save_total_limit"] is None and args["save_steps"] == 7  # Ray keeps storage.keep_checkpoints
     assert args["logging_steps"] == (5 if stage == "sft" else 1)
@@ -136,8 +136,8 @@ def test_trl_configs_take_the_trainer_args_as_they_are(tmp_path):
         dpo={"gradient_checkpointing": True},
         storage={"keep_checkpoints": 5},
     )
-    sft = SFTConfig(**trainer_args(spec, "sft", str(tmp_path / "sft"), False, None))
-    dpo = DPOConfig(**trainer_args(spec, "dpo", str(tmp_path / "dpo"), False, None))
+    sft = SFTConfig(**trainer_args(spec, "sft", str(tmp_path / "sft"), False, None, False))
+    dpo = DPOConfig(**trainer_args(spec, "dpo", str(tmp_path / "dpo"), False, None, False))
     # TRL's own defaults would be 10, None and True
     assert (sft.logging_steps, sft.save_total_limit, sft.gradient_checkpointing) == (3, None, False)
     assert (dpo.logging_steps, dpo.save_total_limit, dpo.gradient_checkpointing) == (1, None, True)
@@ -178,11 +178,13 @@ def test_the_worker_switches_checkpointing_at_each_stage_and_uses_trainer_args(t
     )
     worker.model, worker.writer, worker.local, worker.gpu, worker.ds_config = FakeHFModel(), None, tmp_path, False, None
     worker.run, worker.world = build_run(worker.spec), 2  # the profile's 2 workers: the spec's own batch layout
+    worker.native_bf16 = True  # a device with bf16: the spec's sft.bf16 (on by default) decides
     sft = worker.stage_args("sft", "alpha")
     assert worker.model.calls[-1][0] == "disable"
     dpo = worker.stage_args("dpo", "alpha")
     assert worker.model.calls[-2:] == [("enable", {"use_reentrant": False}), ("inputs", None)]
-    assert sft == trainer_args(worker.spec, "sft", str(tmp_path / "alpha-sft"), False, None)
+    assert sft == trainer_args(worker.spec, "sft", str(tmp_path / "alpha-sft"), False, None, worker.native_bf16)
+    assert sft["bf16"] and dpo["bf16"]
     assert dpo["gradient_checkpointing"] and not sft["gradient_checkpointing"]
     assert dpo["save_steps"] == sft["save_steps"] and dpo["save_total_limit"] is None
     worker.world = 1  # one worker left: it accumulates what two computed, the global batch stays the spec's
@@ -225,7 +227,7 @@ def test_one_checkpointing_rule_in_the_estimate_and_both_backends(tmp_path, sft_
     mlx_configs = {"sft": mlx.sft_config("alpha", 8), "dpo": mlx.dpo_config("alpha")}
     for stage, expected in (("sft", sft_gc), ("dpo", dpo_gc)):
         assert memory_inputs(run, stage).gradient_checkpointing is expected
-        assert trainer_args(run.spec, stage, "out", False, None)["gradient_checkpointing"] is expected
+        assert trainer_args(run.spec, stage, "out", False, None, False)["gradient_checkpointing"] is expected
         assert mlx_configs[stage].gradient_checkpointing is expected
 
 

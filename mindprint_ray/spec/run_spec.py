@@ -231,7 +231,9 @@ class SFTSection(Section):
     max_grad_norm: float = Field(0.3, gt=0, description=GRAD_NORM_DOC)
     bf16: bool = Field(
         True,
-        description="bf16 mixed precision on GPUs for both stages, SFT and DPO (and DeepSpeed); CPUs train in fp32",
+        description="bf16 mixed precision for both stages, SFT and DPO (and DeepSpeed), where the worker's device "
+        "computes bf16 natively: a CUDA GPU with bf16 (Ampere on), a CPU with AVX512-BF16 or AMX; elsewhere fp32 "
+        "(a warning; summary.json topics[].precision records which)",
     )
     packing: bool = Field(
         True,

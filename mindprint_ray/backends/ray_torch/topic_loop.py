@@ -35,8 +35,9 @@ from mindprint_ray.backends.ray_torch.model_loading import (
     set_checkpointing,
 )
 from mindprint_ray.backends.ray_torch.portable_checkpoint import portable
+from mindprint_ray.backends.ray_torch.precision import native_bf16, precision_name
 from mindprint_ray.backends.ray_torch.reference_logprobs import drop_reference_adapter
-from mindprint_ray.backends.ray_torch.trainer_args import trainer_args
+from mindprint_ray.backends.ray_torch.trainer_args import mixed_bf16, trainer_args
 from mindprint_ray.backends.ray_torch.trainers import dpo_trainer_class, sft_trainer_class
 from mindprint_ray.curriculum.topics import TopicData, load_persona
 from mindprint_ray.curriculum.validation import validate_run
@@ -162,7 +163,11 @@ class Worker:
         if not gpu:
             torch.set_num_threads(max(1, run.profile.cpus_per_worker))
         self.local = Path(tempfile.mkdtemp(prefix=f"mindprint-{run.spec.name}-r{rank}-"))
-        self.ds_config = deepspeed_config(run.deepspeed_stage, bf16=gpu and self.spec.sft.bf16)
+        self.native_bf16 = native_bf16(gpu)
+        self.precision = precision_name(mixed_bf16(self.spec, self.native_bf16))
+        if self.spec.sft.bf16 and not self.native_bf16 and rank == 0:
+            log.warning("sft.bf16: this %s has no native bf16; training in fp32", "GPU" if gpu else "CPU")
+        self.ds_config = deepspeed_config(run.deepspeed_stage, bf16=mixed_bf16(self.spec, self.native_bf16))
         self.tokenizer = load_tokenizer(run)
         base, self.attention = load_base_model(run, self.device, local_rank)
         self.model = apply_zone_plan(base, run, False)  # each stage switches its own on (stage_args)
@@ -192,7 +197,9 @@ class Worker:
         seen = seen or [topic]
         stage = restored.stage if restored else None
         if self.writer:
-            self.writer.update_topic(topic.name, status="running", attention=self.attention, device=self.device)
+            self.writer.update_topic(
+                topic.name, status="running", attention=self.attention, device=self.device, precision=self.precision
+            )
         if stage is None and previous:
             load_adapter_weights(self.model, self.folder.ensure_adapter(previous))
         if stage == "sft_done":
@@ -337,7 +344,8 @@ class Worker:
         if self.writer and "tensorboard" in self.spec.report_to:
             os.environ["TENSORBOARD_LOGGING_DIR"] = str(self.folder.root / "tensorboard" / f"{topic}-{stage}")
         set_checkpointing(self.model, self.spec.stage(stage).gradient_checkpointing)
-        args = trainer_args(self.spec, stage, str(self.local / f"{topic}-{stage}"), self.gpu, self.ds_config)
+        out_dir = str(self.local / f"{topic}-{stage}")
+        args = trainer_args(self.spec, stage, out_dir, self.gpu, self.ds_config, self.native_bf16)
         layout = stage_layout(self.run, stage, self.world)  # the spec's global batch on this many workers
         args.update(per_device_train_batch_size=layout.per_device, gradient_accumulation_steps=layout.accumulation)
         return args

@@ -12,8 +12,17 @@ from mindprint_ray.spec.run_spec import RunSpec
 CHECKPOINTING_KWARGS = {"use_reentrant": False}
 
 
-def trainer_args(spec: RunSpec, stage: str, output_dir: str, gpu: bool, deepspeed: dict | None) -> dict:
-    """Keyword arguments shared by SFTConfig and DPOConfig for `stage` ("sft" or "dpo")."""
+def mixed_bf16(spec: RunSpec, native_bf16: bool) -> bool:
+    """bf16 mixed precision (both stages and DeepSpeed): where the spec asks for it (sft.bf16) and the worker's
+    device computes bf16 natively (precision.native_bf16); else fp32."""
+    return spec.sft.bf16 and native_bf16
+
+
+def trainer_args(
+    spec: RunSpec, stage: str, output_dir: str, gpu: bool, deepspeed: dict | None, native_bf16: bool
+) -> dict:
+    """Keyword arguments shared by SFTConfig and DPOConfig for `stage` ("sft" or "dpo"), on a GPU or the CPU
+    (`gpu`) whose bf16 support is `native_bf16`."""
     section = spec.stage(stage)
     return dict(
         output_dir=output_dir,
@@ -28,7 +37,7 @@ def trainer_args(spec: RunSpec, stage: str, output_dir: str, gpu: bool, deepspee
         # Ray Train keeps storage.keep_checkpoints (CheckpointConfig.num_to_keep) and deletes each local copy once
         # its background upload is done; HF's own rotation could delete a checkpoint still uploading
         save_total_limit=None,
-        bf16=gpu and spec.sft.bf16,
+        bf16=mixed_bf16(spec, native_bf16),
         use_cpu=not gpu,
         seed=spec.seed,
         report_to=[r for r in spec.report_to if r != "none"],
