@@ -53,7 +53,7 @@ sys.path.insert(0, str(BENCH))
 import _common as c
 
 from mindprint_ray.backends.ray_torch.precision import native_bf16
-from mindprint_ray.backends.ray_torch.trainer_args import trainer_args
+from mindprint_ray.backends.ray_torch.trainer_args import mixed_bf16, trainer_args
 from mindprint_ray.curriculum.chat_template import with_system
 from mindprint_ray.curriculum.validation import validate_run
 from mindprint_ray.models.tiny import ensure_run_model
@@ -258,11 +258,10 @@ SIDE_NAMES = {
 
 
 def trains_bf16(run: RunPlan) -> bool:
-    """Whether ours trains bf16 mixed precision here, TRL's default (the worker's rule: trainer_args.mixed_bf16)."""
+    """Whether ours trains bf16 mixed precision here (the worker's rule), TRL's default."""
     import torch
 
-    gpu = run.profile.use_gpu and torch.cuda.is_available()
-    return trainer_args(run.spec, "sft", "out", gpu, None, native_bf16(gpu))["bf16"]
+    return mixed_bf16(run.spec, native_bf16(run.profile.use_gpu and torch.cuda.is_available()))
 
 
 def run_side(side: str, opts, extra: list[str], index: int) -> dict:

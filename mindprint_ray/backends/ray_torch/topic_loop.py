@@ -164,10 +164,11 @@ class Worker:
             torch.set_num_threads(max(1, run.profile.cpus_per_worker))
         self.local = Path(tempfile.mkdtemp(prefix=f"mindprint-{run.spec.name}-r{rank}-"))
         self.native_bf16 = native_bf16(gpu)
-        self.precision = precision_name(mixed_bf16(self.spec, self.native_bf16))
-        if self.spec.sft.bf16 and not self.native_bf16 and rank == 0:
+        bf16 = mixed_bf16(self.spec, self.native_bf16)
+        if self.spec.sft.bf16 and not bf16 and rank == 0:
             log.warning("sft.bf16: this %s has no native bf16; training in fp32", "GPU" if gpu else "CPU")
-        self.ds_config = deepspeed_config(run.deepspeed_stage, bf16=mixed_bf16(self.spec, self.native_bf16))
+        self.precision = precision_name(bf16)
+        self.ds_config = deepspeed_config(run.deepspeed_stage, bf16=bf16)
         self.tokenizer = load_tokenizer(run)
         base, self.attention = load_base_model(run, self.device, local_rank)
         self.model = apply_zone_plan(base, run, False)  # each stage switches its own on (stage_args)
