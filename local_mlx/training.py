@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from itertools import islice
 
 from rich.console import Console
 from rich.progress import Progress
@@ -126,11 +127,15 @@ class Trainer:
         pairs = dpo_pairs(self.tokenizer, topic.dpo_train, system, d.max_seq_length)
         if not pairs:
             return None
+        cfg = self.dpo_config(topic.name, max_steps)
+        groups = list(
+            islice(shuffled_batches(pairs, d.batch_size, self.run.spec.seed + 1), cfg.steps * cfg.accumulation)
+        )
         self.model.eval()
-        self.reference_logprobs(pairs)
+        self.reference_logprobs(visited_once(groups))  # not the pairs this stage never reaches (steps x batch < pairs)
 
         def batches():
-            for group in shuffled_batches(pairs, d.batch_size, self.run.spec.seed + 1):
+            for group in groups:
                 b = pad([p.chosen for p in group] + [p.rejected for p in group], self.pad_id)
                 ref = mx.array([p.ref_chosen for p in group] + [p.ref_rejected for p in group])
                 yield (b.tokens, b.mask, ref), b.num_tokens
@@ -138,9 +143,16 @@ class Trainer:
         def loss(model, tokens, mask, ref):
             return dpo_loss(model, tokens, mask, ref, d.beta)
 
-        return run_stage(
-            self.model, self.dpo_config(topic.name, max_steps), batches(), loss, dpo_metrics, self.log, self.progress
-        )
+        return run_stage(self.model, cfg, batches(), loss, dpo_metrics, self.log, self.progress)
+
+
+def visited_once(groups: list[list[Pair]]) -> list[Pair]:
+    """The pairs of a stage's batches, each once, in the order of their first visit."""
+    seen: dict[int, Pair] = {}
+    for group in groups:
+        for p in group:
+            seen.setdefault(id(p), p)
+    return list(seen.values())
 
 
 # ---- one topic, the whole run ----------------------------------------------------------------------

@@ -117,12 +117,37 @@ def spec_file(tmp_path: Path, data_dir: Path) -> Path:
     return make_spec(tmp_path / "run.yaml", data_dir)
 
 
+def tiny_model_key() -> str:
+    """A digest of what writes the tiny model: the package's sources, the sample corpus and the pinned versions."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    sources = [*(ROOT / "mindprint_ray").rglob("*.py"), *SAMPLE_DATA.rglob("*"), ROOT / "constraints.txt"]
+    for path in sorted(p for p in sources if p.is_file()):
+        digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """The tiny model built once per session from the sample corpus (a few seconds)."""
+def tiny_model_dir() -> Path:
+    """The tiny model built from the sample corpus (about a minute), once for both pytest runs of `make test` and
+    their reruns: kept in .cache/test-models under the digest of its sources, built under a file lock and moved
+    into place whole. Tests read it; a test that changes a model copies it first."""
+    import fcntl
+    import shutil
+
     from mindprint_ray.models.tiny import write_tiny_model
 
-    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny", SAMPLE_DATA)
+    cache = ROOT / ".cache" / "test-models"
+    cache.mkdir(parents=True, exist_ok=True)
+    out = cache / f"tiny-{tiny_model_key()}"
+    with open(cache / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "tokenizer.json").is_file():
+            building = cache / f".building-{os.getpid()}"
+            shutil.rmtree(building, ignore_errors=True)
+            write_tiny_model(building, SAMPLE_DATA).rename(out)
+    return out
 
 
 def free_port() -> int:

@@ -166,3 +166,17 @@ def test_local_mlx_never_imports_torch_itself():
         text = path.read_text()
         assert "import torch" not in text and "from torch" not in text, path
     assert "torch" not in (ROOT / "mindprint_ray" / "runs" / "adapter_format.py").read_text().replace("no torch", "")
+
+
+def test_the_reference_is_computed_for_the_pairs_the_stage_visits_each_once():
+    from itertools import islice
+
+    from local_mlx.data import shuffled_batches
+    from local_mlx.training import visited_once
+
+    pairs = [object() for _ in range(6)]
+    few = list(islice(shuffled_batches(pairs, 2, seed=1), 2))  # 2 steps x batch 2 < 6 pairs
+    assert visited_once(few) == [p for g in few for p in g] and len(visited_once(few)) == 4
+    many = list(islice(shuffled_batches(pairs, 2, seed=1), 9))  # 3 epochs: every pair, once, by first visit
+    once = visited_once(many)
+    assert sorted(map(id, once)) == sorted(map(id, pairs)) and once[:2] == many[0]
