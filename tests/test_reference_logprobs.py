@@ -69,9 +69,19 @@ def off_args() -> list[str]:
     return ["dpo.precompute_ref_log_probs=false"]
 
 
-def test_mlx_always_precomputes():
+def test_mlx_always_precomputes_and_only_the_pairs_its_steps_visit():
     mac = load_run(ROOT / "configs" / "qwen72b-mac-studio.yaml", ["dpo.precompute_ref_log_probs=false"])
     assert run_precomputes(mac, 10_000)
+    # the same spec on one Ray worker, precompute on: TRL's pass scores every training pair
+    ray = load_run(ROOT / "configs" / "qwen72b-mac-studio.yaml", ["hardware.profile=cpu", "hardware.num_workers=1"])
+    ray.spec.dpo.precompute_ref_log_probs = True
+    seen = ray.spec.dpo.steps_per_topic * ray.spec.dpo.batch_size * ray.spec.dpo.gradient_accumulation
+    many = TopicTokens("y", 10, 1000, 4 * seen, 800_000, 1_000_000)  # 4x the pairs the steps visit
+    fwd = forward_flops_per_token(mac.arch, mac.zones.trainable_params(), many.mean_dpo_length)
+    saved = stage_flops(ray, many, "dpo")[1] - stage_flops(mac, many, "dpo")[1]
+    assert saved == pytest.approx(3 / 4 * 1_000_000 * fwd)  # MLX scores a quarter of the pairs
+    few = TopicTokens("x", 10, 1000, seen // 4, 4000, 5000)  # revisited: both score every pair once
+    assert stage_flops(mac, few, "dpo") == pytest.approx(stage_flops(ray, few, "dpo"))
 
 
 # ---- torch: the tiny model, TRL's DPOTrainer as the worker builds it -------------------------------------------

@@ -35,11 +35,17 @@ def precompute_reference(setting: Setting, pairs: int, steps: int, batch: int) -
 
 def run_precomputes(run: RunPlan, pairs: int) -> bool:
     """The rule for a topic of `pairs` training pairs under this run's DPO steps and global batch (as planned).
-    MLX (local_mlx) always precomputes, whatever the setting."""
+    MLX (local_mlx) always precomputes (the pairs its steps visit: reference_pairs), whatever the setting."""
     if run.profile.backend == "mlx":
         return True
     d = run.spec.dpo
     return precompute_reference(d.precompute_ref_log_probs, pairs, d.steps_per_topic, global_batch(run, "dpo"))
+
+
+def reference_pairs(run: RunPlan, pairs: int, seen: int) -> int:
+    """How many pairs the precomputed reference forward covers, of a topic's `pairs` when its steps take `seen`:
+    TRL's pass covers every training pair; MLX (local_mlx) scores only the pairs its steps visit, each once."""
+    return min(pairs, seen) if run.profile.backend == "mlx" else pairs
 
 
 def keeps_reference_copy(run: RunPlan) -> bool:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mindprint_ray.planning.calibration import lookup
-from mindprint_ray.planning.dpo_reference import run_precomputes
+from mindprint_ray.planning.dpo_reference import reference_pairs, run_precomputes
 from mindprint_ray.planning.multinode import internode_assumption, stage_seconds
 from mindprint_ray.planning.registry import ModelArch
 from mindprint_ray.planning.run_plan import RunPlan
@@ -104,8 +104,9 @@ def stage_flops(run: RunPlan, t: TopicTokens, stage: str) -> tuple[float, float]
     padded = seen * t.dpo_padded_tokens / t.dpo_pairs
     checkpointing = run.spec.stage("dpo").gradient_checkpointing
     policy = padded * train_flops_per_token(arch, trainable, t.mean_dpo_length, checkpointing)
-    # precomputed (dpo_reference's rule): one reference forward over every training pair, whatever the steps
-    ref_tokens = t.dpo_padded_tokens if run_precomputes(run, t.dpo_pairs) else padded
+    # precomputed (dpo_reference's rule): one reference forward over the pairs it covers, whatever the steps
+    covered = reference_pairs(run, t.dpo_pairs, seen) * t.dpo_padded_tokens / t.dpo_pairs
+    ref_tokens = covered if run_precomputes(run, t.dpo_pairs) else padded
     flops = policy + ref_tokens * forward_flops_per_token(arch, trainable, t.mean_dpo_length)
     return seen * t.dpo_tokens / t.dpo_pairs, flops
 
