@@ -21,8 +21,8 @@ DEADLINE_S = 20  # of the drain (AWS gives 120 s); after a notice each step wait
 
 
 @pytest.fixture
-def two_nodes(moto_s3, monkeypatch):
-    """A head (the driver's node: it holds Ray Train's controller) and a second node, one CPU each."""
+def two_nodes(moto_s3, monkeypatch, tiny_model_dir):
+    """A head (the driver's node: it holds Ray Train's controller) and a second node, one CPU each, and the model."""
     from ray.cluster_utils import Cluster
 
     # after a node dies, Ray Train may first try the old size until the cluster marks the node dead: give up
@@ -36,7 +36,7 @@ def two_nodes(moto_s3, monkeypatch):
     second = cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     try:
-        yield cluster, second
+        yield cluster, second, tiny_model_dir
     finally:
         cluster.shutdown()
 
@@ -45,7 +45,7 @@ def s3_client(moto_s3):
     return boto3.client("s3", endpoint_url=moto_s3["AWS_ENDPOINT_URL"])
 
 
-def start_run(cluster, moto_s3, bucket: str, name: str, *extra: str, topics=TOPICS) -> subprocess.Popen:
+def start_run(cluster, model, moto_s3, bucket: str, name: str, *extra: str, topics=TOPICS) -> subprocess.Popen:
     s3_client(moto_s3).create_bucket(Bucket=bucket)
     args = [
         sys.executable,
@@ -55,6 +55,7 @@ def start_run(cluster, moto_s3, bucket: str, name: str, *extra: str, topics=TOPI
         "configs/tiny-cpu.yaml",
         "--name",
         name,
+        f"model.path={model}",
         f"storage.path=s3://{bucket}/runs",
         f"curriculum.topics=[{','.join(topics)}]",
         "hardware.profile=cpu-2x1",
@@ -104,9 +105,10 @@ def summary_of(moto_s3, bucket, name) -> dict:
 
 
 def test_a_lost_node_resizes_the_zero2_group_and_the_run_continues_at_the_same_step(two_nodes, moto_s3):
-    cluster, second = two_nodes
+    cluster, second, model = two_nodes
     proc = start_run(
         cluster,
+        model,
         moto_s3,
         "mp-node",
         "lost",
@@ -153,9 +155,10 @@ def test_a_lost_node_resizes_the_zero2_group_and_the_run_continues_at_the_same_s
 
 
 def test_a_preemption_notice_checkpoints_at_the_next_step_and_spends_no_failure(two_nodes, moto_s3):
-    cluster, second = two_nodes
+    cluster, second, model = two_nodes
     proc = start_run(
         cluster,
+        model,
         moto_s3,
         "mp-spot",
         "spot",
