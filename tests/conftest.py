@@ -144,8 +144,9 @@ def tiny_model_dir() -> Path:
     with open(cache / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (out / "tokenizer.json").is_file():
-            building = cache / f".building-{os.getpid()}"
-            shutil.rmtree(building, ignore_errors=True)
+            for stale in cache.glob("*tiny-*"):  # builds of older sources, or one a killed run left half written
+                shutil.rmtree(stale)
+            building = cache / f".building-tiny-{os.getpid()}"
             write_tiny_model(building, SAMPLE_DATA).rename(out)
     return out
 

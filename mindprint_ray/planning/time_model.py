@@ -105,8 +105,8 @@ def stage_flops(run: RunPlan, t: TopicTokens, stage: str) -> tuple[float, float]
     checkpointing = run.spec.stage("dpo").gradient_checkpointing
     policy = padded * train_flops_per_token(arch, trainable, t.mean_dpo_length, checkpointing)
     # precomputed (dpo_reference's rule): one reference forward over the pairs it covers, whatever the steps
-    covered = reference_pairs(run, t.dpo_pairs, seen) * t.dpo_padded_tokens / t.dpo_pairs
-    ref_tokens = covered if run_precomputes(run, t.dpo_pairs) else padded
+    ref_pairs = reference_pairs(run, t.dpo_pairs, seen) if run_precomputes(run, t.dpo_pairs) else seen
+    ref_tokens = ref_pairs * t.dpo_padded_tokens / t.dpo_pairs
     flops = policy + ref_tokens * forward_flops_per_token(arch, trainable, t.mean_dpo_length)
     return seen * t.dpo_tokens / t.dpo_pairs, flops
 
